@@ -1,0 +1,38 @@
+# Two commands matter: `make train` (set up and run the main job) and `make test` (set up and run all tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DATA=synthetic trains on the deterministic CIFAR-shaped stand-in (no network, no files needed);
+# DATA=cifar (default) reads ./data/cifar-10-batches-py, downloading it when the network allows.
+DATA ?= cifar
+DATA_DIR ?= data
+CONFIG ?= configs/quasi_newton/mlp_ce.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-fast bench figures clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+train: install
+	$(BIN)/lyapunov-cli fit --config $(CONFIG) --data.init_args.data_dir $(DATA_DIR) \
+		$(if $(filter synthetic,$(DATA)),--data.init_args.synthetic true,) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m pip install -q pyhessian
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache lightning_logs

@@ -1,0 +1,1 @@
+"""LightningDataModules (CIFAR-10)."""

@@ -1,0 +1,1 @@
+"""Lightning callbacks that measure Hessian curvature and the Lyapunov exponent of training."""

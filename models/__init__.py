@@ -1,0 +1,1 @@
+"""LightningModules for the paper's architectures."""
