@@ -1,1 +1,52 @@
 """Lightning callbacks that measure Hessian curvature and the Lyapunov exponent of training."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lyapunov_callbacks.eigen import (
+    EigenResult,
+    MatrixOperator,
+    lanczos,
+    lyapunov_iteration,
+    power_iteration,
+    top_hessian_eigenvalues,
+)
+from lyapunov_callbacks.hessian import HessianOperator, preserved_state
+from lyapunov_callbacks.tangent import TangentDynamics
+
+# The callbacks import Lightning (seconds); load them on first access so the pure-PyTorch core
+# (`import lyapunov_callbacks`, DDP worker processes) stays light.
+_LAZY = {
+    "HessianEigenvalueMonitor": "lyapunov_callbacks.hessian_monitor",
+    "LyapunovExponentMonitor": "lyapunov_callbacks.lyapunov_monitor",
+    "QuasiNewtonLR": "lyapunov_callbacks.quasi_newton",
+}
+
+__all__ = [
+    "EigenResult",
+    "HessianEigenvalueMonitor",
+    "HessianOperator",
+    "LyapunovExponentMonitor",
+    "MatrixOperator",
+    "QuasiNewtonLR",
+    "TangentDynamics",
+    "lanczos",
+    "lyapunov_iteration",
+    "power_iteration",
+    "preserved_state",
+    "top_hessian_eigenvalues",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lyapunov_callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

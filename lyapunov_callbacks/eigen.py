@@ -1,0 +1,547 @@
+"""Top Hessian eigenvalues from matrix-free solvers: the paper's Lyapunov iteration, power iteration and Lanczos."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lyapunov_callbacks import distributed as _dist
+from lyapunov_callbacks.hessian import BACKENDS, HessianOperator, num_trainable_parameters
+
+__all__ = [
+    "EigenResult",
+    "LinearOperator",
+    "MatrixOperator",
+    "lanczos",
+    "power_iteration",
+    "lyapunov_iteration",
+    "top_hessian_eigenvalues",
+    "METHODS",
+]
+
+METHODS = ("lanczos", "power", "lyapunov")
+
+# Lanczos breakdown: a residual norm below this fraction of the largest |Ritz value| means the
+# Krylov space is (numerically) invariant, so its Ritz pairs are exact.
+_BREAKDOWN_RTOL = 1e-10
+
+
+class LinearOperator(Protocol):
+    """What a solver sees: a symmetric ``[dim, dim]`` operator (e.g. :class:`HessianOperator`)."""
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    num_hvps: int
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class EigenResult:
+    """Top-``k`` eigenpairs found by a solver.
+
+    Attributes:
+        eigenvalues: ``[k]``, in descending order.
+        eigenvectors: ``[dim, k]`` with orthonormal columns, column ``i`` for ``eigenvalues[i]``.
+        num_hvps: operator products (Hessian-vector products) this solve used.
+        converged: whether the stopping rule was met before the ``max_iter`` budget ran out.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    num_hvps: int
+    converged: bool
+
+
+class MatrixOperator:
+    """A dense symmetric matrix behind the solvers' operator interface (tests, small problems).
+
+    Args:
+        A: a square ``[dim, dim]`` tensor (assumed symmetric).
+
+    Raises:
+        ValueError: ``A`` is not a square 2-D floating-point tensor.
+
+    Example::
+
+        op = MatrixOperator(torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)))
+        lanczos(op, k=2).eigenvalues   # tensor([3., 2.])
+    """
+
+    def __init__(self, A: torch.Tensor) -> None:
+        square = isinstance(A, torch.Tensor) and A.ndim == 2 and A.shape[0] == A.shape[1]
+        if not square or not A.is_floating_point():
+            raise ValueError("A must be a square 2-D floating-point tensor.")
+        self.A = A
+        self.dim = A.shape[0]
+        self.dtype = A.dtype
+        self.device = A.device
+        self.num_hvps = 0
+        self.distributed = False
+        self.process_group = None
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_hvps += 1
+        return self.A @ v.to(self.dtype)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.num_hvps += V.shape[1]
+        return self.A @ V.to(self.dtype)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _check_common(op: Any, k: int, tol: float, max_iter: int) -> None:
+    for attr in ("matvec", "matmat", "dim", "dtype", "device", "num_hvps"):
+        if not hasattr(op, attr):
+            raise TypeError(
+                f"op must provide matvec/matmat/dim/dtype/device/num_hvps; {type(op).__name__} lacks {attr!r}."
+            )
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1.")
+    if k > op.dim:
+        raise ValueError(f"k={k} exceeds the operator dimension dim={op.dim}; use k <= {op.dim}.")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol!r} must be a positive finite number (e.g. 1e-4).")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < k:
+        raise ValueError(f"max_iter={max_iter!r} must be an integer >= k={k} (it caps the number of HVPs).")
+
+
+def _start_block(op: Any, cols: int, init: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """``[dim, cols]`` start block: ``init`` columns completed by seeded random ones, orthonormalised.
+
+    Random columns come from a CPU ``torch.Generator`` seeded with ``seed`` (never the global RNG),
+    so every rank draws the same vectors; under DDP the block is also broadcast from rank 0.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    random = torch.randn(op.dim, cols, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+    if init is None:
+        block = random
+    else:
+        init = _check_init(op, init)
+        j = min(init.shape[1], cols)
+        block = torch.cat([init[:, :j], random[:, j:]], dim=1)
+    block = _orthonormalize(block, random)
+    if getattr(op, "distributed", False):
+        _dist.broadcast_(block, getattr(op, "process_group", None))
+    return block
+
+
+def _check_init(op: Any, init: Any) -> torch.Tensor:
+    if not isinstance(init, torch.Tensor) or init.ndim not in (1, 2) or init.shape[0] != op.dim:
+        shape = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+        raise ValueError(f"init must be a tensor of shape [dim={op.dim}] or [dim={op.dim}, j], got {shape}.")
+    init = init.detach().to(device=op.device, dtype=op.dtype)
+    if init.ndim == 1:
+        init = init.unsqueeze(1)
+    if not torch.isfinite(init).all() or (torch.linalg.vector_norm(init, dim=0) == 0).any():
+        raise ValueError("init must have finite, non-zero columns (e.g. the previous eigenvectors).")
+    return init
+
+
+def _orthonormalize(block: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``block``; rank-deficient columns are replaced from ``fallback``."""
+    q, r = torch.linalg.qr(block)
+    diag = r.diagonal().abs()
+    scale = diag.max() if diag.numel() else torch.tensor(1.0)
+    bad = diag <= 1e-8 * scale
+    if bad.any():
+        block = block.clone()
+        block[:, bad] = fallback[:, bad]
+        q, r = torch.linalg.qr(block)
+    # Fix signs so the first column is the (normalised) first input column.
+    signs = torch.sign(r.diagonal())
+    signs[signs == 0] = 1
+    return q * signs
+
+
+def _result(op: Any, values: torch.Tensor, vectors: torch.Tensor, start_hvps: int, converged: bool) -> EigenResult:
+    order = torch.argsort(values, descending=True)
+    spent = op.num_hvps - start_hvps
+    return EigenResult(values[order].clone(), vectors[:, order].contiguous(), spent, bool(converged))
+
+
+# ---------------------------------------------------------------------------- Lanczos
+
+
+def lanczos(
+    op: LinearOperator,
+    k: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+) -> EigenResult:
+    r"""Top-``k`` (algebraically largest) eigenpairs by Lanczos with full re-orthogonalisation.
+
+    Builds the Krylov basis :math:`Q_m` one HVP per iteration, re-orthogonalising each new vector
+    against all previous ones (twice, Gram–Schmidt, so the basis stays orthonormal to working
+    precision; memory ``m·dim``), and takes Ritz pairs from ``torch.linalg.eigh`` of the
+    tridiagonal :math:`T_m`.
+
+    Stopping rule: the free Ritz residual bound :math:`\lVert H y_i - \theta_i y_i\rVert =
+    |\beta_m s_{m,i}|` (no extra HVP) is at most ``tol·|θ_i|`` for each of the top ``k`` Ritz
+    values. The eigenvalue error is then of order ``(tol·θ)²/gap``. A breakdown
+    (:math:`\beta_m \approx 0`, e.g. ``dim < max_iter``) means the Krylov space is invariant: its
+    Ritz pairs are exact, but one Krylov space holds only one copy of each distinct eigenvalue, so
+    when ``dim <= max_iter`` (or fewer than ``k`` Ritz values exist yet) the iteration continues
+    from a seeded random vector orthogonal to the basis (finding repeated eigenvalues) until the
+    whole space is spanned or the top ``k`` converge; otherwise it stops. Without a breakdown a
+    repeated top eigenvalue is found once (a limitation of single-vector Lanczos; the block
+    ``lyapunov`` and deflated ``power`` solvers resolve multiplicities).
+
+    Warm start: ``init`` (``[dim]`` or ``[dim, j]``, e.g. the previous eigenvectors). For
+    ``k == 1`` the first column is the start vector; for ``k > 1`` a seeded random combination of
+    the first ``min(j, k)`` columns (plus a random vector when ``j < k``) so every wanted direction
+    is present. From the previous top eigenvector after a small move of the problem, a few HVPs
+    suffice.
+
+    Args:
+        op: the operator (``matvec``, ``dim``, ``dtype``, ``device``, ``num_hvps``).
+        k: number of eigenpairs, ``1 <= k <= dim``.
+        tol: relative Ritz residual tolerance (default ``1e-4``).
+        max_iter: maximum number of HVPs (Lanczos steps), ``>= k``.
+        init: optional warm start.
+        seed: seed of the random start (CPU generator; the global RNG is never used).
+
+    Returns:
+        :class:`EigenResult`.
+
+    Raises:
+        ValueError: ``k``, ``tol``, ``max_iter`` or ``init`` invalid.
+
+    Example::
+
+        res = lanczos(HessianOperator(model, loss_fn, batch), k=3)
+        h0 = res.eigenvalues[0]
+    """
+    _check_common(op, k, tol, max_iter)
+    start_hvps = op.num_hvps
+    n = op.dim
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
+    if init is not None and k > 1:
+        # Orthonormalised [first min(j, k) init columns | random columns], mixed with seeded
+        # weights of one sign and comparable size so no wanted direction cancels out.
+        block = _start_block(op, k, init, seed)
+        weights = torch.rand(k, generator=gen, dtype=torch.float64).add_(0.5).to(op.device, op.dtype)
+        q = block @ weights
+    else:
+        q = _start_block(op, 1, init, seed)[:, 0]
+    q = q / torch.linalg.vector_norm(q)
+
+    m_max = min(max_iter, n)
+    # Krylov basis as rows of a buffer grown by doubling (no per-iteration copy of the basis).
+    Q = torch.empty(min(m_max, 16), n, dtype=op.dtype, device=op.device)
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 at a restart
+    beta_prev = 0.0
+    theta = torch.zeros(0, dtype=torch.float64)
+    S = torch.zeros(0, 0, dtype=torch.float64)
+    converged = False
+    for j in range(m_max):
+        if j == Q.shape[0]:
+            Q = torch.cat([Q, torch.empty(min(m_max, 2 * j) - j, n, dtype=op.dtype, device=op.device)])
+        Q[j] = q
+        w = op.matvec(q)
+        alpha = float(q @ w)
+        w = w - alpha * q
+        if j > 0 and beta_prev != 0.0:
+            w = w - beta_prev * Q[j - 1]
+        basis = Q[: j + 1]
+        for _ in range(2):  # "twice is enough" (Kahan–Parlett) full re-orthogonalisation
+            w = w - basis.T @ (basis @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        alphas.append(alpha)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if j > 0:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)  # ascending
+        # Residual bounds of the Ritz pairs: |beta_j * last component of each Ritz vector|.
+        bounds = (beta * S[-1, :]).abs()
+        scale = float(theta.abs().max()) if theta.numel() else 0.0
+        breakdown = beta <= _BREAKDOWN_RTOL * max(scale, 1e-300)
+        # Breakdown = invariant Krylov space, its Ritz pairs are exact. Stop if it is the whole
+        # space, or if the problem is too large to explore the complement within the budget
+        # (there a repeated top eigenvalue is missed anyway, see the docstring).
+        if breakdown and (j + 1 == n or (j + 1 >= k and m_max < n)):
+            converged = True
+            break
+        if j + 1 >= k and not breakdown:
+            top = slice(len(alphas) - k, len(alphas))
+            if bool((bounds[top] <= tol * theta[top].abs()).all()):
+                converged = True
+                break
+        if j + 1 == m_max:
+            break
+        if breakdown:
+            # Invariant subspace: its Ritz pairs are exact, but a single Krylov space holds one copy
+            # of each distinct eigenvalue, so further copies (multiplicities) can only be found in
+            # the complement: restart there (T becomes block diagonal).
+            r = torch.randn(n, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+            for _ in range(2):
+                r = r - basis.T @ (basis @ r)
+            q = r / torch.linalg.vector_norm(r)
+            betas.append(0.0)
+            beta_prev = 0.0
+        else:
+            q = w / beta
+            betas.append(beta)
+            beta_prev = beta
+    basis = Q[: len(alphas)]
+    S = S.to(device=op.device, dtype=op.dtype)
+    top = slice(len(alphas) - k, len(alphas))
+    values = theta[top].to(device=op.device, dtype=op.dtype)
+    vectors = basis.T @ S[:, top]
+    return _result(op, values, vectors, start_hvps, converged)
+
+
+# ---------------------------------------------------------------------------- power iteration
+
+
+def power_iteration(
+    op: LinearOperator,
+    k: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+) -> EigenResult:
+    r"""Top-``k`` eigenpairs by power iteration with deflation (PyHessian's baseline).
+
+    ``v ← Hv/‖Hv‖``; the eigenvalue is the Rayleigh quotient :math:`\theta = v^\top H v`. For
+    ``k > 1`` the ``i``-th pair iterates :math:`H - \sum_{j<i} \theta_j v_j v_j^\top` with ``v``
+    kept orthogonal to the pairs already found. Power iteration converges to the eigenvalue of
+    largest *magnitude* (the top one whenever the Hessian's positive curvature dominates, as is
+    usual), at rate ``|h1/h0|`` per HVP.
+
+    Stopping rule: the free residual :math:`\lVert Hv - \theta v\rVert \le tol\cdot|\theta|`
+    (``Hv`` is computed anyway). ``max_iter`` caps the HVPs of the whole solve; each further pair
+    keeps at least one HVP in reserve.
+
+    Args:
+        op: the operator.
+        k: number of eigenpairs, ``1 <= k <= dim``.
+        tol: relative residual tolerance (default ``1e-4``).
+        max_iter: total HVP budget, ``>= k``.
+        init: optional warm start ``[dim]`` or ``[dim, j]`` (column ``i`` starts pair ``i``).
+        seed: seed of the random start (CPU generator).
+
+    Returns:
+        :class:`EigenResult`.
+
+    Raises:
+        ValueError: ``k``, ``tol``, ``max_iter`` or ``init`` invalid.
+
+    Example::
+
+        power_iteration(op, k=1, tol=1e-3).eigenvalues[0]
+    """
+    _check_common(op, k, tol, max_iter)
+    start_hvps = op.num_hvps
+    block = _start_block(op, k, init, seed)
+    values: list[torch.Tensor] = []
+    vectors: list[torch.Tensor] = []
+    converged_all = True
+    for i in range(k):
+        budget = max_iter - (op.num_hvps - start_hvps) - (k - i - 1)
+        v = block[:, i]
+        prev = torch.stack(vectors, dim=1) if vectors else None
+        prev_vals = torch.stack(values) if values else None
+
+        def deflate(x: torch.Tensor) -> torch.Tensor:
+            return x if prev is None else x - prev @ (prev.T @ x)
+
+        v = deflate(v)
+        v = v / torch.linalg.vector_norm(v)
+        theta = v.new_zeros(())
+        converged = False
+        for _ in range(budget):
+            w = op.matvec(v)
+            if prev is not None:
+                w = w - prev @ (prev_vals * (prev.T @ v))
+                w = deflate(w)
+            theta = v @ w
+            residual = torch.linalg.vector_norm(w - theta * v)
+            w_norm = torch.linalg.vector_norm(w)
+            if residual <= tol * theta.abs() or w_norm == 0:
+                converged = True
+                break
+            v = w / w_norm
+        converged_all &= converged
+        values.append(theta.detach().clone())
+        vectors.append(v)
+    return _result(op, torch.stack(values), torch.stack(vectors, dim=1), start_hvps, converged_all)
+
+
+# ---------------------------------------------------------------------------- Lyapunov iteration
+
+
+def lyapunov_iteration(
+    op: LinearOperator,
+    k: int = 1,
+    alpha: float | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+) -> EigenResult:
+    r"""Top-``k`` eigenvalues as growth rates of tangent vectors under the gradient-ascent map (the paper's method).
+
+    A tangent vector carried by the ascent map :math:`\theta \mapsto \theta + \alpha\nabla L` evolves as
+    :math:`\delta \leftarrow (I + \alpha H)\delta`; its per-step growth
+    :math:`\lambda = \log(\lVert\delta_{t+1}\rVert/\lVert\delta_t\rVert)` converges to the largest
+    Lyapunov exponent :math:`\log(1+\alpha h_0)`, so the returned estimate is exactly
+    :math:`h_0 = (e^\lambda - 1)/\alpha`. The error shrinks by
+    :math:`(1+\alpha h_1)/(1+\alpha h_0)` per HVP. For ``k > 1`` a block of ``k`` tangent
+    vectors is propagated and re-orthonormalised by QR every step (Benettin's algorithm for the
+    Lyapunov spectrum): :math:`\lambda_i = \log|R_{ii}|` and :math:`h_i = (e^{\lambda_i}-1)/\alpha`.
+
+    Default ``alpha``: ``1/max_i|δ_iᵀHδ_i|`` from the first step's HVPs (reused, no extra cost),
+    i.e. the inverse curvature the start vectors see, so the map is well scaled: from a random start
+    this is about ``1/mean eigenvalue`` (large ``α``: near power-iteration speed) and from a warm
+    start ``≈ 1/h0``. A negative eigenvalue dominates the map only if ``h < -h0 - 2/α``.
+
+    Stopping rule: the free Rayleigh–Ritz residual :math:`\lVert H\delta_i - \theta_i\delta_i\rVert
+    \le tol\cdot|\theta_i|` for every column, ``θ_i = δ_iᵀHδ_i`` (``Hδ`` is computed anyway);
+    ``max_iter`` caps the HVPs (``k`` per step).
+
+    Args:
+        op: the operator.
+        k: number of exponents / eigenvalues, ``1 <= k <= dim``.
+        alpha: step of the ascent map (``> 0``); ``None`` = the default above.
+        tol: relative residual tolerance (default ``1e-4``).
+        max_iter: total HVP budget, ``>= k``.
+        init: optional warm start ``[dim]`` or ``[dim, j]``.
+        seed: seed of the random start (CPU generator).
+
+    Returns:
+        :class:`EigenResult` (eigenvalues from the growth-rate formula).
+
+    Raises:
+        ValueError: ``alpha`` not positive, or ``k``, ``tol``, ``max_iter``, ``init`` invalid.
+
+    Example::
+
+        lyapunov_iteration(op, k=1).eigenvalues[0]   # h0 = (exp(lambda) - 1) / alpha
+    """
+    _check_common(op, k, tol, max_iter)
+    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha={alpha!r} must be a positive finite step of the ascent map, or None (automatic).")
+    start_hvps = op.num_hvps
+    delta = _start_block(op, k, init, seed)
+    steps = max_iter // k
+    values = delta.new_zeros(k)
+    converged = False
+    for _ in range(steps):
+        W = op.matmat(delta) if k > 1 else op.matvec(delta[:, 0]).unsqueeze(1)
+        rayleigh = (delta * W).sum(dim=0)
+        if alpha is None:
+            scale = float(rayleigh.abs().max())
+            alpha = 1.0 / scale if scale > 0 else 1.0
+        residual = torch.linalg.vector_norm(W - delta * rayleigh, dim=0)
+        M = delta + alpha * W
+        Q, R = torch.linalg.qr(M)
+        growth = R.diagonal().abs()
+        signs = torch.sign(R.diagonal())
+        signs[signs == 0] = 1
+        lyap = torch.log(growth)  # log(||delta_{t+1}|| / ||delta_t||) per direction, ||delta_t|| = 1
+        values = torch.expm1(lyap) / alpha
+        delta = Q * signs
+        if bool((residual <= tol * rayleigh.abs()).all()):
+            converged = True
+            break
+    return _result(op, values, delta, start_hvps, converged)
+
+
+# ---------------------------------------------------------------------------- model-level entry point
+
+
+def top_hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batch: Any,
+    k: int = 1,
+    method: str = "lanczos",
+    hvp: str = "autograd",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    init: torch.Tensor | None = None,
+    *,
+    alpha: float | None = None,
+    seed: int = 0,
+    process_group: Any = None,
+) -> EigenResult:
+    """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model, batch)``, leaving the model untouched.
+
+    Builds a :class:`~lyapunov_callbacks.hessian.HessianOperator` (see it for the side-effect
+    guarantees, dropout / BatchNorm handling and the DDP average), runs the chosen solver and
+    releases the autograd graph.
+
+    Args:
+        model: the module; its trainable parameters define the Hessian.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        batch: the batch given to ``loss_fn``.
+        k: number of eigenpairs (``1 <= k <= number of trainable parameters``), default ``1``.
+        method: ``"lanczos"`` (default), ``"power"`` or ``"lyapunov"`` (the paper's growth-rate method).
+        hvp: ``"autograd"`` (exact, default) or ``"finite_difference"``.
+        tol: relative Ritz residual tolerance, default ``1e-4``.
+        max_iter: HVP budget, ``>= k``, default ``100``.
+        init: warm start ``[dim]`` or ``[dim, j]`` (e.g. the last result's ``eigenvectors``).
+        alpha: ascent-map step for ``method="lyapunov"`` (``None`` = automatic).
+        seed: seed of the random start vector (the global RNG is not used).
+        process_group: DDP group to average the Hessian over (used when ``torch.distributed`` is
+            initialised); ``None`` = the default group.
+
+    Returns:
+        :class:`EigenResult`: ``eigenvalues`` ``[k]`` descending (``eigenvalues[0]`` is ``h0``),
+        ``eigenvectors`` ``[dim, k]``, ``num_hvps``, ``converged``.
+
+    Raises:
+        ValueError: unknown ``method`` / ``hvp``; ``k``, ``tol``, ``max_iter``, ``init`` or
+            ``alpha`` invalid (the message names the parameter).
+
+    Example::
+
+        res = top_hessian_eigenvalues(model, lambda m, b: m.training_loss(b), batch, k=3)
+        h0 = float(res.eigenvalues[0])
+        res = top_hessian_eigenvalues(model, loss_fn, next_batch, init=res.eigenvectors[:, 0])
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {METHODS}.")
+    if hvp not in BACKENDS:
+        raise ValueError(f"hvp={hvp!r} is not supported; use one of {BACKENDS}.")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1.")
+    dim = num_trainable_parameters(model)
+    if k > dim:
+        raise ValueError(f"k={k} exceeds the number of trainable parameters ({dim}); use k <= {dim}.")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol!r} must be a positive finite number (e.g. 1e-4).")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < k:
+        raise ValueError(f"max_iter={max_iter!r} must be an integer >= k={k} (it caps the number of HVPs).")
+    if alpha is not None:
+        if method != "lyapunov":
+            raise ValueError(
+                f"alpha={alpha!r} is only used by method='lyapunov' (got method={method!r}); leave it None."
+            )
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} must be a positive finite step of the ascent map, or None.")
+    if init is not None and (not isinstance(init, torch.Tensor) or init.ndim not in (1, 2) or init.shape[0] != dim):
+        shape = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+        raise ValueError(f"init must be a tensor of shape [dim={dim}] or [dim={dim}, j], got {shape}.")
+    with HessianOperator(model, loss_fn, batch, backend=hvp, process_group=process_group) as op:
+        if method == "lanczos":
+            return lanczos(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed)
+        if method == "power":
+            return power_iteration(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed)
+        return lyapunov_iteration(op, k=k, alpha=alpha, tol=tol, max_iter=max_iter, init=init, seed=seed)
