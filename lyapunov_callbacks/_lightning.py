@@ -1,0 +1,435 @@
+"""Lightning glue shared by the curvature callbacks: loss resolution, the probe batch, warm-started eigen
+estimates, setup checks and step-accurate logging.
+
+Nothing here does curvature maths: that lives in the pure-PyTorch core (``hessian.py``, ``eigen.py``,
+``tangent.py``). These helpers only translate between a running :class:`lightning.pytorch.Trainer` and the core's
+``loss_fn(model, batch)`` / flat-vector interface, without changing what the trainer does next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lyapunov_callbacks.eigen import EigenResult, lanczos, lyapunov_iteration, power_iteration
+from lyapunov_callbacks.hessian import HessianOperator
+
+__all__ = [
+    "EigenTracker",
+    "ProbeBatch",
+    "check_supported",
+    "current_lr",
+    "finite_or_nan",
+    "log_measurements",
+    "resolve_loss_fn",
+    "world_info",
+]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loss resolution
+# --------------------------------------------------------------------------------------------------------------
+def _noop_log(*args: Any, **kwargs: Any) -> None:
+    """Stand-in for ``LightningModule.log``/``log_dict`` while the fallback loss runs ``training_step``."""
+
+
+@contextlib.contextmanager
+def _logging_silenced(module: nn.Module) -> Iterator[None]:
+    """Shadow the instance's ``log`` and ``log_dict`` with no-ops, restoring the original attributes after.
+
+    Instance attributes shadow the class methods; if the instance already had its own ``log`` attribute it is
+    put back, otherwise the shadow is deleted so the class method shows through again.
+    """
+    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    object.__setattr__(module, "log", _noop_log)
+    object.__setattr__(module, "log_dict", _noop_log)
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in saved:
+                object.__setattr__(module, name, saved[name])
+            else:
+                module.__dict__.pop(name, None)
+
+
+def _loss_from_training_step(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The fallback loss: ``model.training_step(batch, 0)`` with logging silenced.
+
+    Raises:
+        TypeError: if ``training_step`` returns ``None`` or neither a tensor nor a mapping with a ``"loss"``
+            tensor (the loss of an automatic-optimisation step must be one of those two).
+    """
+    with _logging_silenced(model):
+        out = model.training_step(batch, 0)
+    if isinstance(out, torch.Tensor):
+        loss = out
+    elif isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
+        loss = out["loss"]
+    else:
+        raise TypeError(
+            f"{type(model).__name__}.training_step(batch, 0) returned {type(out).__name__}; the curvature "
+            "callbacks need the scalar training loss. Return the loss tensor (or a dict with a 'loss' tensor) "
+            "from training_step, or better, define `training_loss(self, batch) -> Tensor` on the module."
+        )
+    if loss.dim() != 0:
+        raise TypeError(
+            f"{type(model).__name__}.training_step returned a loss of shape {tuple(loss.shape)}; a scalar "
+            "(mean-reduced) loss is required."
+        )
+    return loss
+
+
+def _loss_from_training_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The documented hook: ``model.training_loss(batch)``."""
+    return model.training_loss(batch)
+
+
+def resolve_loss_fn(pl_module: nn.Module) -> LossFn:
+    """The ``loss_fn(model, batch) -> Tensor`` the core differentiates, for this LightningModule.
+
+    When the module defines ``training_loss(self, batch) -> Tensor`` (the documented hook: the scalar,
+    mean-reduced training loss with no logging and no metric updates) that is used. Otherwise the fallback
+    calls ``training_step(batch, 0)`` with the instance's ``log``/``log_dict`` temporarily replaced by no-ops
+    (so measurement never writes to the logger or to ``callback_metrics``) and takes the loss from a tensor
+    return or ``dict["loss"]``. The fallback still runs whatever else ``training_step`` does (e.g. metric
+    updates); define ``training_loss`` to avoid that.
+
+    Args:
+        pl_module: the module being trained.
+
+    Returns:
+        A function ``loss_fn(model, batch)`` that takes the model explicitly (the core may call it on the same
+        module under ``torch.func.functional_call``).
+    """
+    if callable(getattr(pl_module, "training_loss", None)):
+        return _loss_from_training_loss
+    return _loss_from_training_step
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------------------------
+def world_info(trainer: pl.Trainer) -> tuple[int, int]:
+    """``(global_rank, world_size)`` of this process (``(0, 1)`` outside distributed training)."""
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
+@contextlib.contextmanager
+def _all_rng_preserved(devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and the given CUDA devices) RNG streams on exit."""
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        np = None
+        np_state = None
+    cuda_devices = [d for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda_devices, enabled=True):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fixed probe batch
+# --------------------------------------------------------------------------------------------------------------
+class ProbeBatch:
+    """A fixed batch drawn once from the training set, for measurements comparable across steps.
+
+    The indices are ``probe_size`` draws without replacement from ``range(len(dataset))`` made with a private
+    ``torch.Generator`` seeded by ``seed``: the dataset is indexed directly and the training dataloader is never
+    iterated (iterating would consume the global RNG and change every later shuffle). Sample transforms run
+    inside a block that restores the Python/NumPy/torch RNG streams and seeds torch with ``seed``, so random
+    augmentations are reproducible and invisible to training. The samples are collated with the loader's own
+    ``collate_fn`` and moved to the device through ``trainer.strategy.batch_to_device`` (which runs the
+    module's ``transfer_batch_to_device``/``on_after_batch_transfer`` hooks).
+
+    Under distributed training each rank takes its shard ``indices[rank::world_size]``; with a DDP-averaged
+    Hessian the measured operator is then the Hessian of the mean of the per-rank mean losses, which is the
+    mean loss on the union when the shards have equal sizes (choose ``probe_size`` divisible by the world size).
+
+    Args:
+        size: number of samples in the (union) probe batch; capped at the dataset length.
+        seed: seed of the private generator that picks the indices.
+
+    Raises:
+        ValueError: if ``size < 1``.
+        RuntimeError: from :meth:`get` if the trainer has no single map-style training dataloader.
+    """
+
+    def __init__(self, size: int = 256, seed: int = 0) -> None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"probe_size must be an integer >= 1, got {size!r}; pass e.g. probe_size=256.")
+        self.size = size
+        self.seed = int(seed)
+        self.indices: list[int] | None = None
+        self._batch: Any = None
+
+    @staticmethod
+    def _train_loader(trainer: pl.Trainer) -> torch.utils.data.DataLoader:
+        loader = trainer.train_dataloader
+        if loader is None:
+            # The fit loop creates the loader in its run start; make sure it exists (no iteration happens).
+            trainer.fit_loop.setup_data()
+            loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple)) and len(loader) == 1:
+            loader = loader[0]
+        if isinstance(loader, dict) and len(loader) == 1:
+            loader = next(iter(loader.values()))
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            raise RuntimeError(
+                f"batch='fixed' needs a single training DataLoader, got {type(loader).__name__}; use "
+                "batch='current' with several training dataloaders."
+            )
+        dataset = loader.dataset
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise RuntimeError(
+                "batch='fixed' draws the probe batch by index and needs a map-style training dataset (with "
+                "__getitem__ and __len__); use batch='current' with an IterableDataset."
+            )
+        return loader
+
+    def get(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The probe batch on this rank's device (drawn and collated on the first call, cached after)."""
+        if self._batch is None:
+            loader = self._train_loader(trainer)
+            dataset = loader.dataset
+            if self.indices is None:
+                generator = torch.Generator().manual_seed(self.seed)
+                perm = torch.randperm(len(dataset), generator=generator)
+                self.indices = perm[: min(self.size, len(dataset))].tolist()
+            rank, world_size = world_info(trainer)
+            shard = self.indices[rank::world_size]
+            if not shard:
+                raise RuntimeError(
+                    f"probe_size={len(self.indices)} leaves rank {rank} of {world_size} without samples; "
+                    f"use probe_size >= {world_size}."
+                )
+            collate = loader.collate_fn
+            if collate is None:  # batch_size=None loaders have no collate; use the default one
+                collate = torch.utils.data.default_collate
+            with _all_rng_preserved([pl_module.device]):
+                # CPU generator only: torch.manual_seed would also reseed every CUDA device.
+                torch.random.default_generator.manual_seed(self.seed)
+                batch = collate([dataset[i] for i in shard])
+            self._batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        return self._batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The drawn indices (``None`` until the first draw)."""
+        return {"indices": None if self.indices is None else list(self.indices)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the indices; the batch is re-collated from them on the next :meth:`get`."""
+        indices = state.get("indices")
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self._batch = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Warm-started eigenvalue estimates
+# --------------------------------------------------------------------------------------------------------------
+class EigenTracker:
+    """Top-``k`` Hessian eigenpairs, re-estimated at each measurement from the previous eigenvectors.
+
+    Each :meth:`estimate` does what :func:`lyapunov_callbacks.eigen.top_hessian_eigenvalues` does (build a
+    side-effect-free :class:`~lyapunov_callbacks.hessian.HessianOperator`, run the solver, release the graph),
+    in the requested ``dtype`` and with ``init`` set to the eigenvectors of the last good estimate (a warm start: the top eigenvector turns slowly during training,
+    so a few matrix-vector products suffice where a cold start needs tens). Estimates with a non-finite
+    eigenvalue or eigenvector are returned but never become the warm start.
+
+    Args:
+        method: eigen-solver: ``"lanczos"``, ``"power"`` or ``"lyapunov"`` (as in ``top_hessian_eigenvalues``).
+        hvp: Hessian-vector-product backend (``"autograd"`` or ``"finite_difference"``).
+        k: number of top eigenvalues.
+        tol: relative convergence tolerance of the solver.
+        max_iter: iteration cap of the solver.
+        seed: seed of the solver's random start vector (used while there is no warm start).
+        warm_start: reuse the last eigenvectors as ``init``.
+        dtype: dtype of the estimate (``None``: the parameters' dtype, float32 under mixed precision).
+    """
+
+    def __init__(
+        self,
+        method: str = "lanczos",
+        hvp: str = "autograd",
+        k: int = 1,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        seed: int = 0,
+        warm_start: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.method = method
+        self.hvp = hvp
+        self.k = k
+        self.tol = tol
+        self.max_iter = max_iter
+        self.seed = seed
+        self.warm_start = warm_start
+        self.dtype = dtype
+        self.eigenvectors: torch.Tensor | None = None
+        self.eigenvalues: torch.Tensor | None = None
+        self.num_estimates = 0
+        self.total_hvps = 0
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, batch: Any, alpha: float | None = None
+    ) -> EigenResult:
+        """One (warm-started) estimate of the top-``k`` eigenpairs of the Hessian of ``loss_fn(model, batch)``.
+
+        Args:
+            model: the module (its current weights are the linearisation point; nothing is changed).
+            loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+            batch: the batch the loss is evaluated on.
+            alpha: step of the ascent map of ``method="lyapunov"`` (``None``: the solver's automatic, well-scaled
+                choice ≈ 1/h0 from a warm start); ignored by the other methods.
+        """
+        init = self.eigenvectors if (self.warm_start and self.eigenvectors is not None) else None
+        with torch.enable_grad(), HessianOperator(model, loss_fn, batch, backend=self.hvp, dtype=self.dtype) as op:
+            if init is not None:
+                init = init.to(device=op.device, dtype=op.dtype)
+            if self.method == "lanczos":
+                result = lanczos(op, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init, seed=self.seed)
+            elif self.method == "power":
+                result = power_iteration(
+                    op, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init, seed=self.seed
+                )
+            else:
+                result = lyapunov_iteration(
+                    op, k=self.k, alpha=alpha, tol=self.tol, max_iter=self.max_iter, init=init, seed=self.seed
+                )
+        self.num_estimates += 1
+        self.total_hvps += int(result.num_hvps)
+        if bool(torch.isfinite(result.eigenvalues).all()) and bool(torch.isfinite(result.eigenvectors).all()):
+            self.eigenvectors = result.eigenvectors.detach().clone()
+            self.eigenvalues = result.eigenvalues.detach().clone()
+        else:
+            rank_zero_warn(
+                "Non-finite Hessian eigenvalue estimate; keeping the previous eigenvectors as warm start.",
+                category=RuntimeWarning,
+            )
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """Warm-start vectors/values (on CPU) and counters."""
+        return {
+            "eigenvectors": None if self.eigenvectors is None else self.eigenvectors.detach().cpu().clone(),
+            "eigenvalues": None if self.eigenvalues is None else self.eigenvalues.detach().cpu().clone(),
+            "num_estimates": self.num_estimates,
+            "total_hvps": self.total_hvps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Restore :meth:`state_dict`; tensors go to ``device`` (the module's device) when given."""
+        vecs = state.get("eigenvectors")
+        vals = state.get("eigenvalues")
+        self.eigenvectors = None if vecs is None else vecs.to(device) if device is not None else vecs.clone()
+        self.eigenvalues = None if vals is None else vals.to(device) if device is not None else vals.clone()
+        self.num_estimates = int(state.get("num_estimates", 0))
+        self.total_hvps = int(state.get("total_hvps", 0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimiser / trainer checks
+# --------------------------------------------------------------------------------------------------------------
+def current_lr(trainer: pl.Trainer) -> float:
+    """The learning rate α of the first parameter group of the first optimiser.
+
+    This is the step size the curvature callbacks compare with (``stability = α·h0``) and the α of the
+    linearised update ``θ ← θ − α∇L``. Callbacks that set the LR (``QuasiNewtonLR``, schedulers) act before
+    ``on_before_optimizer_step``, so read it there for the LR of the step about to be taken.
+    """
+    if not trainer.optimizers:
+        raise RuntimeError("The trainer has no optimiser yet; the learning rate is read once fitting started.")
+    return float(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def check_supported(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    callback_name: str,
+    *,
+    single_optimizer: bool = True,
+    allow_accumulation: bool = True,
+) -> None:
+    """Raise one clear error for trainer settings a curvature callback cannot handle.
+
+    Args:
+        trainer: the trainer (call from ``setup``/``on_fit_start``; optimisers exist from ``on_fit_start``).
+        pl_module: the module being trained.
+        callback_name: used in the messages.
+        single_optimizer: require exactly one optimiser (checked only once the optimisers exist).
+        allow_accumulation: when ``False``, reject ``accumulate_grad_batches > 1``.
+
+    Raises:
+        RuntimeError: on manual optimisation, several optimisers, or gradient accumulation when not allowed.
+    """
+    if not pl_module.automatic_optimization:
+        raise RuntimeError(
+            f"{callback_name} needs automatic optimisation (one optimiser step per training batch); the module "
+            "sets automatic_optimization = False. Use automatic optimisation or measure in your own loop with "
+            "the pure-PyTorch core (lyapunov_callbacks.top_hessian_eigenvalues)."
+        )
+    if single_optimizer and trainer.optimizers and len(trainer.optimizers) != 1:
+        raise RuntimeError(
+            f"{callback_name} supports exactly one optimiser, got {len(trainer.optimizers)}; return a single "
+            "optimiser from configure_optimizers."
+        )
+    if not allow_accumulation and trainer.accumulate_grad_batches > 1:
+        raise RuntimeError(
+            f"{callback_name} does not support accumulate_grad_batches={trainer.accumulate_grad_batches}: one "
+            "optimiser step then averages the gradients of several batches, so its Jacobian is "
+            "I - α·mean_b(H_b), another map than the per-batch step the monitor linearises. Set "
+            "accumulate_grad_batches=1 (use a larger batch_size instead)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------------------
+def log_measurements(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], step: int
+) -> None:
+    """Publish measured values: to ``trainer.callback_metrics`` on every rank and to every logger at ``step``.
+
+    ``pl_module.log(..., on_step=True, logger=False, sync_dist=False)`` puts the values in
+    ``callback_metrics`` (the values are already identical on every rank: no sync needed). The loggers are
+    written directly with ``logger.log_metrics(metrics, step=step)`` on global rank zero, because Lightning
+    only flushes step metrics every ``log_every_n_steps`` and a measurement at another step would be lost.
+    Call it only at measurement steps: each ``LightningModule.log`` call costs about a millisecond.
+
+    Args:
+        trainer: the trainer.
+        pl_module: the module (its ``log`` is used for ``callback_metrics``).
+        metrics: tag → value; non-finite values are published as they are.
+        step: the step the values were measured at (``trainer.global_step`` at measurement time).
+    """
+    values = {name: float(value) for name, value in metrics.items()}
+    for name, value in values.items():
+        pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+
+
+def finite_or_nan(value: float) -> float:
+    """``value`` if finite, else NaN (a non-finite estimate is logged as NaN, not as ±inf)."""
+    return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,198 @@
+"""Callback that tracks the sharpness h0 (the Hessian's top eigenvalue) and the top-k spectrum during training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lyapunov_callbacks._lightning import (
+    EigenTracker,
+    ProbeBatch,
+    check_supported,
+    current_lr,
+    finite_or_nan,
+    log_measurements,
+    resolve_loss_fn,
+)
+from lyapunov_callbacks._state import preserved_state
+from lyapunov_callbacks.tensorboard_layout import add_paper_layout
+
+__all__ = ["HessianEigenvalueMonitor"]
+
+_METHODS = ("lanczos", "power", "lyapunov")
+_HVPS = ("autograd", "finite_difference")
+_BATCHES = ("current", "fixed")
+_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
+           torch.float64: torch.float64}
+
+
+class HessianEigenvalueMonitor(Callback):
+    r"""Log the top Hessian eigenvalue h0 of the training loss (and the top ``k``) every ``every_n_steps`` steps.
+
+    At every optimiser step with ``trainer.global_step % every_n_steps == 0`` the monitor estimates, in
+    ``on_train_batch_start`` — i.e. at the pre-step weights θ_t, just before the step is taken — the top
+    eigenvalues :math:`h_0 \ge h_1 \ge \dots` of :math:`H = \nabla^2_\theta L(\theta_t; B)` where :math:`L` is
+    the mean training loss (``model.training_loss(batch)``, see below) of the batch :math:`B`:
+    the batch about to be trained on (``batch="current"``) or a fixed probe batch drawn once from the training
+    set (``batch="fixed"``: values comparable across steps). Each estimate is warm-started from the previous
+    eigenvectors, so it typically costs a handful of Hessian-vector products (HVPs, ~2-3 forward+backward each).
+    Measurement leaves training untouched: parameters, buffers (BatchNorm statistics), ``.grad``, train/eval
+    modes and the RNG streams are restored, and the probe batch is drawn by index with a private generator.
+
+    Logged (to ``trainer.callback_metrics`` and to every logger, at the measured step):
+
+    - ``hessian/h0``: the sharpness h0; ``hessian/inv_h0``: 1/h0 (the quasi-Newton step size);
+    - ``hessian/h{i}`` for ``1 <= i < k``: the next eigenvalues, descending;
+    - ``hessian/stability``: α·h0 with α the current learning rate, the edge-of-stability ratio
+      (gradient descent on a quadratic is stable for α·h0 < 2);
+    - ``hessian/num_hvps``: HVPs spent on this estimate; ``optim/lr``: α.
+
+    The loss is ``pl_module.training_loss(batch)`` when the module defines it (scalar, mean-reduced, no logging);
+    otherwise ``training_step(batch, 0)`` with logging silenced. Under DDP the HVPs are averaged over ranks, so
+    h0 is that of the loss DDP optimises (the mean of the per-rank losses); with ``batch="fixed"`` each rank
+    takes its own shard of the probe batch.
+
+    Args:
+        every_n_steps: measure every this many optimiser steps (default 10). Must be >= 1.
+        k: number of top eigenvalues (default 1). Must be >= 1.
+        method: eigen-solver: ``"lanczos"`` (default, fastest), ``"power"`` (power iteration) or ``"lyapunov"``
+            (the paper's growth rate of tangent vectors under the ascent map ``I + αH``, α chosen ≈ 1/h0).
+        hvp: HVP backend, ``"autograd"`` (default, exact double backward) or ``"finite_difference"`` (two
+            gradients, for models without double-backward support).
+        batch: ``"current"`` (default, the training batch of the step) or ``"fixed"`` (probe batch).
+        probe_size: number of samples of the probe batch (``batch="fixed"``), default 256. Must be >= 1.
+        tol: relative tolerance of the eigen-solver (default 1e-3). Must be > 0.
+        max_iter: iteration cap of the eigen-solver (default 100). Must be >= 1.
+        warm_start: start each estimate from the last eigenvectors (default True).
+        seed: seed of the solver's first random start vector and of the probe batch draw (default 0).
+        dtype: ``None``/``"float32"`` (default: estimate in float32 even under mixed precision) or
+            ``"float64"`` (double precision, for small models and tests).
+
+    Raises:
+        ValueError: on any invalid argument above (the message names the parameter).
+        RuntimeError: at fit start, with manual optimisation or several optimisers.
+
+    Example::
+
+        import lightning as L
+        from lyapunov_callbacks import HessianEigenvalueMonitor
+
+        trainer = L.Trainer(max_epochs=10, callbacks=[HessianEigenvalueMonitor(every_n_steps=20, k=3)])
+        trainer.fit(model, datamodule)   # logs hessian/h0, hessian/h1, hessian/h2, hessian/stability, ...
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        k: int = 1,
+        method: str = "lanczos",
+        hvp: str = "autograd",
+        batch: str = "current",
+        probe_size: int = 256,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        warm_start: bool = True,
+        seed: int = 0,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("every_n_steps", every_n_steps, 1, "e.g. every_n_steps=10")
+        _check_int("k", k, 1, "e.g. k=1 for h0 alone")
+        _check_choice("method", method, _METHODS)
+        _check_choice("hvp", hvp, _HVPS)
+        _check_choice("batch", batch, _BATCHES)
+        _check_int("probe_size", probe_size, 1, "e.g. probe_size=256")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ValueError(f"tol must be a number > 0, got {tol!r}; pass e.g. tol=1e-3.")
+        _check_int("max_iter", max_iter, 1, "e.g. max_iter=100")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}.")
+        self.every_n_steps = every_n_steps
+        self.k = k
+        self.method = method
+        self.hvp = hvp
+        self.batch = batch
+        self.probe_size = probe_size
+        self.tol = float(tol)
+        self.max_iter = max_iter
+        self.warm_start = bool(warm_start)
+        self.seed = seed
+        self.dtype = _DTYPES[dtype]
+        self._tracker = EigenTracker(
+            method=method, hvp=hvp, k=k, tol=self.tol, max_iter=max_iter, seed=seed,
+            warm_start=self.warm_start, dtype=self.dtype,
+        )
+        self._probe = ProbeBatch(size=probe_size, seed=seed) if batch == "fixed" else None
+        self._loss_fn: Any = None
+        self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)
+        self.last_metrics: dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_supported(trainer, pl_module, type(self).__name__)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_supported(trainer, pl_module, type(self).__name__)
+        self._loss_fn = resolve_loss_fn(pl_module)
+        add_paper_layout(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or step == self._last_step:
+            return
+        self._last_step = step
+        self._measure(trainer, pl_module, batch, step)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
+        if self._loss_fn is None:
+            self._loss_fn = resolve_loss_fn(pl_module)
+        if self._probe is not None:
+            batch = self._probe.get(trainer, pl_module)
+        lr = current_lr(trainer)
+        with preserved_state(pl_module):
+            result = self._tracker.estimate(pl_module, self._loss_fn, batch)
+        values = [float(v) for v in result.eigenvalues.detach().cpu()]
+        h0 = values[0]
+        metrics = {
+            "hessian/h0": finite_or_nan(h0),
+            "hessian/inv_h0": finite_or_nan(1.0 / h0) if h0 != 0 else float("nan"),
+        }
+        for i in range(1, len(values)):
+            metrics[f"hessian/h{i}"] = finite_or_nan(values[i])
+        metrics["hessian/stability"] = finite_or_nan(lr * h0)
+        metrics["hessian/num_hvps"] = float(result.num_hvps)
+        metrics["optim/lr"] = lr
+        self.last_metrics = metrics
+        log_measurements(trainer, pl_module, metrics, step)
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracker": self._tracker.state_dict(),
+            "probe": None if self._probe is None else self._probe.state_dict(),
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._tracker.load_state_dict(state_dict["tracker"])
+        if self._probe is not None and state_dict.get("probe") is not None:
+            self._probe.load_state_dict(state_dict["probe"])
+        self._last_step = state_dict.get("last_step")
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; pass {hint}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
