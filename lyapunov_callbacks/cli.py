@@ -49,6 +49,14 @@ class LyapunovCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def after_fit(self) -> None:
+        """Tell the user where the run's TensorBoard logs are and how to open them (rank zero only)."""
+        logger = self.trainer.logger
+        if not self.trainer.is_global_zero or logger is None or self.trainer.log_dir is None:
+            return
+        root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) or self.trainer.log_dir
+        print(f"\nTensorBoard logs of this run: {self.trainer.log_dir}\n  open them with: tensorboard --logdir {root}")
+
     @staticmethod
     def configure_optimizers(
         lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Optional[LRSchedulerTypeUnion] = None

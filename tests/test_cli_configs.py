@@ -125,12 +125,16 @@ def test_run_file_trains_with_fast_dev_run(path, cifar_dir, tmp_path):
         assert not sched.scheduler.cycle_momentum
 
 
-def test_one_epoch_writes_tensorboard_tags(cifar_dir, tmp_path):
+def test_one_epoch_writes_tensorboard_tags(cifar_dir, tmp_path, capsys):
     path = CONFIG_ROOT / "constant" / "linear_ce_lr0.1.yaml"
     args = ["fit", "--config", str(path), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"]
     assert main([*args, *_overrides(cifar_dir, tmp_path)]) == 0
 
     (log_dir,) = (tmp_path / "constant" / "linear_ce_lr0.1").glob("version_*")
+    # The CLI tells the user where the run's logs are and how to open them.
+    out = capsys.readouterr().out
+    assert f"TensorBoard logs of this run: {log_dir}" in out
+    assert f"tensorboard --logdir {tmp_path}" in out
     assert (log_dir / "config.yaml").is_file()
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
