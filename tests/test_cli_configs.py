@@ -91,9 +91,11 @@ def test_run_file_trains_with_fast_dev_run(path, cifar_dir, tmp_path):
         # the training step with those callbacks is run on TinyResNet instead, for time.
         parsed = run_cli(["--config", str(path), *overrides], run=False)
         assert type(parsed.model) is models.ResNet18 and parsed.model.num_classes == 10
-        configured = yaml.safe_load(path.read_text()).get("trainer.callbacks") or []
-        names = {f"{type(cb).__module__.split('.')[0]}.{type(cb).__name__}" for cb in parsed.trainer.callbacks}
-        assert {c["class_path"] for c in configured} <= names
+        # The callbacks as composed (through `config:` includes and configs/callbacks/ pieces) are instantiated.
+        configured = parsed.config["trainer"]["callbacks"] or []
+        assert configured, f"{_rel(path)} attaches no curvature callbacks"
+        names = {type(cb).__name__ for cb in parsed.trainer.callbacks}
+        assert {c["class_path"].rsplit(".", 1)[-1] for c in configured} <= names
         overrides += ["--model.class_path", "models.TinyResNet"]
     cli = run_cli(["fit", "--config", str(path), *overrides])
     assert cli.trainer.state.finished
