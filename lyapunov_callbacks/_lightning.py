@@ -20,8 +20,7 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lyapunov_callbacks.eigen import EigenResult, lanczos, lyapunov_iteration, power_iteration
-from lyapunov_callbacks.hessian import HessianOperator
+from lyapunov_callbacks.eigen import EigenResult, top_hessian_eigenvalues
 
 __all__ = [
     "EigenTracker",
@@ -249,10 +248,9 @@ class ProbeBatch:
 class EigenTracker:
     """Top-``k`` Hessian eigenpairs, re-estimated at each measurement from the previous eigenvectors.
 
-    Each :meth:`estimate` does what :func:`lyapunov_callbacks.eigen.top_hessian_eigenvalues` does (build a
-    side-effect-free :class:`~lyapunov_callbacks.hessian.HessianOperator`, run the solver, release the graph),
-    in the requested ``dtype`` and with ``init`` set to the eigenvectors of the last good estimate (a warm start: the top eigenvector turns slowly during training,
-    so a few matrix-vector products suffice where a cold start needs tens). Estimates with a non-finite
+    Each :meth:`estimate` is a :func:`lyapunov_callbacks.eigen.top_hessian_eigenvalues` call in the requested
+    ``dtype`` with ``init`` set to the eigenvectors of the last good estimate (a warm start: the top eigenvector
+    turns slowly during training, so a few matrix-vector products suffice where a cold start needs tens). Estimates with a non-finite
     eigenvalue or eigenvector are returned but never become the warm start.
 
     Args:
@@ -303,19 +301,12 @@ class EigenTracker:
                 choice ≈ 1/h0 from a warm start); ignored by the other methods.
         """
         init = self.eigenvectors if (self.warm_start and self.eigenvectors is not None) else None
-        with torch.enable_grad(), HessianOperator(model, loss_fn, batch, backend=self.hvp, dtype=self.dtype) as op:
-            if init is not None:
-                init = init.to(device=op.device, dtype=op.dtype)
-            if self.method == "lanczos":
-                result = lanczos(op, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init, seed=self.seed)
-            elif self.method == "power":
-                result = power_iteration(
-                    op, k=self.k, tol=self.tol, max_iter=self.max_iter, init=init, seed=self.seed
-                )
-            else:
-                result = lyapunov_iteration(
-                    op, k=self.k, alpha=alpha, tol=self.tol, max_iter=self.max_iter, init=init, seed=self.seed
-                )
+        with torch.enable_grad():
+            result = top_hessian_eigenvalues(
+                model, loss_fn, batch, k=self.k, method=self.method, hvp=self.hvp, tol=self.tol,
+                max_iter=self.max_iter, init=init, seed=self.seed, dtype=self.dtype,
+                alpha=alpha if self.method == "lyapunov" else None,
+            )
         self.num_estimates += 1
         self.total_hvps += int(result.num_hvps)
         if bool(torch.isfinite(result.eigenvalues).all()) and bool(torch.isfinite(result.eigenvectors).all()):

@@ -480,6 +480,7 @@ def top_hessian_eigenvalues(
     alpha: float | None = None,
     seed: int = 0,
     process_group: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model, batch)``, leaving the model untouched.
 
@@ -501,6 +502,8 @@ def top_hessian_eigenvalues(
         seed: seed of the random start vector (the global RNG is not used).
         process_group: DDP group to average the Hessian over (used when ``torch.distributed`` is
             initialised); ``None`` = the default group.
+        dtype: computation dtype (``None``: the parameters' dtype, float32 for half-precision
+            parameters); ``init`` is cast to it.
 
     Returns:
         :class:`EigenResult`: ``eigenvalues`` ``[k]`` descending (``eigenvalues[0]`` is ``h0``),
@@ -539,7 +542,9 @@ def top_hessian_eigenvalues(
     if init is not None and (not isinstance(init, torch.Tensor) or init.ndim not in (1, 2) or init.shape[0] != dim):
         shape = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
         raise ValueError(f"init must be a tensor of shape [dim={dim}] or [dim={dim}, j], got {shape}.")
-    with HessianOperator(model, loss_fn, batch, backend=hvp, process_group=process_group) as op:
+    with HessianOperator(model, loss_fn, batch, backend=hvp, process_group=process_group, dtype=dtype) as op:
+        if init is not None:
+            init = init.to(device=op.device, dtype=op.dtype)
         if method == "lanczos":
             return lanczos(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed)
         if method == "power":
