@@ -1,0 +1,134 @@
+"""Shared helpers of the benchmark scripts: argument parsing, synthetic batches, interleaved timing, tables."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# The scripts live in benchmarks/ and import the packages of the repository root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
+    """``--quick`` (smaller run), ``--threads N`` (``torch.set_num_threads``), ``--repeats N``, ``--seed``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (smoke run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant (median)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of model initialisation and data")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def header(title: str, args: argparse.Namespace) -> None:
+    """Print the run's context: what machine, how many threads, which mode."""
+    print(f"## {title}\n")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch threads = {torch.get_num_threads()}"
+        f"{' (set with --threads)' if args.threads is not None else ' (default; not pinned)'}, "
+        f"{'QUICK run' if args.quick else 'full run'}, seed {args.seed}.\n"
+    )
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def synthetic_batch(batch_size: int, num_classes: int = 10, seed: int = 0, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch number ``index`` of the synthetic CIFAR-shaped training loader (``classes=range(num_classes)``)."""
+    from datamodules import CIFAR10DataModule
+
+    classes = None if num_classes == 10 else list(range(num_classes))
+    dm = CIFAR10DataModule(
+        synthetic=True, classes=classes, batch_size=batch_size, seed=seed,
+        # Sizes count all ten classes before the class selection keeps num_classes/10 of them.
+        synthetic_train_size=max(1000, 12 * batch_size * (index + 1) * 10 // num_classes),
+        synthetic_val_size=100,
+    )
+    dm.setup("fit")
+    for i, batch in enumerate(dm.train_dataloader()):
+        if i == index:
+            return batch[0].contiguous(), batch[1].contiguous()
+    raise RuntimeError("synthetic training set too small for the requested batch index")
+
+
+def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """The curvature callbacks' loss: ``model.training_loss(batch)``."""
+    return model.training_loss(batch)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of one call of ``fn`` (and its result)."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def interleaved_medians(
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each variant, timed in rounds that run every variant once (rotating the order).
+
+    Interleaving spreads the noise of a shared machine over all variants alike instead of penalising
+    whichever one happened to run during a burst of load.
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            dt, _ = timed(variants[name])
+            times[name].append(dt)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats are printed with 3 significant digits."""
+
+    def fmt(x: Any) -> str:
+        if isinstance(x, bool):
+            return "yes" if x else "no"
+        if isinstance(x, float):
+            if x != x:
+                return "nan"
+            if x == 0:
+                return "0"
+            return f"{x:.3g}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def deep_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy (PyHessian mutates the model it is given: eval mode, graph-carrying ``.grad``)."""
+    return copy.deepcopy(model)
+
+
+def met(value: float, target: float, lower_is_better: bool = True) -> str:
+    """``"yes"``/``"no"``: whether ``value`` meets ``target``."""
+    ok = value <= target if lower_is_better else value >= target
+    return "yes" if ok else "**no**"
