@@ -30,6 +30,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Runs every figure's configs at the reduced scale of figures/figures.yaml (~10 min on 2 CPU cores), then
+# plots figures/fig*.png. DATA=synthetic: the offline stand-in; DATA=cifar: $(DATA_DIR)/cifar-10-batches-py.
+# FIGURES_ARGS e.g. --include-optional (ResNet-18 comparison), --only fig2, --list.
+FIGURES_ARGS ?=
+figures: install
+	$(BIN)/python figures/make_figures.py --data $(DATA) --data-dir $(DATA_DIR) $(FIGURES_ARGS)
+
 bench: install
 	$(BIN)/python -m pip install -q pyhessian
 	$(BIN)/python benchmarks/run_all.py
