@@ -64,14 +64,18 @@ class Series:
     tags: tuple[str, ...]
     color: str
     positive: bool
+    linestyle: str = "-"
+    linewidth: float = 1.2
 
 
 #: The four curves of the paper's chart, in legend order. α prefers the LR the quasi-Newton callback set, then the
 #: optimiser's LR as our monitors log it, then Lightning's ``LearningRateMonitor`` (``lr-SGD``, ``lr-Adam``, ...).
 SERIES: tuple[Series, ...] = (
     Series("lambda", "λ (Lyapunov exponent)", ("lyapunov/lambda",), "tab:blue", positive=False),
-    Series("inv_h0", "1/h0", ("hessian/inv_h0",), "tab:orange", positive=True),
-    Series("lr", "α (learning rate)", ("quasi_newton/lr", "optim/lr", "lr-SGD"), "tab:red", positive=True),
+    # Under QuasiNewtonLR α = 1/h0 exactly: a wide 1/h0 under a dashed α keeps both curves visible.
+    Series("inv_h0", "1/h0", ("hessian/inv_h0",), "tab:orange", positive=True, linewidth=2.4),
+    Series("lr", "α (learning rate)", ("quasi_newton/lr", "optim/lr", "lr-SGD"), "tab:red", positive=True,
+           linestyle="--"),
     Series("loss", "training loss", ("train/loss", "train/loss_step"), "tab:green", positive=True),
 )
 
@@ -296,7 +300,9 @@ def plot_run(
     log_scale = _wants_log([scalars[tags[s.key]].values for s in positive])
     for s in positive:
         data = scalars[tags[s.key]]
-        (lines[s.key],) = ax.plot(data.steps, data.values, color=s.color, label=s.label, linewidth=1.2)
+        (lines[s.key],) = ax.plot(
+            data.steps, data.values, color=s.color, label=s.label, linestyle=s.linestyle, linewidth=s.linewidth
+        )
     if log_scale:
         ax.set_yscale("log")
     if not positive:
@@ -555,7 +561,11 @@ def plot_grid(
                 spine.set_visible(False)
     if kind == "run":
         seen = {key for row in cells for cell in row if cell is not None for key in cell.lines}
-        handles = [Line2D([], [], color=s.color, label=s.label) for s in SERIES if s.key in seen]
+        handles = [
+            Line2D([], [], color=s.color, label=s.label, linestyle=s.linestyle, linewidth=s.linewidth)
+            for s in SERIES
+            if s.key in seen
+        ]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
     if title:
         fig.suptitle(title)

@@ -194,6 +194,9 @@ def test_plot_run_colours_data_axes_and_png(tmp_path, full_run):
         np.testing.assert_array_equal(line.get_xdata(), steps)
         np.testing.assert_array_equal(line.get_ydata(), f32(values))
     assert result.tags == expected_tag
+    # α = 1/h0 under QuasiNewtonLR: α is dashed over a wider 1/h0 so that neither hides the other.
+    assert result.lines["lr"].get_linestyle() == "--"
+    assert result.lines["inv_h0"].get_linewidth() > result.lines["lr"].get_linewidth()
 
     # positive curves span 1e-2 .. 2 (> one decade): log left axis; λ on its linear twin axis with a zero line
     assert result.log_scale and result.ax.get_yscale() == "log"
