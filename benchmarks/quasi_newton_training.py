@@ -10,7 +10,9 @@ re-estimate). Prints a markdown table. About 2-3 minutes on a 2-core CPU with th
 
 Usage::
 
-    python benchmarks/quasi_newton_training.py [--steps 150] [--batch-size 128] [--loss ce]
+    python benchmarks/quasi_newton_training.py [--quick] [--threads N] [--steps 150] [--batch-size 128] [--loss ce]
+
+``--quick``: 30 steps, constant LR 0.1 and quasi-Newton every 10 steps only (a smoke run of a minute).
 """
 
 from __future__ import annotations
@@ -79,7 +81,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=150, help="optimiser steps per fit (default 150)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--loss", choices=("ce", "mse"), default="ce", help="loss of both models (default ce)")
+    parser.add_argument("--quick", action="store_true", help="30 steps, LR 0.1 and quasi-Newton every 10 only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    steps = 30 if args.quick and args.steps == 150 else args.steps
+    constant_lrs = (REFERENCE_LR,) if args.quick else CONSTANT_LRS
+    qn_periods = QN_EVERY_N_STEPS[:1] if args.quick else QN_EVERY_N_STEPS
     warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|max_epochs=-1).*")
 
     models = {
@@ -88,16 +97,16 @@ def main(argv: list[str] | None = None) -> str:
     }
     rows = [
         "| model | LR rule | train loss after {} steps | last LR | fit time (s) | time / constant {} |".format(
-            args.steps, REFERENCE_LR
+            steps, REFERENCE_LR
         ),
         "|---|---|---|---|---|---|",
     ]
     for name, build in models.items():
         results = {}
-        for lr in CONSTANT_LRS:
-            results[f"constant {lr}"] = _fit(build, lr, args.steps, args.batch_size)
-        for every in QN_EVERY_N_STEPS:
-            results[f"quasi-Newton 1/h0 every {every} steps"] = _fit(build, None, args.steps, args.batch_size, every)
+        for lr in constant_lrs:
+            results[f"constant {lr}"] = _fit(build, lr, steps, args.batch_size)
+        for every in qn_periods:
+            results[f"quasi-Newton 1/h0 every {every} steps"] = _fit(build, None, steps, args.batch_size, every)
         reference_time = results[f"constant {REFERENCE_LR}"][2]
         for rule, (loss, last_lr, elapsed, callbacks) in results.items():
             if callbacks:

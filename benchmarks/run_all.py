@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, encoding="utf-8") as fh:
             source = fh.read()
         # Pass an option only to scripts that declare it (a script without --quick runs at its own size).
-        passed = [a for opt, given in wanted.items() if f'"{opt}"' in source for a in given]
+        # Scripts built on _common.parse_args declare --quick/--threads there rather than in their own source.
+        common = "C.parse_args(" in source
+        passed = [a for opt, given in wanted.items() if common or f'"{opt}"' in source for a in given]
         cmd = [sys.executable, path, *passed]
         print(f"# running {name}.py {' '.join(passed)}".rstrip(), file=sys.stderr, flush=True)
         start = time.perf_counter()

@@ -309,7 +309,9 @@ class EigenTracker:
             )
         self.num_estimates += 1
         self.total_hvps += int(result.num_hvps)
-        if bool(torch.isfinite(result.eigenvalues).all()) and bool(torch.isfinite(result.eigenvectors).all()):
+        # The eigenvectors have unit columns, so their sum (|sum| <= k·sqrt(dim), no overflow) is finite
+        # exactly when every entry is: one reduction instead of an element-wise mask of dim·k entries.
+        if bool(torch.isfinite(result.eigenvalues).all()) and math.isfinite(float(result.eigenvectors.sum())):
             self.eigenvectors = result.eigenvectors.detach().clone()
             self.eigenvalues = result.eigenvalues.detach().clone()
         else:

@@ -65,7 +65,7 @@ def _changed(t: torch.Tensor, version: int, saved: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
+def preserved_state(model: nn.Module, *, copy_tensors: bool = True) -> Iterator[nn.Module]:
     """Context manager that leaves ``model`` and the global RNG exactly as it found them.
 
     Restored on exit (also when the body raises): the values of every parameter and buffer
@@ -75,10 +75,25 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
     were modified, so untouched tensors keep their identity and version (graphs that saved them
     stay valid). A tensor counts as modified when its version counter moved or its bits differ
     (BatchNorm writes running statistics without a version bump). Cost: one copy of the
-    parameters, gradients and buffers.
+    parameters, gradients and buffers, and one comparison of each on exit.
+
+    With ``copy_tensors=False`` nothing is copied or compared (cost independent of the model's
+    size): only references, version counters, modes and the RNG are recorded. On exit the modes,
+    the RNG, ``.grad`` references (and ``None``-ness) and reassigned buffers are restored as above,
+    and a parameter, buffer or gradient modified in place (its version counter moved) raises
+    ``RuntimeError`` since its old value was not kept. Meant for code known not to write to the
+    model's tensors — e.g. :class:`~lyapunov_callbacks.hessian.HessianOperator`, which evaluates
+    the loss on detached leaves and cloned buffers — as a cheap guard on a hot path. Writes that
+    bypass version counters (BatchNorm running statistics updated by a train-mode forward of the
+    model itself) are not seen in this mode.
 
     Args:
         model: the module to protect.
+        copy_tensors: keep copies and restore values (default ``True``), or only guard (``False``).
+
+    Raises:
+        RuntimeError: with ``copy_tensors=False``, on exit, if a tensor was modified in place (not
+            raised when the body itself raised).
 
     Example::
 
@@ -88,38 +103,58 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
     """
     params = list(model.named_parameters(remove_duplicate=True))
     buffers = list(model.named_buffers(remove_duplicate=True))
-    saved_params = [(p, p._version, p.detach().clone()) for _, p in params]
+
+    def keep(t: torch.Tensor) -> torch.Tensor | None:
+        return t.detach().clone() if copy_tensors else None
+
+    saved_params = [(name, p, p._version, keep(p)) for name, p in params]
     saved_grads = [
-        (p, p.grad, None, None) if p.grad is None else (p, p.grad, p.grad._version, p.grad.detach().clone())
-        for _, p in params
+        (name, p, p.grad, None, None) if p.grad is None else (name, p, p.grad, p.grad._version, keep(p.grad))
+        for name, p in params
     ]
     # Buffers can be reassigned (module.buf = new) rather than modified; remember the owner too.
     saved_buffers = []
     for name, b in buffers:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        saved_buffers.append((owner, attr, b, b._version, b.detach().clone()))
+        saved_buffers.append((name, owner, attr, b, b._version, keep(b)))
     rng = rng_snapshot()
+    modified: list[str] = []
+
+    def restore(t: torch.Tensor, version: int, value: torch.Tensor | None, name: str) -> None:
+        if value is None:
+            if t._version != version:
+                modified.append(name)
+        elif _changed(t, version, value):
+            t.copy_(value)
+
     try:
         with preserved_modes(model):
             yield model
+    except BaseException:
+        raised = True
+        raise
+    else:
+        raised = False
     finally:
         with torch.no_grad():
-            for p, version, value in saved_params:
-                if _changed(p, version, value):
-                    p.copy_(value)
-            for p, grad, version, value in saved_grads:
+            for name, p, version, value in saved_params:
+                restore(p, version, value, name)
+            for name, p, grad, version, value in saved_grads:
                 if grad is None:
                     if p.grad is not None:
                         p.grad = None
                 else:
                     if p.grad is not grad:
                         p.grad = grad
-                    if _changed(grad, version, value):
-                        grad.copy_(value)
-            for owner, attr, b, version, value in saved_buffers:
+                    restore(grad, version, value, f"{name}.grad")
+            for name, owner, attr, b, version, value in saved_buffers:
                 if owner._buffers.get(attr) is not b:
                     owner._buffers[attr] = b
-                if _changed(b, version, value):
-                    b.copy_(value)
+                restore(b, version, value, name)
         restore_rng(rng)
+        if modified and not raised:
+            raise RuntimeError(
+                f"preserved_state(copy_tensors=False): {', '.join(modified)} modified in place inside the block, "
+                "and no copy was kept to restore it. Use copy_tensors=True for code that writes to the model."
+            )

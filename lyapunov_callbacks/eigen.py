@@ -29,6 +29,9 @@ METHODS = ("lanczos", "power", "lyapunov")
 # Lanczos breakdown: a residual norm below this fraction of the largest |Ritz value| means the
 # Krylov space is (numerically) invariant, so its Ritz pairs are exact.
 _BREAKDOWN_RTOL = 1e-10
+# DGKS re-orthogonalisation: a second Gram-Schmidt pass is made only when the first one removed more
+# than 30 % of the vector's norm (cancellation, so its rounding errors may not be negligible).
+_DGKS_ETA = 0.7
 
 
 class LinearOperator(Protocol):
@@ -39,9 +42,13 @@ class LinearOperator(Protocol):
     device: torch.device
     num_hvps: int
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` as a new tensor (the solvers update it in place; never return a cached buffer)."""
+        ...
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor: ...
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` for ``V`` ``[dim, b]``, as a new tensor."""
+        ...
 
 
 @dataclass
@@ -120,20 +127,30 @@ def _start_block(op: Any, cols: int, init: torch.Tensor | None, seed: int) -> to
     """``[dim, cols]`` start block: ``init`` columns completed by seeded random ones, orthonormalised.
 
     Random columns come from a CPU ``torch.Generator`` seeded with ``seed`` (never the global RNG),
-    so every rank draws the same vectors; under DDP the block is also broadcast from rank 0.
+    so every rank draws the same vectors; under DDP the block is also broadcast from rank 0. Only the
+    columns ``init`` does not provide are drawn, in the operator's dtype (a warm start of one vector
+    draws nothing); further random columns are drawn only if ``init`` turns out rank-deficient.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    random = torch.randn(op.dim, cols, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
-    if init is None:
-        block = random
-    else:
+    j = 0
+    if init is not None:
         init = _check_init(op, init)
         j = min(init.shape[1], cols)
-        block = torch.cat([init[:, :j], random[:, j:]], dim=1)
-    block = _orthonormalize(block, random)
+    parts = [init[:, :j]] if j else []
+    if j < cols:
+        parts.append(_randn(op, cols - j, gen))
+    block = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    block = _orthonormalize(block, lambda: _randn(op, cols, gen))
     if getattr(op, "distributed", False):
         _dist.broadcast_(block, getattr(op, "process_group", None))
     return block
+
+
+def _randn(op: Any, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """``[dim, cols]`` standard normal numbers from the CPU generator ``gen``, on the operator's device."""
+    dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.randn(op.dim, cols, generator=gen, dtype=dtype)
+    return out.to(device=op.device, dtype=op.dtype)
 
 
 def _check_init(op: Any, init: Any) -> torch.Tensor:
@@ -143,20 +160,30 @@ def _check_init(op: Any, init: Any) -> torch.Tensor:
     init = init.detach().to(device=op.device, dtype=op.dtype)
     if init.ndim == 1:
         init = init.unsqueeze(1)
-    if not torch.isfinite(init).all() or (torch.linalg.vector_norm(init, dim=0) == 0).any():
+    # One pass: a NaN/inf entry makes its column's norm non-finite. Only when a norm is non-finite
+    # (which a huge finite column can also cause, by overflow) is the element-wise check needed.
+    norms = torch.linalg.vector_norm(init, dim=0)
+    if bool((norms == 0).any()) or (not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(init).all())):
         raise ValueError("init must have finite, non-zero columns (e.g. the previous eigenvectors).")
     return init
 
 
-def _orthonormalize(block: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning ``block``; rank-deficient columns are replaced from ``fallback``."""
+def _orthonormalize(block: torch.Tensor, fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Orthonormal columns spanning ``block``; rank-deficient columns are replaced from ``fallback()``.
+
+    ``fallback`` (called only when a column is rank-deficient) returns a block of the same shape.
+    """
+    if block.shape[1] == 1:  # a single column: QR is a normalisation (saves a Householder pass)
+        norm = torch.linalg.vector_norm(block)
+        if float(norm) > 0 and math.isfinite(float(norm)):
+            return block / norm
     q, r = torch.linalg.qr(block)
     diag = r.diagonal().abs()
     scale = diag.max() if diag.numel() else torch.tensor(1.0)
     bad = diag <= 1e-8 * scale
-    if bad.any():
+    if bool(bad.any()):
         block = block.clone()
-        block[:, bad] = fallback[:, bad]
+        block[:, bad] = fallback()[:, bad].to(block)
         q, r = torch.linalg.qr(block)
     # Fix signs so the first column is the (normalised) first input column.
     signs = torch.sign(r.diagonal())
@@ -165,12 +192,36 @@ def _orthonormalize(block: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor
 
 
 def _result(op: Any, values: torch.Tensor, vectors: torch.Tensor, start_hvps: int, converged: bool) -> EigenResult:
-    order = torch.argsort(values, descending=True)
     spent = op.num_hvps - start_hvps
+    if values.numel() == 1:  # nothing to sort: no copy of the eigenvector
+        return EigenResult(values.clone(), vectors, spent, bool(converged))
+    order = torch.argsort(values, descending=True)
     return EigenResult(values[order].clone(), vectors[:, order].contiguous(), spent, bool(converged))
 
 
 # ---------------------------------------------------------------------------- Lanczos
+
+
+def _reorthogonalize_(w: torch.Tensor, basis: list[torch.Tensor], passes: int | None = None) -> float:
+    r"""Remove from ``w`` (in place) its components along the orthonormal ``basis``; return ``‖w‖``.
+
+    Classical Gram–Schmidt, ``w ← w − Σ_i (q_iᵀw) q_i`` (all coefficients from the same ``w``),
+    repeated by the DGKS criterion (Daniel, Gragg, Kaufman & Stewart 1976): a pass that keeps at
+    least ``_DGKS_ETA`` of ``w``'s norm leaves ``w`` orthogonal to working precision (its rounding
+    errors are ``O(ε‖w‖)``), while one that cancels most of ``w`` is repeated once ("twice is
+    enough", Kahan–Parlett). ``passes`` forces a number of passes instead.
+    """
+    norm_before = float(torch.linalg.vector_norm(w))
+    norm = norm_before
+    for i in range(passes if passes is not None else 2):
+        coefficients = [float(q @ w) for q in basis]
+        for q, c in zip(basis, coefficients):
+            w.sub_(q, alpha=c)
+        norm = float(torch.linalg.vector_norm(w))
+        if passes is None and (i == 1 or norm >= _DGKS_ETA * norm_before):
+            break
+        norm_before = norm
+    return norm
 
 
 def lanczos(
@@ -184,13 +235,18 @@ def lanczos(
     r"""Top-``k`` (algebraically largest) eigenpairs by Lanczos with full re-orthogonalisation.
 
     Builds the Krylov basis :math:`Q_m` one HVP per iteration, re-orthogonalising each new vector
-    against all previous ones (twice, Gram–Schmidt, so the basis stays orthonormal to working
-    precision; memory ``m·dim``), and takes Ritz pairs from ``torch.linalg.eigh`` of the
-    tridiagonal :math:`T_m`.
+    against all previous ones (full re-orthogonalisation by classical Gram–Schmidt, with a second
+    pass only when the first cancels more than 30 % of the vector's norm — the DGKS criterion —
+    so the basis stays orthonormal to working precision; memory ``m·dim``), and takes Ritz pairs
+    from ``torch.linalg.eigh`` of the tridiagonal :math:`T_m`. Besides the HVPs an iteration
+    costs ``O(j·dim)`` (the Gram–Schmidt pass against the ``j`` basis vectors).
 
     Stopping rule: the free Ritz residual bound :math:`\lVert H y_i - \theta_i y_i\rVert =
     |\beta_m s_{m,i}|` (no extra HVP) is at most ``tol·|θ_i|`` for each of the top ``k`` Ritz
-    values. The eigenvalue error is then of order ``(tol·θ)²/gap``. A breakdown
+    values. It is checked after every HVP, the first included: from a good warm start ``v`` one HVP
+    gives ``θ = vᵀHv`` and the residual ``‖Hv − θv‖``, and the solve stops there if it is small
+    enough. For a symmetric ``H`` a Ritz pair with residual ``r`` has an eigenvalue within ``r`` of
+    ``θ`` (so ``|θ − h| ≤ tol·|θ|``), and the error is usually of order ``(tol·θ)²/gap``. A breakdown
     (:math:`\beta_m \approx 0`, e.g. ``dim < max_iter``) means the Krylov space is invariant: its
     Ritz pairs are exact, but one Krylov space holds only one copy of each distinct eigenvalue, so
     when ``dim <= max_iter`` (or fewer than ``k`` Ritz values exist yet) the iteration continues
@@ -234,13 +290,15 @@ def lanczos(
         block = _start_block(op, k, init, seed)
         weights = torch.rand(k, generator=gen, dtype=torch.float64).add_(0.5).to(op.device, op.dtype)
         q = block @ weights
+        q = q / torch.linalg.vector_norm(q)
     else:
-        q = _start_block(op, 1, init, seed)[:, 0]
-    q = q / torch.linalg.vector_norm(q)
+        q = _start_block(op, 1, init, seed)[:, 0]  # already unit-norm
 
     m_max = min(max_iter, n)
-    # Krylov basis as rows of a buffer grown by doubling (no per-iteration copy of the basis).
-    Q = torch.empty(min(m_max, 16), n, dtype=op.dtype, device=op.device)
+    # The Krylov basis is a list of vectors: each new one is the operator's result turned, in place,
+    # into q_{j+1}. No basis buffer is allocated (a large fresh buffer costs a page fault per 4 KiB on
+    # first touch, more than a Gram-Schmidt pass) and nothing is ever copied.
+    Q: list[torch.Tensor] = [q]
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 at a restart
     beta_prev = 0.0
@@ -248,18 +306,13 @@ def lanczos(
     S = torch.zeros(0, 0, dtype=torch.float64)
     converged = False
     for j in range(m_max):
-        if j == Q.shape[0]:
-            Q = torch.cat([Q, torch.empty(min(m_max, 2 * j) - j, n, dtype=op.dtype, device=op.device)])
-        Q[j] = q
-        w = op.matvec(q)
+        q = Q[j]
+        w = op.matvec(q)  # a new tensor (LinearOperator contract), updated in place below
         alpha = float(q @ w)
-        w = w - alpha * q
+        w.sub_(q, alpha=alpha)
         if j > 0 and beta_prev != 0.0:
-            w = w - beta_prev * Q[j - 1]
-        basis = Q[: j + 1]
-        for _ in range(2):  # "twice is enough" (Kahan–Parlett) full re-orthogonalisation
-            w = w - basis.T @ (basis @ w)
-        beta = float(torch.linalg.vector_norm(w))
+            w.sub_(Q[j - 1], alpha=beta_prev)
+        beta = _reorthogonalize_(w, Q)
         alphas.append(alpha)
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:
@@ -288,20 +341,19 @@ def lanczos(
             # of each distinct eigenvalue, so further copies (multiplicities) can only be found in
             # the complement: restart there (T becomes block diagonal).
             r = torch.randn(n, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
-            for _ in range(2):
-                r = r - basis.T @ (basis @ r)
-            q = r / torch.linalg.vector_norm(r)
+            Q.append(r.div_(_reorthogonalize_(r, Q, passes=2)))
             betas.append(0.0)
             beta_prev = 0.0
         else:
-            q = w / beta
+            Q.append(w.div_(beta))
             betas.append(beta)
             beta_prev = beta
-    basis = Q[: len(alphas)]
     S = S.to(device=op.device, dtype=op.dtype)
     top = slice(len(alphas) - k, len(alphas))
     values = theta[top].to(device=op.device, dtype=op.dtype)
-    vectors = basis.T @ S[:, top]
+    vectors = torch.zeros(n, k, dtype=op.dtype, device=op.device)
+    for i, q in enumerate(Q[: len(alphas)]):  # Ritz vectors: Q_m S, one pass over the basis
+        vectors.addr_(q, S[i, top])
     return _result(op, values, vectors, start_hvps, converged)
 
 
@@ -371,9 +423,9 @@ def power_iteration(
                 w = w - prev @ (prev_vals * (prev.T @ v))
                 w = deflate(w)
             theta = v @ w
-            residual = torch.linalg.vector_norm(w - theta * v)
-            w_norm = torch.linalg.vector_norm(w)
-            if residual <= tol * theta.abs() or w_norm == 0:
+            residual = float(torch.linalg.vector_norm(torch.add(w, v, alpha=-float(theta))))
+            w_norm = float(torch.linalg.vector_norm(w))
+            if residual <= tol * abs(float(theta)) or w_norm == 0:
                 converged = True
                 break
             v = w / w_norm
@@ -442,8 +494,10 @@ def lyapunov_iteration(
     steps = max_iter // k
     values = delta.new_zeros(k)
     converged = False
+    if k == 1:  # one tangent vector: QR is a normalisation, done on flat vectors
+        return _lyapunov_single(op, delta[:, 0], alpha, tol, steps=max_iter, start_hvps=start_hvps)
     for _ in range(steps):
-        W = op.matmat(delta) if k > 1 else op.matvec(delta[:, 0]).unsqueeze(1)
+        W = op.matmat(delta)
         rayleigh = (delta * W).sum(dim=0)
         if alpha is None:
             scale = float(rayleigh.abs().max())
@@ -461,6 +515,29 @@ def lyapunov_iteration(
             converged = True
             break
     return _result(op, values, delta, start_hvps, converged)
+
+
+def _lyapunov_single(
+    op: Any, delta: torch.Tensor, alpha: float | None, tol: float, steps: int, start_hvps: int
+) -> EigenResult:
+    """:func:`lyapunov_iteration` for ``k == 1`` (the same arithmetic, the QR of one column as a norm)."""
+    value = delta.new_zeros(1)
+    converged = False
+    for _ in range(steps):
+        w = op.matvec(delta)
+        rayleigh = float(delta @ w)
+        if alpha is None:
+            alpha = 1.0 / abs(rayleigh) if rayleigh != 0 else 1.0
+        residual = float(torch.linalg.vector_norm(torch.add(w, delta, alpha=-rayleigh)))
+        m = torch.add(delta, w, alpha=alpha)
+        growth = torch.linalg.vector_norm(m)
+        # log(||delta_{t+1}|| / ||delta_t||) with ||delta_t|| = 1, turned into h0 = (e^lambda - 1) / alpha
+        value = (torch.expm1(torch.log(growth)) / alpha).reshape(1)
+        delta = m.div_(growth) if float(growth) > 0 else m
+        if residual <= tol * abs(rayleigh):
+            converged = True
+            break
+    return _result(op, value, delta.unsqueeze(1), start_hvps, converged)
 
 
 # ---------------------------------------------------------------------------- model-level entry point

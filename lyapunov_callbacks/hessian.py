@@ -222,7 +222,10 @@ class HessianOperator:
                     loss = self._loss(self._leaves)
                     grads = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
                 self._graph_grads = grads
-                flat_grad = self._flatten(grads)
+                # The gradient pieces that depend on θ (the others have no second derivative).
+                self._hvp_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                self._hvp_outputs = [grads[i] for i in self._hvp_index]
+                flat_grad = grads
             else:
                 self._theta = [p.detach().to(dtype) for p in self._params]
                 self._theta_norm = float(torch.linalg.vector_norm(self._flatten(self._theta)))
@@ -230,11 +233,12 @@ class HessianOperator:
                     loss = None
                     flat_grad = self._check_vector(gradient, "gradient").clone()
                 else:
-                    loss, flat_grad = self._loss_and_gradient(self._theta)
+                    loss, flat_grad = self._loss_and_gradient(self._theta, flatten=False)
         # One all-reduce for gradient and loss together (skipped when `gradient=` was given and
         # the loss is not needed: it is then computed lazily on every rank by loss()).
         if loss is not None:
-            packed = torch.cat([flat_grad.detach(), loss.detach().to(dtype).reshape(1)])
+            # Gradient pieces and loss written once into one buffer (the flat gradient is a view of it).
+            packed = self._flatten([*flat_grad, loss.detach().reshape(1)], extra=1)
             if self.distributed:
                 _dist.all_reduce_mean_(packed, process_group)
             self._gradient = packed[:-1]
@@ -246,9 +250,24 @@ class HessianOperator:
     # ------------------------------------------------------------------ public API
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H @ v`` for a flat vector ``v`` of length :attr:`dim` (counts one HVP)."""
+        """``H @ v`` for a flat vector ``v`` of length :attr:`dim` (counts one HVP, one all-reduce under DDP).
+
+        The direct single-vector path: ``v`` is split into per-parameter views (no copy), one
+        ``torch.autograd.grad`` call computes the product and its pieces are concatenated once.
+        """
+        self._check_live()
         v = self._check_vector(v, "v")
-        return self.matmat(v.unsqueeze(1)).squeeze(1)
+        with self._full_precision():
+            if v.is_inference():
+                v = v.clone()
+            out = self._local_hvp(v)
+            self.num_hvps += 1
+            if self.distributed:
+                _dist.all_reduce_mean_(out, self.process_group)
+            if self.backend == "finite_difference":
+                eps = self._fd_eps(v)
+                out = out.zero_() if eps == 0.0 else out.sub_(self._gradient).div_(eps)
+        return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for ``V`` of shape ``[dim, b]`` (counts ``b`` HVPs, one all-reduce under DDP)."""
@@ -260,13 +279,14 @@ class HessianOperator:
             V = V.detach().to(device=self.device, dtype=self.dtype)
             if V.is_inference():
                 V = V.clone()
-            cols = [self._local_hvp(V[:, j]) for j in range(V.shape[1])]
+            rows = V.T.contiguous()  # each column as a contiguous vector, as matvec gets it
+            cols = [self._local_hvp(rows[j]) for j in range(V.shape[1])]
             out = torch.stack(cols, dim=1) if cols else V.new_zeros(self.dim, 0)
             self.num_hvps += V.shape[1]
             if self.distributed:
                 _dist.all_reduce_mean_(out, self.process_group)
             if self.backend == "finite_difference":
-                out = self._fd_finish(out, V)
+                out = self._fd_finish(out, rows)
         return out
 
     __matmul__ = matmat
@@ -346,24 +366,23 @@ class HessianOperator:
             )
         return loss.reshape(())
 
-    def _loss_and_gradient(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_and_gradient(self, params: list[torch.Tensor], flatten: bool = True) -> tuple[torch.Tensor, Any]:
         with torch.enable_grad(), self._full_precision():
             leaves = [p.detach().requires_grad_(True) for p in params]
             loss = self._loss(leaves)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return loss.detach(), self._flatten(grads)
+        return loss.detach(), self._flatten(grads) if flatten else grads
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's ``H v`` (autograd) or ``∇L_local(θ + εv)`` (finite differences, finished later)."""
         chunks = self._unflatten(v)
         if self.backend == "autograd":
-            pairs = [(g, c) for g, c in zip(self._graph_grads, chunks) if g is not None and g.requires_grad]
-            if not pairs:  # loss is (at most) linear in every parameter
+            if not self._hvp_outputs:  # loss is (at most) linear in every parameter
                 return torch.zeros_like(v)
             hv = torch.autograd.grad(
-                [g for g, _ in pairs],
+                self._hvp_outputs,
                 self._leaves,
-                grad_outputs=[c for _, c in pairs],
+                grad_outputs=[chunks[i] for i in self._hvp_index],
                 retain_graph=True,
                 allow_unused=True,
             )
@@ -381,19 +400,28 @@ class HessianOperator:
         step = max(self.fd_rel_eps * self._theta_norm, math.sqrt(torch.finfo(self.dtype).eps))
         return step / v_norm
 
-    def _fd_finish(self, grads_plus: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    def _fd_finish(self, grads_plus: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``(∇L(θ + ε_j v_j) − ∇L(θ)) / ε_j`` per column, ``v_j = rows[j]``."""
         out = torch.empty_like(grads_plus)
-        for j in range(V.shape[1]):
-            eps = self._fd_eps(V[:, j])
+        for j in range(rows.shape[0]):
+            eps = self._fd_eps(rows[j])
             out[:, j] = 0.0 if eps == 0.0 else (grads_plus[:, j] - self._gradient) / eps
         return out
 
-    def _flatten(self, tensors: Any) -> torch.Tensor:
-        parts = [
-            torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1).to(self.dtype)
-            for t, n in zip(tensors, self._numels)
-        ]
-        return torch.cat(parts)
+    def _flatten(self, tensors: Any, extra: int = 0) -> torch.Tensor:
+        """One flat :attr:`dtype` vector of the per-parameter ``tensors`` (``None`` = zeros), written in one copy.
+
+        ``extra`` further 1-element tensors may follow the per-parameter ones (packed at the end).
+        """
+        out = torch.empty(self.dim + extra, dtype=self.dtype, device=self.device)
+        offset = 0
+        for t, n in zip(tensors, [*self._numels, *([1] * extra)]):
+            if t is None:
+                out[offset : offset + n].zero_()
+            else:
+                out[offset : offset + n].copy_(t.detach().reshape(-1))
+            offset += n
+        return out
 
     def _unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
         return [c.view(s) for c, s in zip(torch.split(v, self._numels), self._shapes)]

@@ -314,6 +314,61 @@ def test_preserved_state_undoes_a_training_step():
     assert_bitwise_same(before, snapshot(model))
 
 
+@pytest.mark.parametrize("backend", ["autograd", "finite_difference"])
+def test_matvec_direct_path_equals_matmat_column_and_returns_a_new_tensor(backend):
+    model = cnn_bn().train()
+    batch = data("cnn", "ce")
+    g = torch.Generator().manual_seed(4)
+    with HessianOperator(model, make_loss_fn("ce"), batch, backend=backend) as op:
+        V = torch.randn(op.dim, 2, generator=g, dtype=torch.float64)
+        v = V[:, 0].clone()
+        hv = op.matvec(v)
+        assert op.num_hvps == 1
+        HV = op.matmat(V)
+        assert op.num_hvps == 3
+        # The single-vector path does the same arithmetic as a matmat column, bit for bit.
+        assert torch.equal(hv, HV[:, 0])
+        # The result is the caller's to modify: neither the input nor the operator's state aliases it.
+        hv.mul_(0.0)
+        assert torch.equal(v, V[:, 0])
+        assert torch.equal(op.matvec(v), HV[:, 0])
+        assert hv.data_ptr() not in {op.gradient().data_ptr(), v.data_ptr()}
+
+
+def test_preserved_state_without_copies_restores_references_and_flags_in_place_writes():
+    model = _model_with_everything()
+    batch = data("cnn", "ce")
+    before = snapshot(model)
+    grad0, running_mean = model[0].weight.grad, model[1].running_mean
+    with preserved_state(model, copy_tensors=False):
+        model.eval()
+        loss = make_loss_fn("ce")(model, batch)  # eval mode: BatchNorm statistics are read, not written
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        for p, gp in zip(model.parameters(), grads):  # .grad replaced or set where it was None ...
+            p.grad = gp
+        torch.randn(10)  # ... the global RNG moves ...
+        model[1].running_mean = running_mean.clone()  # ... a buffer is reassigned, not modified
+    assert_bitwise_same(before, snapshot(model))  # ... and all of it is undone, references included
+    assert model[0].weight.grad is grad0 and model[1].running_mean is running_mean
+    assert model[0].bias.grad is None
+
+    weight = model[0].weight
+    with pytest.raises(RuntimeError, match=r"0\.weight modified in place"):
+        with preserved_state(model, copy_tensors=False):
+            with torch.no_grad():
+                weight.add_(1.0)
+    # The body's own exception wins over the guard's (and modes / RNG are still restored).
+    rng = torch.get_rng_state()
+    with pytest.raises(KeyError):
+        with preserved_state(model, copy_tensors=False):
+            model.eval()
+            torch.randn(3)
+            with torch.no_grad():
+                weight.add_(1.0)
+            raise KeyError("body")
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+
+
 # ----------------------------------------------------------------------------- lifecycle and validation
 
 

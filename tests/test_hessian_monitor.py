@@ -141,6 +141,34 @@ def test_h0_matches_cold_core_estimate_at_each_measured_step(model_cls):
     assert not any("train/loss" in m for _, m in rec.records)
 
 
+def test_default_tolerance_keeps_every_logged_h0_within_1e_2_with_cheap_warm_estimates():
+    torch.manual_seed(1)
+    model = DropoutMLP()
+    capture, rec = Capture(), RecordingLogger()
+    monitor = HessianEigenvalueMonitor(every_n_steps=2)  # defaults: tol=1e-2, warm-started Lanczos
+    assert monitor.tol == 1e-2
+    trainer = _trainer([capture, monitor], logger=rec, max_steps=13)
+    trainer.fit(model, DataLoader(_data(), batch_size=8, shuffle=True))
+
+    h0, hvps = rec.series("hessian/h0"), rec.series("hessian/num_hvps")
+    assert sorted(h0) == [0, 2, 4, 6, 8, 10, 12]
+    errors = {}
+    for step, value in h0.items():
+        top3 = _h0_reference(DropoutMLP, *capture.at[step], k=3).tolist()
+        # The documented guarantee: within tol·|θ| of an eigenvalue (the Ritz residual bound) ...
+        assert min(abs(value - h) for h in top3) <= 1e-2 * abs(value), (step, value, top3)
+        # ... which is h0 up to the gap h0 - h1 when the two are close (then h1 may be what converged).
+        assert 0 <= top3[0] - value <= (top3[0] - top3[1]) + 1e-2 * abs(value), (step, value, top3)
+        errors[step] = abs(value - top3[0]) / top3[0]
+        if errors[step] > 1e-2:  # only where h0 and h1 are within a few percent (and h1 was found)
+            assert top3[0] - top3[1] <= 0.05 * top3[0] and abs(value - top3[1]) <= 1e-2 * abs(value)
+    # On this 39-parameter dropout net (new masks every step, so a warm start is nearly a cold one) six of
+    # the seven estimates are within 2e-4 of h0; at one step (10) h0 = 0.722 and h1 = 0.695 are 3.7 %
+    # apart and the loose tolerance settles on h1: the limitation the docstring states.
+    assert sorted(errors.values())[-2] < 2e-4, errors
+    assert all(hvps[s] <= hvps[0] for s in hvps), hvps
+
+
 class TinyRegressor(L.LightningModule):
     """Linear(3,2)-tanh-Linear(2,1), float64, MSE: 11 parameters, exact Hessian by autograd.functional."""
 

@@ -449,3 +449,9 @@ def test_mlp_short_run_lowers_loss_with_lr_in_bounds(loss):
     assert bool(((lrs >= 1e-3) & (lrs <= 2.0)).all())
     assert end < 0.9 * start, (start, end)
     assert qn.rejected_estimates == 0 and qn.num_estimates == 20
+
+
+def test_default_re_estimate_tolerance_is_1e_2_and_warm_up_stays_tight():
+    qn = QuasiNewtonLR()
+    assert qn.tol == qn._tracker.tol == 1e-2  # re-estimates: h0 within 1e-2 of an eigenvalue
+    assert qn.warmup_tol == 1e-3  # the warm-up still converges tightly from its cold start
