@@ -313,6 +313,12 @@ def lanczos(
         if j > 0 and beta_prev != 0.0:
             w.sub_(Q[j - 1], alpha=beta_prev)
         beta = _reorthogonalize_(w, Q)
+        if not (math.isfinite(alpha) and math.isfinite(beta)):
+            # A non-finite Hessian (e.g. a diverged loss) has no eigenvalues to report: return NaN,
+            # not converged, rather than let the tridiagonal eigensolver raise mid-training.
+            nan_values = torch.full((k,), math.nan, dtype=op.dtype, device=op.device)
+            nan_vectors = torch.full((n, k), math.nan, dtype=op.dtype, device=op.device)
+            return _result(op, nan_values, nan_vectors, start_hvps, False)
         alphas.append(alpha)
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:

@@ -409,11 +409,8 @@ class QuasiNewtonLR(Callback):
         self._accept(trainer, pl_module, h0, step, {})
 
     def _estimate(self, pl_module: pl.LightningModule, batch: Any) -> tuple[float, int]:
-        """``(h0, HVPs used)``; a NaN Hessian that breaks the solver's small eigenproblem reads as h0 = NaN."""
-        try:
-            result = self._tracker.estimate(pl_module, self._loss_fn, batch)
-        except torch.linalg.LinAlgError:
-            return float("nan"), 0
+        """``(h0, HVPs used)``; a non-finite Hessian (a diverged loss) reads as h0 = NaN."""
+        result = self._tracker.estimate(pl_module, self._loss_fn, batch)
         return float(result.eigenvalues[0]), int(result.num_hvps)
 
     def _accept(

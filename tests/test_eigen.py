@@ -349,3 +349,16 @@ def test_lyapunov_single_vector_path_matches_block_formula():
         delta = m / growth
     assert float(res.eigenvalues[0]) == pytest.approx((growth - 1.0) / 0.05, rel=1e-12)
     torch.testing.assert_close(res.eigenvectors[:, 0], delta, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("k", [1, 2])
+def test_non_finite_operator_gives_nan_not_an_exception(name, k):
+    # A diverged loss makes every HVP non-finite: the solvers must report NaN (not converged) so that
+    # callbacks can reject the estimate, instead of raising inside the training loop.
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    A[0, 0] = math.nan
+    res = SOLVERS[name](MatrixOperator(A), k=k, tol=1e-6, max_iter=20)
+    assert res.eigenvalues.shape == (k,)
+    assert bool(torch.isnan(res.eigenvalues[0]))
+    assert not res.converged

@@ -351,3 +351,24 @@ def test_dtype_float64_estimates_in_double_precision_under_mixed_precision():
     assert [monitor.last_metrics["hessian/h0"], monitor.last_metrics["hessian/h1"]] == pytest.approx(
         exact[:2].tolist(), rel=1e-9
     )
+
+
+class DivergingMLP(DropoutMLP):
+    """From step 3 on the loss (and so every HVP) is NaN, as in a run that diverged."""
+
+    def training_loss(self, batch):
+        loss = super().training_loss(batch)
+        return loss * float("nan") if self.trainer.global_step >= 3 else loss
+
+
+def test_diverged_run_logs_nan_h0_and_training_goes_on():
+    model = DivergingMLP()
+    logger = RecordingLogger()
+    with pytest.warns(RuntimeWarning, match="Non-finite"):
+        trainer = _trainer([HessianEigenvalueMonitor(every_n_steps=2)], logger=logger, max_steps=7)
+        trainer.fit(model, DataLoader(_data(), batch_size=8))
+    assert trainer.global_step == 7  # the NaN Hessian did not stop training
+    h0 = logger.series("hessian/h0")
+    assert sorted(h0) == [0, 2, 4, 6]
+    assert all(math.isfinite(h0[s]) and h0[s] > 0 for s in (0, 2))
+    assert all(math.isnan(h0[s]) for s in (4, 6))
