@@ -366,6 +366,11 @@ def lanczos(
 # ---------------------------------------------------------------------------- power iteration
 
 
+#: A Ritz pair whose residual is below this fraction of |θ| has an eigenvalue of θ's sign within reach
+#: (|λ - θ| <= residual), which is all power iteration needs to know to switch to a shifted operator.
+_SIGN_RTOL = 1e-2
+
+
 def power_iteration(
     op: LinearOperator,
     k: int = 1,
@@ -378,9 +383,11 @@ def power_iteration(
 
     ``v ← Hv/‖Hv‖``; the eigenvalue is the Rayleigh quotient :math:`\theta = v^\top H v`. For
     ``k > 1`` the ``i``-th pair iterates :math:`H - \sum_{j<i} \theta_j v_j v_j^\top` with ``v``
-    kept orthogonal to the pairs already found. Power iteration converges to the eigenvalue of
-    largest *magnitude* (the top one whenever the Hessian's positive curvature dominates, as is
-    usual), at rate ``|h1/h0|`` per HVP.
+    kept orthogonal to the pairs already found. Plain power iteration converges to the eigenvalue
+    of largest *magnitude*, at rate ``|h1/h0|`` per HVP; when that turns out to be negative (its
+    residual below ``1e-2·|θ|`` fixes the sign), the pair is restarted on :math:`H + sI` with :math:`s = -\theta_{min}`, whose
+    eigenvalues are all :math:`\ge 0`, so the returned values are the algebraically largest
+    (PyHessian would return the negative one), at the slower rate :math:`(h_1+s)/(h_0+s)`.
 
     Stopping rule: the free residual :math:`\lVert Hv - \theta v\rVert \le tol\cdot|\theta|`
     (``Hv`` is computed anyway). ``max_iter`` caps the HVPs of the whole solve; each further pair
@@ -410,31 +417,42 @@ def power_iteration(
     values: list[torch.Tensor] = []
     vectors: list[torch.Tensor] = []
     converged_all = True
+    # Power iteration finds the eigenvalue of largest magnitude. When that is a negative one (a
+    # Hessian away from a minimum), iterate H + shift·I with shift = -θ_min >= 0 instead: every
+    # eigenvalue is then >= 0, so the dominant one is the algebraically largest, as wanted.
+    shift = 0.0
     for i in range(k):
         budget = max_iter - (op.num_hvps - start_hvps) - (k - i - 1)
-        v = block[:, i]
         prev = torch.stack(vectors, dim=1) if vectors else None
         prev_vals = torch.stack(values) if values else None
 
         def deflate(x: torch.Tensor) -> torch.Tensor:
             return x if prev is None else x - prev @ (prev.T @ x)
 
-        v = deflate(v)
-        v = v / torch.linalg.vector_norm(v)
+        start = deflate(block[:, i])
+        v = start / torch.linalg.vector_norm(start)
         theta = v.new_zeros(())
         converged = False
-        for _ in range(budget):
+        for remaining in range(budget - 1, -1, -1):
             w = op.matvec(v)
             if prev is not None:
                 w = w - prev @ (prev_vals * (prev.T @ v))
                 w = deflate(w)
             theta = v @ w
             residual = float(torch.linalg.vector_norm(torch.add(w, v, alpha=-float(theta))))
-            w_norm = float(torch.linalg.vector_norm(w))
-            if residual <= tol * abs(float(theta)) or w_norm == 0:
+            # An eigenvalue lies within `residual` of θ, so below _SIGN_RTOL·|θ| its sign is certain.
+            if float(theta) < 0 and shift == 0.0 and remaining > 0 and residual <= _SIGN_RTOL * abs(float(theta)):
+                # v approximates the most negative eigenvector: restart this pair on H + shift·I
+                # (shift >= -λ_min) from the start vector with v projected out.
+                shift = -float(theta) + residual
+                restart = deflate(start - v * (v @ start))
+                v = restart / torch.linalg.vector_norm(restart)
+                continue
+            if residual <= tol * abs(float(theta)) or float(torch.linalg.vector_norm(w)) == 0:
                 converged = True
                 break
-            v = w / w_norm
+            x = torch.add(w, v, alpha=shift) if shift else w
+            v = x / torch.linalg.vector_norm(x)
         converged_all &= converged
         values.append(theta.detach().clone())
         vectors.append(v)

@@ -362,3 +362,18 @@ def test_non_finite_operator_gives_nan_not_an_exception(name, k):
     assert res.eigenvalues.shape == (k,)
     assert bool(torch.isnan(res.eigenvalues[0]))
     assert not res.converged
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_power_iteration_returns_the_top_eigenvalues_when_a_negative_one_dominates_in_magnitude(k):
+    # Away from a minimum the most negative eigenvalue can be the largest in magnitude; plain power
+    # iteration (PyHessian) would return it. Ours switches to H + shift·I and returns the top ones.
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    spectrum = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1, -0.2, -0.9, -2.5], dtype=torch.float64)
+    A = Q @ torch.diag(spectrum) @ Q.T
+    res = power_iteration(MatrixOperator(A), k=k, tol=1e-8, max_iter=5000)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, spectrum[:k], rtol=1e-6, atol=0)
+    # the vectors are eigenvectors of the top eigenvalues, not of -2.5
+    torch.testing.assert_close(A @ res.eigenvectors, res.eigenvectors * spectrum[:k], rtol=0, atol=1e-5)
