@@ -23,17 +23,63 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lyapunov_callbacks.eigen import EigenResult, top_hessian_eigenvalues
 
 __all__ = [
+    "BATCHES",
     "EigenTracker",
     "ProbeBatch",
+    "check_choice",
+    "check_int",
+    "check_positive",
     "check_supported",
     "current_lr",
     "finite_or_nan",
+    "is_number",
     "log_measurements",
+    "resolve_dtype",
     "resolve_loss_fn",
     "world_info",
 ]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+#: Where the curvature callbacks take the batch they measure on (see ``ProbeBatch``).
+BATCHES = ("current", "fixed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the callbacks' constructors: one ValueError that names the parameter and the fix
+# --------------------------------------------------------------------------------------------------------------
+def is_number(value: Any) -> bool:
+    """A real number (``int`` or ``float``, not ``bool``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, example: str, minimum: int = 1) -> None:
+    """Raise unless ``value`` is an ``int`` (not a bool) ``>= minimum``; ``example`` is a valid setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}; use e.g. {example}.")
+
+
+def check_positive(name: str, value: Any, example: str) -> None:
+    """Raise unless ``value`` is a finite number ``> 0``; ``example`` is a valid setting."""
+    if not is_number(value) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}; use e.g. {example}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
+           torch.float64: torch.float64}
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """The estimate's dtype from ``None`` / ``"float32"`` / ``"float64"`` / the torch dtypes (yaml gives strings)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"`dtype` must be None, 'float32' or 'float64', got {dtype!r}.")
+    return _DTYPES[dtype]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,25 +10,25 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lyapunov_callbacks._lightning import (
+    BATCHES,
     EigenTracker,
     ProbeBatch,
+    check_choice,
+    check_int,
+    check_positive,
     check_supported,
     current_lr,
     finite_or_nan,
     log_measurements,
+    resolve_dtype,
     resolve_loss_fn,
 )
 from lyapunov_callbacks._state import preserved_state
+from lyapunov_callbacks.eigen import METHODS
+from lyapunov_callbacks.hessian import BACKENDS
 from lyapunov_callbacks.tensorboard_layout import add_paper_layout
 
 __all__ = ["HessianEigenvalueMonitor"]
-
-_METHODS = ("lanczos", "power", "lyapunov")
-_HVPS = ("autograd", "finite_difference")
-_BATCHES = ("current", "fixed")
-_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
-           torch.float64: torch.float64}
-
 
 class HessianEigenvalueMonitor(Callback):
     r"""Log the top Hessian eigenvalue h0 of the training loss (and the top ``k``) every ``every_n_steps`` steps.
@@ -109,17 +109,15 @@ class HessianEigenvalueMonitor(Callback):
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("every_n_steps", every_n_steps, 1, "e.g. every_n_steps=10")
-        _check_int("k", k, 1, "e.g. k=1 for h0 alone")
-        _check_choice("method", method, _METHODS)
-        _check_choice("hvp", hvp, _HVPS)
-        _check_choice("batch", batch, _BATCHES)
-        _check_int("probe_size", probe_size, 1, "e.g. probe_size=256")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ValueError(f"tol must be a number > 0, got {tol!r}; pass e.g. tol=1e-2.")
-        _check_int("max_iter", max_iter, 1, "e.g. max_iter=100")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}.")
+        check_int("every_n_steps", every_n_steps, "every_n_steps=10")
+        check_int("k", k, "k=1 (h0 alone)")
+        check_choice("method", method, METHODS)
+        check_choice("hvp", hvp, BACKENDS)
+        check_choice("batch", batch, BATCHES)
+        check_int("probe_size", probe_size, "probe_size=256")
+        check_positive("tol", tol, "tol=1e-2")
+        check_int("max_iter", max_iter, "max_iter=100")
+        estimate_dtype = resolve_dtype(dtype)
         self.every_n_steps = every_n_steps
         self.k = k
         self.method = method
@@ -130,7 +128,7 @@ class HessianEigenvalueMonitor(Callback):
         self.max_iter = max_iter
         self.warm_start = bool(warm_start)
         self.seed = seed
-        self.dtype = _DTYPES[dtype]
+        self.dtype = estimate_dtype
         self._tracker = EigenTracker(
             method=method, hvp=hvp, k=k, tol=self.tol, max_iter=max_iter, seed=seed,
             warm_start=self.warm_start, dtype=self.dtype,
@@ -198,13 +196,3 @@ class HessianEigenvalueMonitor(Callback):
         if self._probe is not None and state_dict.get("probe") is not None:
             self._probe.load_state_dict(state_dict["probe"])
         self._last_step = state_dict.get("last_step")
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; pass {hint}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")

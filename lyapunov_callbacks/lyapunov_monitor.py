@@ -11,23 +11,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lyapunov_callbacks._lightning import (
+    check_choice,
+    check_int,
     check_supported,
     current_lr,
     finite_or_nan,
     log_measurements,
+    resolve_dtype,
     resolve_loss_fn,
 )
 from lyapunov_callbacks._state import restore_rng, rng_snapshot
-from lyapunov_callbacks.hessian import HessianOperator, num_trainable_parameters
+from lyapunov_callbacks.hessian import BACKENDS, HessianOperator, num_trainable_parameters
 from lyapunov_callbacks.tangent import TangentDynamics
 from lyapunov_callbacks.tensorboard_layout import add_paper_layout
 
 __all__ = ["LyapunovExponentMonitor"]
-
-_HVPS = ("autograd", "finite_difference")
-_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
-           torch.float64: torch.float64}
-
 
 class LyapunovExponentMonitor(Callback):
     r"""Log the largest Lyapunov exponent λ of SGD training, measured along the real trajectory.
@@ -92,8 +90,7 @@ class LyapunovExponentMonitor(Callback):
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}; pass e.g. window=20.")
+        check_int("window", window, "window=20")
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < window
         ):
@@ -102,15 +99,13 @@ class LyapunovExponentMonitor(Callback):
                 f"{every_n_steps!r}: a window of {window} steps starts every every_n_steps steps. Pass "
                 f"every_n_steps=None or every_n_steps >= {window}."
             )
-        if hvp not in _HVPS:
-            raise ValueError(f"hvp must be one of {', '.join(map(repr, _HVPS))}, got {hvp!r}.")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}.")
+        check_choice("hvp", hvp, BACKENDS)
+        tangent_dtype = resolve_dtype(dtype)
         self.window = window
         self.every_n_steps = every_n_steps
         self.hvp = hvp
         self.seed = int(seed)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = tangent_dtype
         self.tangent: TangentDynamics | None = None
         self.last_metrics: dict[str, float] = {}
         self._loss_fn: Any = None

@@ -12,21 +12,23 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lyapunov_callbacks._lightning import (
+    BATCHES,
     EigenTracker,
     ProbeBatch,
+    check_choice,
+    check_int,
+    check_positive,
     check_supported,
     finite_or_nan,
+    is_number,
     log_measurements,
+    resolve_dtype,
     resolve_loss_fn,
 )
+from lyapunov_callbacks.eigen import METHODS
+from lyapunov_callbacks.hessian import BACKENDS
 
 __all__ = ["QuasiNewtonLR", "momentum_stability_factor"]
-
-_METHODS = ("lanczos", "power", "lyapunov")
-_HVPS = ("autograd", "finite_difference")
-_BATCHES = ("current", "fixed")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def momentum_stability_factor(momentum: float, nesterov: bool = False) -> float:
     r"""How much larger than plain GD's the stable step of (Nesterov) heavy-ball SGD is, on one curvature.
@@ -185,34 +187,25 @@ class QuasiNewtonLR(Callback):
         dtype: Optional[Union[str, torch.dtype]] = None,
     ) -> None:
         super().__init__()
-        if not _is_number(scale) or not scale > 0 or not math.isfinite(scale):
-            raise ValueError(f"`scale` must be a finite number > 0 (α = scale/h0), got {scale!r}; use e.g. scale=1.0.")
-        _check_int("every_n_steps", every_n_steps, "every_n_steps=10")
-        if method not in _METHODS:
-            raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-        if hvp not in _HVPS:
-            raise ValueError(f"`hvp` must be one of {_HVPS}, got {hvp!r}.")
-        if batch not in _BATCHES:
-            raise ValueError(f"`batch` must be one of {_BATCHES}, got {batch!r}.")
-        _check_int("probe_size", probe_size, "probe_size=256")
-        _check_positive("tol", tol, "tol=1e-2")
-        _check_int("max_iter", max_iter, "max_iter=50")
-        _check_positive("warmup_tol", warmup_tol, "warmup_tol=1e-3")
-        _check_int("warmup_max_hvps", warmup_max_hvps, "warmup_max_hvps=200")
-        if not _is_number(smoothing) or not 0.0 <= smoothing < 1.0:
+        check_positive("scale", scale, "scale=1.0 (α = scale/h0)")
+        check_int("every_n_steps", every_n_steps, "every_n_steps=10")
+        check_choice("method", method, METHODS)
+        check_choice("hvp", hvp, BACKENDS)
+        check_choice("batch", batch, BATCHES)
+        check_int("probe_size", probe_size, "probe_size=256")
+        check_positive("tol", tol, "tol=1e-2")
+        check_int("max_iter", max_iter, "max_iter=50")
+        check_positive("warmup_tol", warmup_tol, "warmup_tol=1e-3")
+        check_int("warmup_max_hvps", warmup_max_hvps, "warmup_max_hvps=200")
+        if not is_number(smoothing) or not 0.0 <= smoothing < 1.0:
             raise ValueError(f"`smoothing` must be in [0, 1) (EMA factor of h0; 0 = none), got {smoothing!r}.")
-        if not _is_number(min_lr) or not min_lr > 0:
+        if not is_number(min_lr) or not min_lr > 0:
             raise ValueError(f"`min_lr` must be > 0, got {min_lr!r}; use e.g. min_lr=1e-5.")
-        if not _is_number(max_lr) or not max_lr >= min_lr:
+        if not is_number(max_lr) or not max_lr >= min_lr:
             raise ValueError(
                 f"`min_lr` ({min_lr!r}) must not exceed `max_lr` ({max_lr!r}); raise max_lr or lower min_lr."
             )
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"`dtype` must be None, 'float32' or 'float64', got {dtype!r}.")
-            dtype = _DTYPES[dtype]
-        elif dtype is not None and dtype not in _DTYPES.values():
-            raise ValueError(f"`dtype` must be None, torch.float32 or torch.float64, got {dtype!r}.")
+        dtype = resolve_dtype(dtype)
 
         self.scale = float(scale)
         self.every_n_steps = every_n_steps
@@ -468,16 +461,3 @@ def _move_before_lr_monitors(trainer: pl.Trainer, callback: Callback) -> None:
         callbacks.pop(own)
         callbacks.insert(monitors[0], callback)
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}; use e.g. {fix}.")
-
-
-def _check_positive(name: str, value: Any, fix: str) -> None:
-    if not _is_number(value) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}; use e.g. {fix}.")
