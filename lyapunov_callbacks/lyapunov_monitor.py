@@ -53,6 +53,11 @@ class LyapunovExponentMonitor(Callback):
     - ``every_n_steps=N`` (N ≥ ``window``): a window of ``window`` steps starts at every step that is a
       multiple of N (cost ``window/N`` of the continuous cost). δ is kept between windows as a warm start: it is
       already aligned with the expanding direction, so each window measures λ rather than a transient.
+    - ``hvp="finite_difference"`` (the paper's perturbed trajectory, Hδ ≈ (∇L(θ+εδ) − ∇L(θ))/ε) reuses the
+      training step's own gradient ∇L(θ) from ``.grad`` (full precision only), so each step costs one extra
+      forward+backward instead of the graph build plus a double backward. It assumes ``training_loss`` is the
+      loss ``training_step`` backpropagates, and it is inexact on ReLU networks (see
+      :class:`~lyapunov_callbacks.hessian.HessianOperator`).
 
     The loss is ``pl_module.training_loss(batch)`` when the module defines it, else ``training_step(batch, 0)``
     with logging silenced. Under DDP the HVP is averaged over ranks (the Hessian of the loss DDP optimises), so
@@ -159,7 +164,7 @@ class LyapunovExponentMonitor(Callback):
         step, batch, rng = self._pending
         self._pending = None
         lr = current_lr(trainer)
-        self._propagate(pl_module, batch, rng, lr)
+        self._propagate(trainer, pl_module, batch, rng, lr)
         if self.tangent.window_steps >= self.window:
             lam = self.tangent.flush_window()
             metrics = {"lyapunov/lambda": finite_or_nan(lam), "optim/lr": lr}
@@ -183,13 +188,34 @@ class LyapunovExponentMonitor(Callback):
             trainer.optimizers[0], dim, seed=self.seed, dtype=self._tangent_dtype(pl_module)
         )
 
-    def _propagate(self, pl_module: pl.LightningModule, batch: Any, rng: dict, lr: float) -> float:
+    def _training_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        """∇L(θ) of this step as the training backward left it in ``.grad``, when it is exactly that gradient.
+
+        In ``on_before_optimizer_step`` (automatic optimisation, no accumulation: checked at setup) ``.grad``
+        holds the gradient of this step's loss at the pre-step weights with this step's dropout masks, already
+        averaged over DDP ranks and not yet clipped. Under mixed precision it was computed under autocast, not
+        in the operator's precision, so it is not reused there.
+        """
+        if trainer.precision not in ("32-true", "64-true"):
+            return None
+        grads = [p.grad for p in pl_module.parameters() if p.requires_grad]
+        if any(g is None for g in grads):
+            return None
+        return torch.cat([g.detach().reshape(-1) for g in grads]).to(self.tangent.dtype)
+
+    def _propagate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, rng: dict, lr: float
+    ) -> float:
         """One linearised step of δ at the current (pre-step) weights; returns its log growth."""
+        # Finite differences need ∇L(θ) and ∇L(θ+εv): the first is the training step's own gradient.
+        gradient = self._training_gradient(trainer, pl_module) if self.hvp == "finite_difference" else None
         current = rng_snapshot()
         try:
             restore_rng(rng)  # the operator captures the RNG at construction: the training forward's state
             with torch.enable_grad():
-                op = HessianOperator(pl_module, self._loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype)
+                op = HessianOperator(
+                    pl_module, self._loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype, gradient=gradient
+                )
         finally:
             restore_rng(current)
         with op:

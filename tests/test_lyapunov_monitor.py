@@ -264,3 +264,29 @@ def test_state_dict_round_trip_continues_delta_and_partial_window(tmp_path):
     # the partial window is completed by steps 6 and 7 and logged at step 7
     assert sorted(rec.series("lyapunov/lambda")) == [7]
     assert resumed.tangent.num_steps == 8
+
+
+class CountingQuadratic(Quadratic):
+    """Counts the loss evaluations: the training step's and the monitor's."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr)
+        self.loss_calls = 0
+
+    def training_loss(self, batch):
+        self.loss_calls += 1
+        return super().training_loss(batch)
+
+
+def test_finite_difference_reuses_the_training_gradient_and_is_exact_on_a_quadratic():
+    # Finite differences are exact on a quadratic (up to round-off), so λ must match log max|1 - lr·a|; and
+    # with the training step's own ∇L(θ) from .grad each propagated step evaluates the loss once (at θ+εδ).
+    lr = 0.3
+    exact = math.log(float((1 - lr * A_SPECTRUM).abs().max()))
+    model = CountingQuadratic(lr)
+    rec = RecordingLogger()
+    _trainer([LyapunovExponentMonitor(window=10, hvp="finite_difference")], logger=rec, max_steps=30).fit(
+        model, _loader()
+    )
+    assert rec.series("lyapunov/lambda")[29] == pytest.approx(exact, abs=1e-6)
+    assert model.loss_calls == 30 + 30  # 30 training steps + one perturbed gradient per propagated step
