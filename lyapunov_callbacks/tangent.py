@@ -228,12 +228,19 @@ class TangentDynamics:
             d_d = d_g + self.momentum * new_m if self.nesterov else new_m
             new_theta = d_theta - lr * d_d
             new_sq = new_theta.pow(2).sum() + new_m.pow(2).sum()
-        log_growth = 0.5 * (math.log(float(new_sq)) - math.log(float(old_sq)))
-        norm = torch.sqrt(new_sq)
-        self.delta_theta = new_theta / norm
-        if new_m is not None:
-            self.delta_m = new_m / norm
-            self.momentum_initialized = True
+        if float(new_sq) == 0.0:
+            # The step annihilated the perturbation (e.g. α = 1/h on a one-dimensional quadratic): the
+            # growth is zero, log growth -inf; keep the old direction, there is no new one to normalise.
+            log_growth = -math.inf
+            if new_m is not None:
+                self.momentum_initialized = True
+        else:
+            log_growth = 0.5 * (math.log(float(new_sq)) - math.log(float(old_sq)))
+            norm = torch.sqrt(new_sq)
+            self.delta_theta = new_theta / norm
+            if new_m is not None:
+                self.delta_m = new_m / norm
+                self.momentum_initialized = True
         self.num_steps += 1
         self.log_growth_sum += log_growth
         self.window_log_growth_sum += log_growth

@@ -172,3 +172,14 @@ def test_from_optimizer_validation():
         TangentDynamics(dim).step(lambda v: v, lr=-1.0)
     with pytest.raises(ValueError, match="hvp must return"):
         TangentDynamics(dim).step(lambda v: v[:-1], lr=0.1)
+
+
+def test_a_step_that_annihilates_the_perturbation_gives_minus_inf_not_an_error():
+    # One dimension, α = 1/a: (1 - α a) δ = 0. The log growth is -inf; the direction is kept, so the next
+    # step (another LR) is still well defined.
+    tangent = TangentDynamics(1, dtype=torch.float64)
+    a = 4.0
+    assert tangent.step(lambda v: a * v, lr=1 / a) == -math.inf
+    assert torch.equal(tangent.delta_theta.abs(), torch.ones(1, dtype=torch.float64))
+    assert tangent.step(lambda v: a * v, lr=0.5) == pytest.approx(math.log(1.0), abs=1e-12)  # |1 - 2| = 1
+    assert tangent.flush_window() == -math.inf
