@@ -86,6 +86,13 @@ def _variants() -> dict:
         "h0 / 10, tol 1e-3": h0(10, tol=1e-3),
         "λ windows / 50": (lambda: [LyapunovExponentMonitor(window=20, every_n_steps=50)], None, {}),
         "λ continuous": (lambda: [LyapunovExponentMonitor(window=20)], None, {}),
+        # the paper's perturbed trajectory: finite differences reusing the training step's gradient
+        "λ windows / 50, finite diff.": (
+            lambda: [LyapunovExponentMonitor(window=20, every_n_steps=50, hvp="finite_difference")], None, {}
+        ),
+        "λ continuous, finite diff.": (
+            lambda: [LyapunovExponentMonitor(window=20, hvp="finite_difference")], None, {}
+        ),
     }
 
 
