@@ -220,8 +220,7 @@ class ProbeBatch:
     """
 
     def __init__(self, size: int = 256, seed: int = 0) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"probe_size must be an integer >= 1, got {size!r}; pass e.g. probe_size=256.")
+        check_int("probe_size", size, "probe_size=256")
         self.size = size
         self.seed = int(seed)
         self.indices: list[int] | None = None

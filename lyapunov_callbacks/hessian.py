@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lyapunov_callbacks import distributed as _dist
-from lyapunov_callbacks._state import preserved_modes, preserved_state
+from lyapunov_callbacks._state import preserved_modes, preserved_state, restore_rng, rng_snapshot
 
 __all__ = ["HessianOperator", "preserved_state", "trainable_parameters", "num_trainable_parameters"]
 
@@ -210,7 +210,7 @@ class HessianOperator:
             if self.device.type == "cuda"
             else []
         )
-        self._rng = self._capture_rng()
+        self._rng = rng_snapshot(self._cuda_devices)
         self._closed = False
 
         with self._full_precision():
@@ -328,12 +328,6 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ internals
 
-    def _capture_rng(self) -> dict:
-        state = {"cpu": torch.get_rng_state(), "cuda": {}}
-        for idx in self._cuda_devices:
-            state["cuda"][idx] = torch.cuda.get_rng_state(idx)
-        return state
-
     @contextlib.contextmanager
     def _full_precision(self) -> Iterator[None]:
         # Autocast also rewrites the ops of a create_graph backward, so every pass runs inside this;
@@ -345,9 +339,7 @@ class HessianOperator:
     def _fixed_randomness(self) -> Iterator[None]:
         """Run with the RNG captured at construction; restore the caller's RNG and modes after."""
         with torch.random.fork_rng(devices=self._cuda_devices), preserved_modes(self._model):
-            torch.set_rng_state(self._rng["cpu"])
-            for idx, s in self._rng["cuda"].items():
-                torch.cuda.set_rng_state(s, idx)
+            restore_rng(self._rng)
             yield
 
     def _loss(self, params: list[torch.Tensor]) -> torch.Tensor:
