@@ -561,19 +561,31 @@ class AdamTangentDynamics(_TangentBase):
         vectors = [self.delta_theta, self.delta_m, self.delta_v]
         return vectors if self.delta_vmax is None else [*vectors, self.delta_vmax]
 
-    def _flat_gradient(self, gradient: torch.Tensor | None) -> torch.Tensor:
+    def _flat_gradient(self, gradient: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flat gradient and, when read from ``.grad``, the mask of coordinates Adam updates (``None``: all).
+
+        A parameter whose ``.grad`` is ``None`` is skipped by Adam (no update, no state change): its
+        coordinates of the gradient are 0 here and the mask is ``False`` there.
+        """
+        active = None
         if gradient is None:
             grads = [p.grad for p in self.params]
-            missing = [i for i, g in enumerate(grads) if g is None]
-            if missing:
+            if all(g is None for g in grads):
                 raise ValueError(
-                    f"parameters {missing[:5]} have no .grad; call step() after backward() and before "
-                    "optimizer.step(), or pass gradient= (e.g. HessianOperator.gradient())."
+                    "no parameter has a .grad; call step() after backward() and before optimizer.step(), or pass "
+                    "gradient= (e.g. HessianOperator.gradient())."
                 )
-            gradient = torch.cat([g.detach().reshape(-1) for g in grads])
+            if any(g is None for g in grads):
+                active = torch.cat([
+                    torch.full((p.numel(),), g is not None, device=self.device) for p, g in zip(self.params, grads)
+                ])
+            gradient = torch.cat([
+                (torch.zeros_like(p) if g is None else g).detach().reshape(-1) for p, g in zip(self.params, grads)
+            ])
         if not isinstance(gradient, torch.Tensor) or gradient.shape != (self.dim,):
-            raise ValueError(f"gradient must be a flat tensor of shape [{self.dim}], got {getattr(gradient, 'shape', gradient)}.")
-        return gradient.detach().to(device=self.device, dtype=self.dtype)
+            shape = getattr(gradient, "shape", gradient)
+            raise ValueError(f"gradient must be a flat tensor of shape [{self.dim}], got {shape}.")
+        return gradient.detach().to(device=self.device, dtype=self.dtype), active
 
     def step(
         self,
@@ -588,19 +600,20 @@ class AdamTangentDynamics(_TangentBase):
             hvp: ``hvp(v) -> H v`` for the Hessian of this step's loss at this step's (pre-step) parameters.
             lr: the learning rate of this step for every group; ``None`` (default) = each group's own ``lr``.
             gradient: ``∇L(θ)`` of this step as a flat vector in the tangent's parameter order (the one the
-                optimiser will use); ``None`` = read from the parameters' ``.grad``.
+                optimiser will use); ``None`` = read from the parameters' ``.grad`` (a parameter without
+                ``.grad`` is skipped by Adam, and its tangent coordinates are left unchanged, as its state is).
 
         Returns:
             ``log(‖state'‖ / ‖state‖)`` (the state is renormalised to unit norm); ``-inf`` if the step
             annihilates it (the direction is then kept).
 
         Raises:
-            ValueError: ``lr`` negative or not finite; ``gradient`` / ``hvp`` output of a wrong shape; a
-                parameter without ``.grad`` when ``gradient`` is ``None``.
+            ValueError: ``lr`` negative or not finite; ``gradient`` / ``hvp`` output of a wrong shape; no
+                parameter with a ``.grad`` when ``gradient`` is ``None``.
         """
         if lr is not None:
             lr = _check_real("lr", _as_float(lr), 0.0)
-        grad = self._flat_gradient(gradient)
+        grad, active = self._flat_gradient(gradient)
         snap = _AdamSnapshot(self.optimizer, self.params, self.dtype, self.device)
         alpha = snap.lr if lr is None else torch.full_like(snap.lr, lr)
         d_theta = self.delta_theta
@@ -634,6 +647,8 @@ class AdamTangentDynamics(_TangentBase):
         step_size = alpha / bc1
         new_theta = (1 - alpha * snap.wd_decoupled) * d_theta - step_size * (d_m / denom - m_new * d_denom / denom**2)
         new_state = [new_theta, d_m, d_v] if d_vmax is None else [new_theta, d_m, d_v, d_vmax]
+        if active is not None:  # parameters without .grad are skipped by Adam: their tangent is unchanged
+            new_state = [torch.where(active, new, old) for new, old in zip(new_state, self._state_vectors())]
 
         old_sq = sum(x.pow(2).sum() for x in self._state_vectors())
         new_sq = sum(x.pow(2).sum() for x in new_state)

@@ -136,7 +136,7 @@ def test_tangent_reads_grad_when_no_gradient_is_given_and_lr_overrides_groups():
     t3 = tangent_dynamics(opt, dim, seed=1, dtype=torch.float64)
     opt.zero_grad()
     with HessianOperator(model, loss_fn, data[3]) as H:
-        with pytest.raises(ValueError, match="no .grad"):
+        with pytest.raises(ValueError, match="no parameter has a .grad"):
             t1.step(H.matvec)
         loss_fn(model, data[3]).backward()
         g1 = t1.step(H.matvec)
@@ -193,3 +193,51 @@ def test_validation_and_state_dict():
         tangent_dynamics(torch.optim.Adam(model.parameters()), dim).load_state_dict(state)
     with pytest.raises(ValueError, match="SGD"):
         t2.load_state_dict(TangentDynamics(dim).state_dict())
+
+
+class PartlyUsed(nn.Module):
+    """An MLP and a parameter the loss never touches: its .grad stays None and Adam skips it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_parameters_without_grad_are_skipped_as_adam_skips_them():
+    a = PartlyUsed()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.02, weight_decay=0.1)
+    data = batches(3 + STEPS)
+    for batch in data[:3]:
+        train_step(a, opt_a, batch)
+    assert a.unused.grad is None and a.unused not in opt_a.state
+    params_a = list(a.parameters())
+    dim = sum(p.numel() for p in params_a)
+    tangent = tangent_dynamics(opt_a, dim, params=params_a, seed=5, dtype=torch.float64)
+    b = copy.deepcopy(a)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.02, weight_decay=0.1)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    params_b = list(b.parameters())
+    with torch.no_grad():
+        offset = 0
+        for p in params_b:
+            p.add_(EPS * tangent.delta_theta[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    scale = 1.0
+    for batch in data[3:]:
+        opt_a.zero_grad()
+        loss_fn(a, batch).backward()
+        with HessianOperator(a, loss_fn, batch) as H:
+            scale *= math.exp(tangent.step(H.matvec))  # gradient read from .grad; `unused` has none
+        opt_a.step()
+        train_step(b, opt_b, batch)
+    fd = torch.cat([(pb.detach() - pa.detach()).reshape(-1) for pa, pb in zip(params_a, params_b)]) / EPS
+    want = tangent.delta_theta * scale
+    assert float(torch.linalg.vector_norm(fd - want) / torch.linalg.vector_norm(want)) < 1e-6
+    # The skipped coordinates kept their start value (wd would have shrunk them by (1 - α wd)^20 otherwise).
+    start = tangent_dynamics(opt_a, dim, params=params_a, seed=5, dtype=torch.float64).delta_theta
+    first = sum(p.numel() for p in params_a[:[id(p) for p in params_a].index(id(a.unused))])
+    assert torch.allclose(want[first:first + 3], start[first:first + 3], rtol=1e-12, atol=0)
