@@ -1,4 +1,4 @@
-"""Preconditioned Hessian operators: P^{-1/2} H P^{-1/2} with P = diag(√v̂ + ε) from Adam's state (P = I for SGD)."""
+"""Preconditioned Hessian operator P^{-1/2} H P^{-1/2}, P = diag(√v̂ + ε) from Adam's state (P = I for SGD)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,9 @@ class PreconditionedOperator:
     def __init__(self, op: Any, diagonal: torch.Tensor) -> None:
         for attr in ("matvec", "matmat", "dim", "dtype", "device", "num_hvps"):
             if not hasattr(op, attr):
-                raise TypeError(f"op must provide matvec/matmat/dim/dtype/device/num_hvps; {type(op).__name__} lacks {attr!r}.")
+                raise TypeError(
+                    f"op must provide matvec/matmat/dim/dtype/device/num_hvps; {type(op).__name__} lacks {attr!r}."
+                )
         if not isinstance(diagonal, torch.Tensor) or diagonal.shape != (op.dim,):
             shape = tuple(diagonal.shape) if isinstance(diagonal, torch.Tensor) else type(diagonal).__name__
             raise ValueError(f"diagonal must be a tensor of shape [dim={op.dim}], got {shape}.")
@@ -131,7 +133,7 @@ class PreconditionedOperator:
 def preconditioned_operator(
     op: Any, optimizer: torch.optim.Optimizer, params: Any = None
 ) -> PreconditionedOperator | None:
-    """:math:`P^{-1/2} H P^{-1/2}` for ``op`` = H and the optimiser's current preconditioner, or ``None`` before Adam's first step.
+    """:math:`P^{-1/2} H P^{-1/2}` for ``op`` = H and the optimiser's preconditioner; ``None`` before Adam's first step.
 
     Args:
         op: the Hessian operator (its ``dim`` must equal the number of ``params``).

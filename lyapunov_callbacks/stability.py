@@ -79,7 +79,7 @@ def momentum_stability_factor(momentum: float, nesterov: bool = False) -> float:
 
 
 def adam_stability_factor(beta1: float) -> float:
-    r"""The factor :math:`c = (1+\beta_1)/(1-\beta_1)`: Adam with a frozen preconditioner is stable iff :math:`\alpha\lambda_1(P^{-1}H) < 2c`.
+    r"""Adam's factor :math:`c = (1+\beta_1)/(1-\beta_1)`: with P frozen, stable iff :math:`\alpha\lambda_1(P^{-1}H) < 2c`.
 
     **Derivation.** Late in training (bias corrections :math:`\to 1`) and with :math:`v` changing slowly, Adam
     on the quadratic :math:`L = \tfrac12\theta^\top H\theta` with the preconditioner
@@ -123,7 +123,7 @@ def adam_stability_factor(beta1: float) -> float:
 
 
 def pre_stability(lr: float, pre_h0: float, beta1: float) -> float:
-    r""":math:`\alpha\,\lambda_1(P^{-1}H)\,(1-\beta_1)/(1+\beta_1)`: Adam's stability measure, at the edge when it equals 2.
+    r""":math:`\alpha\,\lambda_1(P^{-1}H)\,(1-\beta_1)/(1+\beta_1)`: Adam's stability measure, with its edge at 2.
 
     Scaled like ``hessian/stability`` :math:`= \alpha h_0` of plain SGD (see :func:`adam_stability_factor`).
     With :math:`\beta_1 = 0` and :math:`P = I` it is :math:`\alpha h_0`.
@@ -148,7 +148,7 @@ def pre_stability(lr: float, pre_h0: float, beta1: float) -> float:
 
 
 def adam_quasi_newton_lr(pre_h0: float, beta1: float, scale: float = 1.0) -> float:
-    r"""The quasi-Newton learning rate of Adam: :math:`\alpha = \mathrm{scale}\cdot(1+\beta_1)/((1-\beta_1)\,\lambda_1(P^{-1}H))`.
+    r"""Adam's quasi-Newton LR :math:`\alpha = \mathrm{scale}\cdot(1+\beta_1)/((1-\beta_1)\,\lambda_1(P^{-1}H))`.
 
     Half of the stability limit :math:`2(1+\beta_1)/((1-\beta_1)\lambda_1)` of :func:`adam_stability_factor`
     at ``scale = 1``, the margin that :math:`1/h_0` has for plain SGD (``pre_stability`` = 1).
@@ -187,7 +187,9 @@ def stability_factor(optimizer: torch.optim.Optimizer) -> float:
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         betas = {float(g["betas"][0]) for g in groups}
         if len(betas) > 1:
-            raise ValueError(f"param groups differ in betas[0] ({sorted(betas)}); one stability factor needs one beta1.")
+            raise ValueError(
+                f"param groups differ in betas[0] ({sorted(betas)}); one stability factor needs one beta1."
+            )
         return adam_stability_factor(betas.pop())
     if isinstance(optimizer, torch.optim.SGD):
         settings = {(float(g["momentum"]), float(g["dampening"]), bool(g["nesterov"])) for g in groups}
@@ -202,7 +204,9 @@ def stability_factor(optimizer: torch.optim.Optimizer) -> float:
         if nesterov:
             return momentum_stability_factor(mu, nesterov=True)
         if tau >= 1:
-            raise ValueError(f"dampening={tau} >= 1 makes the momentum buffer constant; the step has no curvature limit.")
+            raise ValueError(
+                f"dampening={tau} >= 1 makes the momentum buffer constant; the step has no curvature limit."
+            )
         return momentum_stability_factor(mu) / (1.0 - tau)
     raise TypeError(
         f"stability_factor supports torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW; got "
@@ -211,7 +215,7 @@ def stability_factor(optimizer: torch.optim.Optimizer) -> float:
 
 
 def batch_sharpness(op: Any, gradient: torch.Tensor | None = None) -> float:
-    r"""Batch sharpness :math:`g^\top H_B g / \lVert g\rVert^2`: the curvature of the mini-batch loss along its own gradient.
+    r"""Batch sharpness :math:`g^\top H_B g / \lVert g\rVert^2`: the mini-batch loss's curvature along its gradient.
 
     Andreyev & Beneventano ("Edge of stochastic stability", 2024) find it, not :math:`\lambda_1` of the full
     Hessian, at :math:`2/\alpha` under mini-batch SGD. One product of ``op``.

@@ -1,4 +1,4 @@
-"""The tangent vector of SGD / Adam / AdamW training, carried through the linearised optimiser steps; its growth is λ."""
+"""The tangent vector of SGD / Adam / AdamW training, carried through the linearised steps; its growth is λ."""
 
 from __future__ import annotations
 
@@ -220,7 +220,8 @@ class TangentDynamics(_TangentBase):
         if not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(
                 f"TangentDynamics supports only torch.optim.SGD (with/without momentum, Nesterov, weight decay); "
-                f"got {type(optimizer).__name__}. The Lyapunov exponent of other optimisers is not covered."
+                f"got {type(optimizer).__name__}. For torch.optim.Adam / AdamW use tangent_dynamics(optimizer, dim) "
+                "or AdamTangentDynamics; other optimisers are not covered."
             )
         groups = optimizer.param_groups
         for g in groups:
@@ -704,7 +705,7 @@ def tangent_dynamics(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> TangentDynamics | AdamTangentDynamics:
-    """The tangent dynamics of ``optimizer``: :class:`TangentDynamics` for SGD, :class:`AdamTangentDynamics` for Adam/AdamW.
+    """The tangent of ``optimizer``'s steps: :class:`TangentDynamics` (SGD) or :class:`AdamTangentDynamics` (Adam).
 
     Both are driven the same way: ``tangent.step(H.matvec, lr)`` once per training step, before
     ``optimizer.step()``, then ``flush_window()`` for λ. The Adam tangent also reads the gradient (``.grad``
