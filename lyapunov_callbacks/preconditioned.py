@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lyapunov_callbacks.tangent import _ADAM_TYPES, _AdamSnapshot, check_adam, ordered_parameters
+from lyapunov_callbacks.tangent import _ADAM_TYPES, _adam_parameters, check_adam, ordered_parameters
 
 __all__ = ["PreconditionedOperator", "preconditioned_operator", "preconditioner_diagonal"]
 
@@ -50,11 +50,13 @@ def preconditioner_diagonal(
     device = (params[0].device if params else torch.device("cpu")) if device is None else torch.device(device)
     if type(optimizer) in _ADAM_TYPES:
         check_adam(optimizer, "preconditioner_diagonal")
-        snap = _AdamSnapshot(optimizer, params, dtype, device)
-        if not snap.has_state:
+        records = _adam_parameters(optimizer, params)
+        if any(r.v is None for r in records):
             return None
-        v = torch.where(snap.amsgrad_mask, snap.vmax, snap.v)
-        diag = (v / (1 - snap.beta2.pow(snap.step))).sqrt() + snap.eps
+        diag = torch.cat([
+            ((r.vmax if r.amsgrad else r.v).to(device=device, dtype=dtype) / (1 - r.beta2**r.step)).sqrt() + r.eps
+            for r in records
+        ])
         if bool((diag <= 0).any()):
             raise ValueError(
                 "the Adam preconditioner has a zero entry (v = 0 with eps = 0), so P^{-1/2} does not exist; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -402,52 +403,46 @@ def check_adam(optimizer: torch.optim.Optimizer, owner: str) -> None:
             raise ValueError(f"param_groups[{i}]['eps']={g['eps']} must be >= 0 for {owner}.")
 
 
-class _AdamSnapshot:
-    """Flat per-coordinate view of Adam's hyper-parameters and state (m, v, v_max, step) before a step."""
+@dataclass
+class _AdamParam:
+    """One parameter's Adam hyper-parameters (from its group) and state before a step (``None``: no state yet)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], dtype: torch.dtype,
-                 device: torch.device) -> None:
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        fields: dict[str, list[torch.Tensor]] = {k: [] for k in (
-            "lr", "beta1", "beta2", "eps", "wd_coupled", "wd_decoupled", "sign", "step", "m", "v", "vmax")}
-        self.has_state = True
-        self.amsgrad = False
-        for p in params:
-            g = group_of[id(p)]
-            n = p.numel()
-            state = optimizer.state.get(p, {})
-            b1, b2 = (_as_float(b) for b in g["betas"])
-            wd = _as_float(g["weight_decay"])
-            decoupled = bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-            self.amsgrad = self.amsgrad or bool(g["amsgrad"])
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    wd_coupled: float
+    wd_decoupled: float
+    maximize: bool
+    amsgrad: bool
+    step: float
+    m: torch.Tensor | None
+    v: torch.Tensor | None
+    vmax: torch.Tensor | None
 
-            def full(value: float, n: int = n) -> torch.Tensor:
-                return torch.full((n,), value, dtype=dtype, device=device)
 
-            fields["lr"].append(full(_as_float(g["lr"])))
-            fields["beta1"].append(full(b1))
-            fields["beta2"].append(full(b2))
-            fields["eps"].append(full(_as_float(g["eps"])))
-            fields["wd_coupled"].append(full(0.0 if decoupled else wd))
-            fields["wd_decoupled"].append(full(wd if decoupled else 0.0))
-            fields["sign"].append(full(-1.0 if g["maximize"] else 1.0))
-            if "exp_avg" in state:
-                fields["step"].append(full(_as_float(state["step"])))
-                fields["m"].append(state["exp_avg"].detach().reshape(-1).to(device=device, dtype=dtype))
-                fields["v"].append(state["exp_avg_sq"].detach().reshape(-1).to(device=device, dtype=dtype))
-                vmax = state.get("max_exp_avg_sq")
-                fields["vmax"].append(
-                    full(0.0) if vmax is None else vmax.detach().reshape(-1).to(device=device, dtype=dtype)
-                )
-            else:  # no state yet: Adam initialises m = v = v_max = 0, step = 0 at its first step
-                self.has_state = False
-                for key in ("step", "m", "v", "vmax"):
-                    fields[key].append(full(0.0))
-        for key, pieces in fields.items():
-            setattr(self, key, torch.cat(pieces))
-        self.amsgrad_mask = torch.cat([
-            torch.full((p.numel(),), bool(group_of[id(p)]["amsgrad"]), device=device) for p in params
-        ])
+def _adam_parameters(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[_AdamParam]:
+    """Per-parameter view of Adam's hyper-parameters and state, in the order of ``params`` (flat views, no copy)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        g = group_of[id(p)]
+        state = optimizer.state.get(p, {})
+        b1, b2 = (_as_float(b) for b in g["betas"])
+        wd = _as_float(g["weight_decay"])
+        decoupled = bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+        has = "exp_avg" in state
+        vmax = state.get("max_exp_avg_sq")
+        out.append(_AdamParam(
+            lr=_as_float(g["lr"]), beta1=b1, beta2=b2, eps=_as_float(g["eps"]),
+            wd_coupled=0.0 if decoupled else wd, wd_decoupled=wd if decoupled else 0.0,
+            maximize=bool(g["maximize"]), amsgrad=bool(g["amsgrad"]),
+            step=_as_float(state["step"]) if has else 0.0,
+            m=state["exp_avg"].detach().reshape(-1) if has else None,
+            v=state["exp_avg_sq"].detach().reshape(-1) if has else None,
+            vmax=vmax.detach().reshape(-1) if vmax is not None else None,
+        ))
+    return out
 
 
 class AdamTangentDynamics(_TangentBase):
@@ -562,13 +557,13 @@ class AdamTangentDynamics(_TangentBase):
         vectors = [self.delta_theta, self.delta_m, self.delta_v]
         return vectors if self.delta_vmax is None else [*vectors, self.delta_vmax]
 
-    def _flat_gradient(self, gradient: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The flat gradient and, when read from ``.grad``, the mask of coordinates Adam updates (``None``: all).
+    def _flat_gradient(self, gradient: torch.Tensor | None) -> tuple[torch.Tensor, list[bool]]:
+        """The flat gradient and, per parameter, whether Adam updates it.
 
         A parameter whose ``.grad`` is ``None`` is skipped by Adam (no update, no state change): its
-        coordinates of the gradient are 0 here and the mask is ``False`` there.
+        coordinates of the gradient are 0 here and its flag is ``False``. With ``gradient`` given, all are updated.
         """
-        active = None
+        active = [True] * len(self.params)
         if gradient is None:
             grads = [p.grad for p in self.params]
             if all(g is None for g in grads):
@@ -576,10 +571,7 @@ class AdamTangentDynamics(_TangentBase):
                     "no parameter has a .grad; call step() after backward() and before optimizer.step(), or pass "
                     "gradient= (e.g. HessianOperator.gradient())."
                 )
-            if any(g is None for g in grads):
-                active = torch.cat([
-                    torch.full((p.numel(),), g is not None, device=self.device) for p, g in zip(self.params, grads)
-                ])
+            active = [g is not None for g in grads]
             gradient = torch.cat([
                 (torch.zeros_like(p) if g is None else g).detach().reshape(-1) for p, g in zip(self.params, grads)
             ])
@@ -615,51 +607,64 @@ class AdamTangentDynamics(_TangentBase):
         if lr is not None:
             lr = _check_real("lr", _as_float(lr), 0.0)
         grad, active = self._flat_gradient(gradient)
-        snap = _AdamSnapshot(self.optimizer, self.params, self.dtype, self.device)
-        alpha = snap.lr if lr is None else torch.full_like(snap.lr, lr)
-        d_theta = self.delta_theta
         hv = self._hv(hvp)
-        theta = torch.cat([p.detach().reshape(-1) for p in self.params]).to(device=self.device, dtype=self.dtype)
+        old_state = self._state_vectors()
+        new_state = [torch.empty_like(x) for x in old_state]
+        offset = 0
+        # One parameter at a time: its hyper-parameters are Python scalars, and no [dim]-sized copy of them
+        # (or of m, v) is made.
+        for p, r, updated in zip(self.params, _adam_parameters(self.optimizer, self.params), active):
+            piece = slice(offset, offset + p.numel())
+            offset += p.numel()
+            olds = [x[piece] for x in old_state]
+            if not updated:  # Adam skips a parameter without .grad: its tangent is unchanged
+                for new, old in zip(new_state, olds):
+                    new[piece] = old
+                continue
+            d_theta, d_m, d_v = olds[:3]
+            alpha = r.lr if lr is None else lr
+            sign = -1.0 if r.maximize else 1.0
+            g, d_g = sign * grad[piece], sign * hv[piece]
+            if r.wd_coupled:
+                theta = p.detach().reshape(-1).to(device=self.device, dtype=self.dtype)
+                g, d_g = g + r.wd_coupled * theta, d_g + r.wd_coupled * d_theta
+            b1, b2, t = r.beta1, r.beta2, r.step + 1
+            bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+            m_old = torch.zeros_like(g) if r.m is None else r.m.to(device=self.device, dtype=self.dtype)
+            v_old = torch.zeros_like(g) if r.v is None else r.v.to(device=self.device, dtype=self.dtype)
+            m_new = b1 * m_old + (1 - b1) * g
+            v_new = b2 * v_old + (1 - b2) * g * g
+            d_m_new = b1 * d_m + (1 - b1) * d_g
+            d_v_new = b2 * d_v + 2 * (1 - b2) * g * d_g
+            new_state[1][piece], new_state[2][piece] = d_m_new, d_v_new
+            v_hat, d_v_hat = v_new, d_v_new
+            if r.amsgrad:
+                vmax_old = torch.zeros_like(g) if r.vmax is None else r.vmax.to(device=self.device, dtype=self.dtype)
+                grows = v_new > vmax_old
+                v_hat = torch.where(grows, v_new, vmax_old)
+                d_v_hat = torch.where(grows, d_v_new, olds[3])
+                new_state[3][piece] = d_v_hat
+            elif len(new_state) == 4:
+                new_state[3][piece] = 0.0  # a group without amsgrad has no v_max
+            root = v_hat.sqrt()
+            denom = root / bc2_sqrt + r.eps
+            positive = root > 0
+            d_denom = torch.where(positive, d_v_hat, 0.0) / (2 * torch.where(positive, root, 1.0) * bc2_sqrt)
+            new_state[0][piece] = (1 - alpha * r.wd_decoupled) * d_theta - (alpha / bc1) * (
+                d_m_new / denom - m_new * d_denom / denom**2
+            )
 
-        g = snap.sign * grad + snap.wd_coupled * theta
-        d_g = snap.sign * hv + snap.wd_coupled * d_theta
-        b1, b2 = snap.beta1, snap.beta2
-        t = snap.step + 1
-        bc1 = 1 - b1.pow(t)
-        bc2_sqrt = (1 - b2.pow(t)).sqrt()
-        m_new = b1 * snap.m + (1 - b1) * g
-        v_new = b2 * snap.v + (1 - b2) * g * g
-        d_m = b1 * self.delta_m + (1 - b1) * d_g
-        d_v = b2 * self.delta_v + 2 * (1 - b2) * g * d_g
-        v_hat, d_v_hat, d_vmax = v_new, d_v, None
-        if self.delta_vmax is not None:
-            ams = snap.amsgrad_mask
-            grows = v_new > snap.vmax
-            vmax_new = torch.where(grows, v_new, snap.vmax)
-            d_vmax = torch.where(grows, d_v, self.delta_vmax)
-            v_hat = torch.where(ams, vmax_new, v_new)
-            d_v_hat = torch.where(ams, d_vmax, d_v)
-            d_vmax = torch.where(ams, d_vmax, torch.zeros_like(d_vmax))
-        root = v_hat.sqrt()
-        denom = root / bc2_sqrt + snap.eps
-        positive = root > 0
-        d_denom = torch.where(positive, d_v_hat / (2 * torch.where(positive, root, torch.ones_like(root)) * bc2_sqrt),
-                              torch.zeros_like(root))
-        step_size = alpha / bc1
-        new_theta = (1 - alpha * snap.wd_decoupled) * d_theta - step_size * (d_m / denom - m_new * d_denom / denom**2)
-        new_state = [new_theta, d_m, d_v] if d_vmax is None else [new_theta, d_m, d_v, d_vmax]
-        if active is not None:  # parameters without .grad are skipped by Adam: their tangent is unchanged
-            new_state = [torch.where(active, new, old) for new, old in zip(new_state, self._state_vectors())]
-
-        old_sq = sum(x.pow(2).sum() for x in self._state_vectors())
+        old_sq = sum(x.pow(2).sum() for x in old_state)
         new_sq = sum(x.pow(2).sum() for x in new_state)
         if float(new_sq) == 0.0:
             return self._record(-math.inf)
         log_growth = 0.5 * (math.log(float(new_sq)) - math.log(float(old_sq)))
         norm = torch.sqrt(new_sq)
-        self.delta_theta, self.delta_m, self.delta_v = (x / norm for x in new_state[:3])
-        if d_vmax is not None:
-            self.delta_vmax = new_state[3] / norm
+        for x in new_state:
+            x.div_(norm)
+        self.delta_theta, self.delta_m, self.delta_v = new_state[:3]
+        if len(new_state) == 4:
+            self.delta_vmax = new_state[3]
         return self._record(log_growth)
 
     # ------------------------------------------------------------------ checkpointing
