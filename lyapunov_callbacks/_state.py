@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["preserved_state", "preserved_modes", "rng_snapshot", "restore_rng"]
+__all__ = ["bitwise_equal", "preserved_state", "preserved_modes", "rng_snapshot", "restore_rng"]
 
 
 def rng_snapshot(cuda_devices: list[int] | None = None) -> dict:
@@ -48,10 +48,11 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bits (so NaNs and signed zeros count as they are stored)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
+
     def raw(t: torch.Tensor) -> torch.Tensor:
         return t.detach().contiguous().view(-1).view(torch.uint8)
 
@@ -61,7 +62,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _changed(t: torch.Tensor, version: int, saved: torch.Tensor) -> bool:
     # Version counters miss kernel-internal writes (BatchNorm's running statistics are updated
     # without a version bump), so compare the bits as well.
-    return t._version != version or not _bitwise_equal(t, saved)
+    return t._version != version or not bitwise_equal(t, saved)
 
 
 @contextlib.contextmanager
