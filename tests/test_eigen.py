@@ -135,10 +135,16 @@ def test_lyapunov_returns_the_growth_rate_formula():
         nxt = delta + alpha * (A @ delta)
         lam = math.log(float(nxt.norm() / delta.norm()))
         delta = nxt / nxt.norm()
-    assert math.isclose(float(res.eigenvalues[0]), math.expm1(lam) / alpha, rel_tol=1e-12)
+    # The growth rate of the last step is the Lyapunov exponent; the eigenvalue is the Rayleigh quotient of the
+    # returned tangent vector (the one the last product was taken of), which at convergence the growth formula
+    # (e^λ - 1)/α also gives.
+    assert math.isclose(float(res.lyapunov_exponents[0]), lam, rel_tol=1e-12)
+    v = res.eigenvectors[:, 0]
+    assert math.isclose(float(res.eigenvalues[0]), float(v @ A @ v), rel_tol=1e-12)
     # And with enough steps it converges to h0 at rate (1 + a h1) / (1 + a h0).
     conv = lyapunov_iteration(MatrixOperator(A), k=1, alpha=alpha, tol=1e-6, max_iter=3000)
     assert conv.converged and abs(float(conv.eigenvalues[0]) - 10.0) < 1e-6
+    assert math.expm1(float(conv.lyapunov_exponents[0])) / alpha == pytest.approx(10.0, rel=1e-5)
 
 
 def test_lanczos_exact_termination_and_degenerate_spectrum():
@@ -344,11 +350,16 @@ def test_lyapunov_single_vector_path_matches_block_formula():
 
     delta = eigen._start_block(MatrixOperator(A), 1, None, 4)[:, 0]
     for _ in range(7):
+        last = delta
         m = delta + 0.05 * (A @ delta)
         growth = float(m.norm())
         delta = m / growth
-    assert float(res.eigenvalues[0]) == pytest.approx((growth - 1.0) / 0.05, rel=1e-12)
-    torch.testing.assert_close(res.eigenvectors[:, 0], delta, rtol=0, atol=1e-12)
+    assert float(res.lyapunov_exponents[0]) == pytest.approx(math.log(growth), rel=1e-12)
+    torch.testing.assert_close(res.eigenvectors[:, 0], last, rtol=0, atol=1e-12)
+    assert float(res.eigenvalues[0]) == pytest.approx(float(last @ A @ last), rel=1e-12)
+    block = lyapunov_iteration(MatrixOperator(A), k=2, alpha=0.05, tol=1e-14, max_iter=14, seed=4)
+    V = block.eigenvectors
+    torch.testing.assert_close(block.eigenvalues, torch.linalg.eigvalsh(V.T @ A @ V).flip(0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
