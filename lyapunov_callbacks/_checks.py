@@ -85,8 +85,11 @@ def check_positive(name: str, value: Any, example: str) -> None:
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     """Raise :class:`UnknownChoiceError` unless ``value`` is one of ``choices``."""
-    if isinstance(value, str) and value in choices:
-        return
+    try:
+        if value in choices:
+            return
+    except TypeError:  # an unhashable value against a set of choices
+        pass
     raise UnknownChoiceError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 

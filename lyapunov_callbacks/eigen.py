@@ -398,9 +398,10 @@ def power_iteration(
     eigenvalues are all :math:`\ge 0`, so the returned values are the algebraically largest
     (PyHessian would return the negative one), at the slower rate :math:`(h_1+s)/(h_0+s)`.
 
-    Stopping rule: the free residual :math:`\lVert Hv - \theta v\rVert \le tol\cdot|\theta|`
-    (``Hv`` is computed anyway). ``max_iter`` caps the HVPs of the whole solve; each further pair
-    keeps at least one HVP in reserve.
+    Stopping rule: the free residual :math:`\lVert Hv - \theta v\rVert \le tol\cdot\max(|\theta|, m)`
+    (``Hv`` is computed anyway), ``m`` the largest ``|θ|`` seen in the solve (so a zero eigenvalue among
+    the top ``k`` can converge); a negative ``θ`` found before the shift is never reported converged.
+    ``max_iter`` caps the HVPs of the whole solve; each further pair keeps at least one HVP in reserve.
 
     Args:
         op: the operator.
@@ -430,6 +431,9 @@ def power_iteration(
     # Hessian away from a minimum), iterate H + shift·I with shift = -θ_min >= 0 instead: every
     # eigenvalue is then >= 0, so the dominant one is the algebraically largest, as wanted.
     shift = 0.0
+    # Residuals are compared with tol times the largest |θ| seen (an estimate of ‖H‖), so that zero
+    # eigenvalues among the top k can converge too.
+    magnitude = 0.0
     for i in range(k):
         budget = max_iter - (op.num_hvps - start_hvps) - (k - i - 1)
         prev = torch.stack(vectors, dim=1) if vectors else None
@@ -441,6 +445,7 @@ def power_iteration(
         start = deflate(block[:, i])
         v = start / torch.linalg.vector_norm(start)
         theta = v.new_zeros(())
+        vec = v
         converged = False
         for remaining in range(budget - 1, -1, -1):
             w = op.matvec(v)
@@ -448,6 +453,8 @@ def power_iteration(
                 w = w - prev @ (prev_vals * (prev.T @ v))
                 w = deflate(w)
             theta = v @ w
+            vec = v  # the vector θ is the Rayleigh quotient of (v moves on below)
+            magnitude = max(magnitude, abs(float(theta)))
             residual = float(torch.linalg.vector_norm(torch.add(w, v, alpha=-float(theta))))
             # An eigenvalue lies within `residual` of θ, so below _SIGN_RTOL·|θ| its sign is certain.
             if float(theta) < 0 and shift == 0.0 and remaining > 0 and residual <= _SIGN_RTOL * abs(float(theta)):
@@ -459,15 +466,17 @@ def power_iteration(
                 continue
             if float(torch.linalg.vector_norm(w)) == 0 or (
                 # A negative θ before the shift may be a dominant negative eigenvalue, not the top one.
-                residual <= tol * abs(float(theta)) and (float(theta) >= 0 or shift != 0.0)
+                residual <= tol * max(abs(float(theta)), magnitude) and (float(theta) >= 0 or shift != 0.0)
             ):
                 converged = True
                 break
-            x = torch.add(w, v, alpha=shift) if shift else w
+            # Deflate after the shift too: in the shifted operator the found directions have eigenvalue
+            # `shift`, so their rounding-level components in v would otherwise grow back.
+            x = deflate(torch.add(w, v, alpha=shift)) if shift else w
             v = x / torch.linalg.vector_norm(x)
         converged_all &= converged
         values.append(theta.detach().clone())
-        vectors.append(v)
+        vectors.append(vec)
     return _result(op, torch.stack(values), torch.stack(vectors, dim=1), start_hvps, converged_all)
 
 
@@ -510,8 +519,8 @@ def lyapunov_iteration(
     this is about ``1/mean eigenvalue`` (large ``α``: near power-iteration speed) and from a warm
     start ``≈ 1/h0``.
 
-    Stopping rule: every Ritz residual :math:`\lVert H y_i - \theta_i y_i\rVert \le tol\cdot|\theta_i|`
-    (``Hδ`` is computed anyway), and no negative Ritz value is left that could be a dominant negative
+    Stopping rule: every Ritz residual :math:`\lVert H y_i - \theta_i y_i\rVert \le tol\cdot\max(|\theta_i|, m)`
+    (``Hδ`` is computed anyway; ``m`` the largest ``|θ|`` seen, so zero eigenvalues can converge), and no negative Ritz value is left that could be a dominant negative
     eigenvalue (``converged`` is never claimed on one). ``max_iter`` caps the HVPs (``k`` per step).
 
     Args:
@@ -547,6 +556,7 @@ def lyapunov_iteration(
     lyap = delta.new_full((k,), math.nan)
     converged = False
     shifted = False
+    magnitude = 0.0  # the largest |θ| seen: residuals are compared with tol times it (zero eigenvalues converge)
     for step in range(steps):
         W = op.matmat(delta)
         T = delta.T @ W
@@ -569,7 +579,10 @@ def lyapunov_iteration(
             fresh[:, negative] = _randn(op, int(negative.sum()), gen)
             delta = _orthonormalize(fresh, lambda: _randn(op, k, gen))
             continue
-        if bool((residual <= tol * theta.abs()).all()) and (shifted or not bool((theta < 0).any())):
+        magnitude = max(magnitude, float(theta.abs().max()))
+        if bool((residual <= tol * theta.abs().clamp(min=magnitude)).all()) and (
+            shifted or not bool((theta < 0).any())
+        ):
             converged = True
             break
         M = delta + alpha * W
@@ -601,6 +614,7 @@ def _lyapunov_single(
     start = delta
     converged = False
     shifted = False
+    magnitude = 0.0
     for step in range(steps):
         w = op.matvec(delta)
         rayleigh = float(delta @ w)
@@ -621,7 +635,8 @@ def _lyapunov_single(
             if float(norm) > 0:
                 delta = restart / norm
             continue
-        if residual <= tol * abs(rayleigh) and (shifted or rayleigh >= 0):
+        magnitude = max(magnitude, abs(rayleigh))
+        if residual <= tol * magnitude and (shifted or rayleigh >= 0):
             converged = True
             break
         m = torch.add(delta, w, alpha=alpha)
