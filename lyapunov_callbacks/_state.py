@@ -53,10 +53,17 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
 
+    # Compared as integers of the element's width: bits, not values (NaN == NaN), and as fast as a float
+    # comparison (a uint8 view is ~40x slower for torch.equal on CPU).
+    width = _INT_OF_SIZE.get(a.element_size(), torch.uint8) if not a.is_complex() else torch.uint8
+
     def raw(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().contiguous().view(-1).view(torch.uint8)
+        return t.detach().contiguous().view(-1).view(width)
 
     return torch.equal(raw(a), raw(b))
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _changed(t: torch.Tensor, version: int, saved: torch.Tensor) -> bool:
