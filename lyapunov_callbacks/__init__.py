@@ -13,7 +13,13 @@ from lyapunov_callbacks.eigen import (
     power_iteration,
     top_hessian_eigenvalues,
 )
-from lyapunov_callbacks.hessian import HessianOperator, preserved_state
+from lyapunov_callbacks.hessian import (
+    AutogradHessian,
+    FiniteDifferenceHessian,
+    HessianOperator,
+    StaleOperatorError,
+    preserved_state,
+)
 from lyapunov_callbacks.tangent import TangentDynamics
 
 # The callbacks import Lightning (seconds); load them on first access so the pure-PyTorch core
@@ -25,12 +31,15 @@ _LAZY = {
 }
 
 __all__ = [
+    "AutogradHessian",
     "EigenResult",
+    "FiniteDifferenceHessian",
     "HessianEigenvalueMonitor",
     "HessianOperator",
     "LyapunovExponentMonitor",
     "MatrixOperator",
     "QuasiNewtonLR",
+    "StaleOperatorError",
     "TangentDynamics",
     "lanczos",
     "lyapunov_iteration",

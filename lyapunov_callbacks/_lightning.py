@@ -48,27 +48,9 @@ BATCHES = ("current", "fixed")
 # --------------------------------------------------------------------------------------------------------------
 # Argument checks shared by the callbacks' constructors: one ValueError that names the parameter and the fix
 # --------------------------------------------------------------------------------------------------------------
-def is_number(value: Any) -> bool:
-    """A real number (``int`` or ``float``, not ``bool``)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_int(name: str, value: Any, example: str, minimum: int = 1) -> None:
-    """Raise unless ``value`` is an ``int`` (not a bool) ``>= minimum``; ``example`` is a valid setting."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}; use e.g. {example}.")
-
-
-def check_positive(name: str, value: Any, example: str) -> None:
-    """Raise unless ``value`` is a finite number ``> 0``; ``example`` is a valid setting."""
-    if not is_number(value) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}; use e.g. {example}.")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+# The generic checks live in the core's `_checks` module (one exception type per kind of mistake, each a
+# ValueError); imported here under their established names.
+from lyapunov_callbacks._checks import check_choice, check_int, check_positive, is_number  # noqa: E402
 
 
 _DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,

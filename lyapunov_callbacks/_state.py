@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["preserved_state", "preserved_modes", "rng_snapshot", "restore_rng"]
+__all__ = ["bitwise_equal", "preserved_state", "preserved_modes", "rng_snapshot", "restore_rng"]
 
 
 def rng_snapshot(cuda_devices: list[int] | None = None) -> dict:
@@ -48,20 +48,28 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bits (so NaNs and signed zeros count as they are stored)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
+
+    # Compared as integers of the element's width: bits, not values (NaN == NaN), and as fast as a float
+    # comparison (a uint8 view is ~40x slower for torch.equal on CPU).
+    width = _INT_OF_SIZE.get(a.element_size(), torch.uint8) if not a.is_complex() else torch.uint8
+
     def raw(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().contiguous().view(-1).view(torch.uint8)
+        return t.detach().contiguous().view(-1).view(width)
 
     return torch.equal(raw(a), raw(b))
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _changed(t: torch.Tensor, version: int, saved: torch.Tensor) -> bool:
     # Version counters miss kernel-internal writes (BatchNorm's running statistics are updated
     # without a version bump), so compare the bits as well.
-    return t._version != version or not _bitwise_equal(t, saved)
+    return t._version != version or not bitwise_equal(t, saved)
 
 
 @contextlib.contextmanager

@@ -135,10 +135,16 @@ def test_lyapunov_returns_the_growth_rate_formula():
         nxt = delta + alpha * (A @ delta)
         lam = math.log(float(nxt.norm() / delta.norm()))
         delta = nxt / nxt.norm()
-    assert math.isclose(float(res.eigenvalues[0]), math.expm1(lam) / alpha, rel_tol=1e-12)
+    # The growth rate of the last step is the Lyapunov exponent; the eigenvalue is the Rayleigh quotient of the
+    # returned tangent vector (the one the last product was taken of), which at convergence the growth formula
+    # (e^λ - 1)/α also gives.
+    assert math.isclose(float(res.lyapunov_exponents[0]), lam, rel_tol=1e-12)
+    v = res.eigenvectors[:, 0]
+    assert math.isclose(float(res.eigenvalues[0]), float(v @ A @ v), rel_tol=1e-12)
     # And with enough steps it converges to h0 at rate (1 + a h1) / (1 + a h0).
     conv = lyapunov_iteration(MatrixOperator(A), k=1, alpha=alpha, tol=1e-6, max_iter=3000)
     assert conv.converged and abs(float(conv.eigenvalues[0]) - 10.0) < 1e-6
+    assert math.expm1(float(conv.lyapunov_exponents[0])) / alpha == pytest.approx(10.0, rel=1e-5)
 
 
 def test_lanczos_exact_termination_and_degenerate_spectrum():
@@ -344,11 +350,16 @@ def test_lyapunov_single_vector_path_matches_block_formula():
 
     delta = eigen._start_block(MatrixOperator(A), 1, None, 4)[:, 0]
     for _ in range(7):
+        last = delta
         m = delta + 0.05 * (A @ delta)
         growth = float(m.norm())
         delta = m / growth
-    assert float(res.eigenvalues[0]) == pytest.approx((growth - 1.0) / 0.05, rel=1e-12)
-    torch.testing.assert_close(res.eigenvectors[:, 0], delta, rtol=0, atol=1e-12)
+    assert float(res.lyapunov_exponents[0]) == pytest.approx(math.log(growth), rel=1e-12)
+    torch.testing.assert_close(res.eigenvectors[:, 0], last, rtol=0, atol=1e-12)
+    assert float(res.eigenvalues[0]) == pytest.approx(float(last @ A @ last), rel=1e-12)
+    block = lyapunov_iteration(MatrixOperator(A), k=2, alpha=0.05, tol=1e-14, max_iter=14, seed=4)
+    V = block.eigenvectors
+    torch.testing.assert_close(block.eigenvalues, torch.linalg.eigvalsh(V.T @ A @ V).flip(0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
@@ -377,3 +388,53 @@ def test_power_iteration_returns_the_top_eigenvalues_when_a_negative_one_dominat
     torch.testing.assert_close(res.eigenvalues, spectrum[:k], rtol=1e-6, atol=0)
     # the vectors are eigenvectors of the top eigenvalues, not of -2.5
     torch.testing.assert_close(A @ res.eigenvectors, res.eigenvectors * spectrum[:k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- indefinite Hessians, order
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_dominant_negative_eigenvalue_gives_the_algebraically_largest(name, k):
+    # diag(1, -3, 0, ..., 0): the eigenvalue of largest magnitude is -3; h0 is 1. The growth-rate formula
+    # of the Lyapunov iteration used to return 2.653, marked converged.
+    eigs = torch.zeros(20, dtype=torch.float64)
+    eigs[0], eigs[1] = 1.0, -3.0
+    A = torch.diag(eigs)
+    res = SOLVERS[name](MatrixOperator(A), k=k, tol=1e-8, max_iter=400)
+    expected = torch.linalg.eigvalsh(A).flip(0)[:k]
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=0, atol=1e-7)
+    V = res.eigenvectors
+    torch.testing.assert_close(((A @ V) * V).sum(dim=0), res.eigenvalues, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power", "lyapunov"])
+def test_indefinite_model_hessian_via_top_hessian_eigenvalues(method):
+    # L(θ) = ½ θᵀ diag(1, -3, 0, 0, 0, 0) θ as a model: h0 = 1, whatever the method.
+    class Saddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = nn.Parameter(torch.linspace(0.1, 0.6, 6, dtype=torch.float64))
+
+        def forward(self, d):
+            return 0.5 * (d * self.theta**2).sum()
+
+    d = torch.tensor([1.0, -3.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    for hvp in ("autograd", "finite_difference"):
+        for k in (1, 3):
+            res = top_hessian_eigenvalues(Saddle(), lambda m, b: m(b), d, k=k, method=method, hvp=hvp, tol=1e-8,
+                                          max_iter=300)
+            assert res.converged, (method, hvp, k)
+            torch.testing.assert_close(res.eigenvalues, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)[:k],
+                                       rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_eigenvalues_descending_with_close_top_pair(name):
+    # Two nearly equal top eigenvalues (a LinearModel MSE run logged h1 = 200.819 > h0 = 200.816): the
+    # returned values must be in descending order whether or not the solver converged.
+    A = spectrum_matrix([200.819, 200.816, 50.0, 10.0, 5.0] + [1.0] * 35)
+    for max_iter in (10, 25, 400):
+        res = SOLVERS[name](MatrixOperator(A), k=5, tol=1e-10, max_iter=max_iter, seed=2)
+        assert bool((res.eigenvalues[:-1] >= res.eigenvalues[1:]).all()), (name, max_iter, res.eigenvalues)
