@@ -1,5 +1,16 @@
-"""LightningDataModules (CIFAR-10)."""
+"""LightningDataModules: CIFAR-10 (or its offline stand-in) and scikit-learn's digits."""
 
+from datamodules._common import EpochShuffleSampler
 from datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
+from datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
 
-__all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD", "synthetic_cifar10"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "DigitsDataModule",
+    "EpochShuffleSampler",
+    "synthetic_cifar10",
+]

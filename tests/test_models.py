@@ -215,11 +215,12 @@ FIT_CASES = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:The files in")
 @pytest.mark.parametrize("arch, loss, epochs, lr, max_ratio", FIT_CASES)
 def test_fit_lowers_training_loss(cifar_dir, arch, loss, epochs, lr, max_ratio):
     L.seed_everything(0, verbose=False)
-    dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, classes=[3, 5], batch_size=12)
+    dm = CIFAR10DataModule(
+        data_dir=cifar_dir, download=False, allow_unverified_files=True, classes=[3, 5], batch_size=12
+    )
     dm.prepare_data()
     dm.setup("fit")
     model = arch(num_classes=dm.num_classes, loss=loss)
