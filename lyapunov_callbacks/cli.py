@@ -9,8 +9,24 @@ from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeUnion
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 
+# Imported so that jsonargparse's subclass resolution knows them: like Lightning's own classes, ours can then be
+# named by their short class name (`--model LeNet1`, `--data CIFAR10DataModule`,
+# `--trainer.callbacks+=HessianEigenvalueMonitor`) and `fit --help` lists them among the known subclasses.
+import datamodules  # noqa: F401
+import models  # noqa: F401
+from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor  # noqa: F401
+from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor  # noqa: F401
+from lyapunov_callbacks.quasi_newton import QuasiNewtonLR  # noqa: F401
+
 #: Schedulers whose period is counted in optimizer steps, not epochs: they must be stepped every batch.
 PER_STEP_SCHEDULERS: tuple[type, ...] = (CyclicLR, OneCycleLR)
+
+
+#: The top-level help's note on the one subcommand that is not a LightningCLI one.
+PLOT_EPILOG = (
+    "Also available: plot  Draws lambda, 1/h0, alpha and the loss of finished runs from their TensorBoard logs "
+    "(lyapunov_callbacks.plotting.main); for details: lyapunov-cli plot --help"
+)
 
 
 class LyapunovCLI(LightningCLI):
@@ -27,6 +43,11 @@ class LyapunovCLI(LightningCLI):
       ``step_size_up`` / ``total_steps`` count batches. The stock CLI steps every scheduler once per epoch,
       which silently stretches the cycle by the number of batches per epoch.
     - The saved ``config.yaml`` overwrites an older one in the same log directory.
+    - Our callbacks, models and data module are imported with this module, so, like Lightning's own classes,
+      they can be named by their short class name (``--model LeNet1``, ``--data CIFAR10DataModule``,
+      ``--trainer.callbacks+=QuasiNewtonLR``) and ``fit --help`` lists them.
+    - After ``fit`` rank zero prints where the TensorBoard logs are; the top-level ``--help`` also names the
+      ``plot`` subcommand, which :func:`main` dispatches before this parser runs.
 
     Args:
         *args: forwarded to :class:`~lightning.pytorch.cli.LightningCLI` (e.g. ``args=[...]``, ``run=False``).
@@ -44,18 +65,32 @@ class LyapunovCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        if kwargs.get("run", True):
+            # `plot` is dispatched by `main` before the LightningCLI parser sees the command line; the top-level
+            # help names it beside the LightningCLI subcommands.
+            parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+            parser_kwargs.setdefault("epilog", PLOT_EPILOG)
+            kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def after_fit(self) -> None:
-        """Tell the user where the run's TensorBoard logs are and how to open them (rank zero only)."""
+        """Tell the user where the run's TensorBoard logs are and how to open them (printed by rank zero only).
+
+        ``trainer.log_dir`` is a collective (a broadcast from rank zero under DDP), so every rank reads it before
+        the non-zero ranks return; reading it on rank zero alone leaves rank zero waiting on peers that have
+        already exited.
+        """
         logger = self.trainer.logger
-        if not self.trainer.is_global_zero or logger is None or self.trainer.log_dir is None:
+        if logger is None:
             return
-        root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) or self.trainer.log_dir
-        print(f"\nTensorBoard logs of this run: {self.trainer.log_dir}\n  open them with: tensorboard --logdir {root}")
+        log_dir = self.trainer.log_dir  # collective: on every rank
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) or log_dir
+        print(f"\nTensorBoard logs of this run: {log_dir}\n  open them with: tensorboard --logdir {root}")
 
     @staticmethod
     def configure_optimizers(

@@ -28,7 +28,8 @@ class ImageClassifier(L.LightningModule):
       (``F.mse_loss(logits, one_hot(y))``; no softmax is applied to the logits).
 
     Logged tags: ``train/loss`` (every step, progress bar), ``train/acc`` (epoch level, micro accuracy
-    over the epoch), ``val/loss`` and ``val/acc`` (epoch level).
+    over the epoch), ``val/loss`` and ``val/acc`` (epoch level), and under ``trainer.test`` (``lyapunov-cli
+    test``) ``test/loss`` and ``test/acc`` (over the whole test set).
 
     The default :meth:`configure_optimizers` is plain SGD, ``lr=0.1``, no momentum, no weight decay.
     A LightningCLI ``optimizer:`` / ``lr_scheduler:`` section replaces it, the LightningCLI way.
@@ -59,6 +60,7 @@ class ImageClassifier(L.LightningModule):
         self.loss_name = loss
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - every subclass overrides it
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> logits.")
@@ -101,11 +103,20 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc, prog_bar=False)
+
+    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy, prog_bar: bool) -> None:
+        """Log ``{stage}/loss`` (the batch-size weighted mean over the epoch, averaged over DDP ranks) and
+        ``{stage}/acc`` (micro accuracy, the metric syncs its own counts across ranks)."""
         loss, logits = self._loss_and_logits(batch)
         labels = batch[1]
-        self.val_acc(logits, labels)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=labels.shape[0])
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        accuracy(logits, labels)
+        size = labels.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=prog_bar, batch_size=size, sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, batch_size=size)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Plain SGD, ``lr=0.1``, ``momentum=0``, ``weight_decay=0`` (overridden by a CLI ``optimizer:``)."""
