@@ -24,7 +24,6 @@ from lyapunov_callbacks.cli import main, run_cli
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO_ROOT / "configs"
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:The files in",  # the fake CIFAR-10 files fail torchvision's md5 check, by design
     "ignore:.*does not have many workers",
     "ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning",
 )
@@ -54,6 +53,7 @@ def _fake_cifar_args(cifar_dir: str, out: Path) -> list[str]:
     return [
         "--data.init_args.data_dir", str(cifar_dir),
         "--data.init_args.download", "false",
+        "--data.init_args.allow_unverified_files", "true",  # the fake files fail the md5 check by design
         "--data.init_args.batch_size", "8",
         "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out),
@@ -121,7 +121,9 @@ def test_fit_then_test_from_checkpoint(cifar_dir, tmp_path, loss):
 
     # The same numbers by hand from the checkpoint's weights on the data module's test split.
     model = models.LeNet1.load_from_checkpoint(ckpt)
-    dm = CIFAR10DataModule(data_dir=cifar_dir, download=False, classes=[3, 5], batch_size=8)
+    dm = CIFAR10DataModule(
+        data_dir=cifar_dir, download=False, classes=[3, 5], batch_size=8, allow_unverified_files=True
+    )
     dm.prepare_data()
     dm.setup("test")
     ref_loss, ref_acc = _reference_test_metrics(model, dm)
