@@ -420,9 +420,20 @@ def check_supported(
         single_optimizer: require exactly one optimiser (checked only once the optimisers exist).
 
     Raises:
-        ValueError: on manual optimisation or several optimisers (bad settings raise ``ValueError``
-            throughout the callbacks).
+        ValueError: on manual optimisation, several optimisers or a ``torch.compile``d module or submodule
+            (compiled graphs have no double backward) — bad settings raise ``ValueError`` throughout the callbacks.
     """
+    compiled = [
+        name or type(pl_module).__name__
+        for name, module in pl_module.named_modules()
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+    ]
+    if compiled:
+        raise ValueError(
+            f"{callback_name} cannot measure a torch.compile'd model (compiled: {', '.join(compiled)}): Hessian-"
+            "vector products need a double backward, which torch.compile (aot_autograd) does not support. Remove "
+            "torch.compile / module.compile() for runs with the curvature callbacks."
+        )
     if not pl_module.automatic_optimization:
         raise ValueError(
             f"{callback_name} needs automatic optimisation (one optimiser step per training batch); the module "

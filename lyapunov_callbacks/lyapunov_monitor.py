@@ -104,7 +104,8 @@ class LyapunovExponentMonitor(Callback):
     Raises:
         ValueError: ``window < 1``, ``every_n_steps < window``, unknown ``hvp`` or ``dtype``, a bad ``prefix``;
             at fit start, with an optimiser other than ``torch.optim.SGD`` (with or without momentum), param
-            groups with different hyper-parameters, manual optimisation or several optimisers; during training,
+            groups with different hyper-parameters, manual optimisation, several optimisers or a torch.compile'd module;
+            during training,
             if a scheduler gives the param groups different LRs.
 
     Example::

@@ -297,3 +297,11 @@ def test_fast_dev_run_runs_every_callback_on_a_minimal_budget(caplog):
     assert rec.series("hessian/num_hvps")[0] <= 3
     assert 0 in rec.series("lyapunov/lambda")  # the one-step window ran
     assert caplog.text.count("fast_dev_run") >= 3
+
+
+@pytest.mark.parametrize("callback", [HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR])
+def test_a_compiled_module_is_refused_at_setup_with_one_message(callback):
+    model = TanhMLP()
+    model.net = torch.compile(model.net)  # lazy: nothing is compiled before the first call
+    with pytest.raises(ValueError, match=r"torch.compile'd model \(compiled: net\).*double backward"):
+        _trainer([callback()], max_steps=1).fit(model, _loader())
