@@ -100,7 +100,7 @@ class HessianEigenvalueMonitor(Callback):
 
     Raises:
         ValueError: on any invalid argument above (the message names the parameter); at fit start, with manual
-            optimisation or several optimisers.
+            optimisation, several optimisers or a torch.compile'd module.
 
     Example::
 

@@ -175,7 +175,8 @@ class QuasiNewtonLR(Callback):
             At fit start, for an optimiser whose param groups have no ``lr``, and with ``momentum_aware=True``
             for an optimiser without ``momentum``, with dampening, or with groups of different momentum; for a
             configured LR scheduler (remove it: this callback sets the LR), several optimisers, manual
-            optimisation, or a first param group with ``lr <= 0`` when there are several groups.
+            optimisation, a torch.compile'd module, or a first param group with ``lr <= 0`` when there are
+            several groups.
 
     Example::
 
