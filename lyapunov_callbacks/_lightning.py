@@ -18,19 +18,23 @@ import torch
 from torch import nn
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lyapunov_callbacks.eigen import EigenResult, top_hessian_eigenvalues
 
 __all__ = [
     "BATCHES",
+    "FAST_DEV_RUN_HVPS",
     "EigenTracker",
+    "MeanLoss",
     "ProbeBatch",
     "check_choice",
     "check_int",
     "check_positive",
+    "check_prefix",
     "check_supported",
     "current_lr",
+    "fast_dev_run_budget",
     "finite_or_nan",
     "is_number",
     "log_measurements",
@@ -371,7 +375,7 @@ class EigenTracker:
 # Optimiser / trainer checks
 # --------------------------------------------------------------------------------------------------------------
 def current_lr(trainer: pl.Trainer) -> float:
-    """The learning rate α of the first parameter group of the first optimiser.
+    """The learning rate α of the first parameter group of the first optimiser (read it in ``on_before_optimizer_step``).
 
     This is the step size the curvature callbacks compare with (``stability = α·h0``) and the α of the
     linearised update ``θ ← θ − α∇L``. Callbacks that set the LR (``QuasiNewtonLR``, schedulers) act before
@@ -388,7 +392,6 @@ def check_supported(
     callback_name: str,
     *,
     single_optimizer: bool = True,
-    allow_accumulation: bool = True,
 ) -> None:
     """Raise one clear error for trainer settings a curvature callback cannot handle.
 
@@ -397,36 +400,95 @@ def check_supported(
         pl_module: the module being trained.
         callback_name: used in the messages.
         single_optimizer: require exactly one optimiser (checked only once the optimisers exist).
-        allow_accumulation: when ``False``, reject ``accumulate_grad_batches > 1``.
 
     Raises:
-        RuntimeError: on manual optimisation, several optimisers, or gradient accumulation when not allowed.
+        ValueError: on manual optimisation, several optimisers or a ``torch.compile``d module or submodule
+            (compiled graphs have no double backward) — bad settings raise ``ValueError`` throughout the callbacks.
     """
+    compiled = [
+        name or type(pl_module).__name__
+        for name, module in pl_module.named_modules()
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+    ]
+    if compiled:
+        raise ValueError(
+            f"{callback_name} cannot measure a torch.compile'd model (compiled: {', '.join(compiled)}): Hessian-"
+            "vector products need a double backward, which torch.compile (aot_autograd) does not support. Remove "
+            "torch.compile / module.compile() for runs with the curvature callbacks."
+        )
     if not pl_module.automatic_optimization:
-        raise RuntimeError(
+        raise ValueError(
             f"{callback_name} needs automatic optimisation (one optimiser step per training batch); the module "
             "sets automatic_optimization = False. Use automatic optimisation or measure in your own loop with "
             "the pure-PyTorch core (lyapunov_callbacks.top_hessian_eigenvalues)."
         )
     if single_optimizer and trainer.optimizers and len(trainer.optimizers) != 1:
-        raise RuntimeError(
+        raise ValueError(
             f"{callback_name} supports exactly one optimiser, got {len(trainer.optimizers)}; return a single "
             "optimiser from configure_optimizers."
         )
-    if not allow_accumulation and trainer.accumulate_grad_batches > 1:
-        raise RuntimeError(
-            f"{callback_name} does not support accumulate_grad_batches={trainer.accumulate_grad_batches}: one "
-            "optimiser step then averages the gradients of several batches, so its Jacobian is "
-            "I - α·mean_b(H_b), another map than the per-batch step the monitor linearises. Set "
-            "accumulate_grad_batches=1 (use a larger batch_size instead)."
+
+
+def check_prefix(prefix: Any) -> str:
+    """Raise unless ``prefix`` is a non-empty string without a trailing ``/`` (tags are ``{prefix}/name``)."""
+    if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+        raise ValueError(
+            f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}; tags are logged as "
+            "'{prefix}/name', e.g. prefix='hessian_probe'."
         )
+    return prefix
+
+
+#: HVP budget of one estimate under ``Trainer(fast_dev_run=...)``: enough to run every code path once, not to
+#: converge (as Lightning's LearningRateFinder/BatchSizeFinder, which skip under fast_dev_run).
+FAST_DEV_RUN_HVPS = 3
+
+
+def fast_dev_run_budget(trainer: pl.Trainer, callback_name: str, what: str) -> bool:
+    """``True`` under ``fast_dev_run``, after telling the user (rank zero) what ``callback_name`` cuts short."""
+    if not getattr(trainer, "fast_dev_run", False):
+        return False
+    rank_zero_info(
+        f"{callback_name}: `Trainer(fast_dev_run=...)` is set, so {what}; the logged values only show that the "
+        "code path runs."
+    )
+    return True
+
+
+class MeanLoss:
+    """``loss_fn`` averaged over the micro-batches of one accumulated optimiser step.
+
+    With ``accumulate_grad_batches = k`` Lightning scales each micro-batch loss by ``1/k`` and sums the
+    gradients, so the step optimises ``(1/k)·Σ_i L(θ; B_i)``; this is that loss, with ``batch`` the list of the
+    ``k`` micro-batches. ``rngs`` (one :func:`~lyapunov_callbacks._state.rng_snapshot` per micro-batch, taken
+    before its training forward) are replayed before each term, so dropout draws the training step's masks.
+    """
+
+    def __init__(self, loss_fn: LossFn, rngs: Sequence[dict] | None = None) -> None:
+        self.loss_fn = loss_fn
+        self.rngs = None if rngs is None else list(rngs)
+
+    def __call__(self, model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
+        from lyapunov_callbacks._state import restore_rng
+
+        total = None
+        for i, batch in enumerate(batches):
+            if self.rngs is not None:
+                restore_rng(self.rngs[i])
+            loss = self.loss_fn(model, batch)
+            total = loss if total is None else total + loss
+        return total / len(batches)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------------------------
 def log_measurements(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], step: int
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    metrics: dict[str, float],
+    step: int,
+    prog_bar: Sequence[str] = (),
 ) -> None:
     """Publish measured values: to ``trainer.callback_metrics`` on every rank and to every logger at ``step``.
 
@@ -441,10 +503,13 @@ def log_measurements(
         pl_module: the module (its ``log`` is used for ``callback_metrics``).
         metrics: tag → value; non-finite values are published as they are.
         step: the step the values were measured at (``trainer.global_step`` at measurement time).
+        prog_bar: tags also shown in the progress bar (the callbacks' opt-in ``prog_bar=True``).
     """
     values = {name: float(value) for name, value in metrics.items()}
     for name, value in values.items():
-        pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+        pl_module.log(
+            name, value, on_step=True, on_epoch=False, logger=False, sync_dist=False, prog_bar=name in prog_bar
+        )
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)

@@ -11,19 +11,23 @@ from lightning.pytorch.callbacks import Callback
 
 from lyapunov_callbacks._lightning import (
     BATCHES,
+    FAST_DEV_RUN_HVPS,
     EigenTracker,
+    MeanLoss,
     ProbeBatch,
     check_choice,
     check_int,
     check_positive,
+    check_prefix,
     check_supported,
     current_lr,
+    fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
     resolve_dtype,
     resolve_loss_fn,
 )
-from lyapunov_callbacks._state import preserved_state
+from lyapunov_callbacks._state import preserved_state, restore_rng, rng_snapshot
 from lyapunov_callbacks.eigen import METHODS
 from lyapunov_callbacks.hessian import BACKENDS
 from lyapunov_callbacks.tensorboard_layout import add_paper_layout
@@ -34,24 +38,35 @@ class HessianEigenvalueMonitor(Callback):
     r"""Log the top Hessian eigenvalue h0 of the training loss (and the top ``k``) every ``every_n_steps`` steps.
 
     At every optimiser step with ``trainer.global_step % every_n_steps == 0`` the monitor estimates, in
-    ``on_train_batch_start`` — i.e. at the pre-step weights θ_t, just before the step is taken — the top
+    ``on_before_optimizer_step`` — i.e. at the pre-step weights θ_t, just before the step is taken, with the
+    learning rate α that step uses whatever the callback order and the schedulers — the top
     eigenvalues :math:`h_0 \ge h_1 \ge \dots` of :math:`H = \nabla^2_\theta L(\theta_t; B)` where :math:`L` is
     the mean training loss (``model.training_loss(batch)``, see below) of the batch :math:`B`:
-    the batch about to be trained on (``batch="current"``) or a fixed probe batch drawn once from the training
-    set (``batch="fixed"``: values comparable across steps). Each estimate is warm-started from the previous
+    the batch of the step (``batch="current"``; with ``accumulate_grad_batches = k`` the loss the step optimises,
+    the mean of its ``k`` micro-batch losses, each with the dropout masks of its training forward) or a fixed
+    probe batch drawn once from the training set (``batch="fixed"``: values comparable across steps). Each estimate is warm-started from the previous
     eigenvectors, so it typically costs a handful of Hessian-vector products (HVPs, ~2-3 forward+backward each).
     Measurement leaves training untouched: parameters, buffers (BatchNorm statistics) and ``.grad`` are never
     written (the loss is evaluated functionally on detached leaves and cloned buffers; a guard on their version
     counters raises if that were ever violated), train/eval modes and the RNG streams are restored, and the
     probe batch is drawn by index with a private generator.
 
-    Logged (to ``trainer.callback_metrics`` and to every logger, at the measured step):
+    Logged (to ``trainer.callback_metrics`` and to every logger, at the measured step), ``{prefix}`` being the
+    ``prefix`` argument (default ``"hessian"``):
 
-    - ``hessian/h0``: the sharpness h0; ``hessian/inv_h0``: 1/h0 (the quasi-Newton step size);
-    - ``hessian/h{i}`` for ``1 <= i < k``: the next eigenvalues, descending;
-    - ``hessian/stability``: α·h0 with α the current learning rate, the edge-of-stability ratio
-      (gradient descent on a quadratic is stable for α·h0 < 2);
-    - ``hessian/num_hvps``: HVPs spent on this estimate; ``optim/lr``: α.
+    - ``{prefix}/h0``: the sharpness h0; ``{prefix}/inv_h0``: 1/h0 (the quasi-Newton step size);
+    - ``{prefix}/h{i}`` for ``1 <= i < k``: the next eigenvalues, descending;
+    - ``{prefix}/stability``: α·h0 with α the learning rate of the step (first param group), the
+      edge-of-stability ratio (gradient descent on a quadratic is stable for α·h0 < 2);
+    - ``{prefix}/num_hvps``: HVPs spent on this estimate; ``optim/lr``: α (shared by all callbacks).
+
+    Several monitors run together (e.g. ``k=1`` every 5 steps and ``k=14`` every 100, or a second one with
+    ``batch="fixed", prefix="hessian_probe"``): each has its own :attr:`state_key` and checkpoint state; give
+    each a distinct ``prefix`` to keep their tags apart. Every ``fit`` starts from a clean state (no warm start
+    carried over from an earlier fit) unless the callback state is restored from a checkpoint.
+
+    Under ``Trainer(fast_dev_run=...)`` each estimate is capped at a handful of HVPs (the code path runs, the
+    values are not converged); an info message says so.
 
     The loss is ``pl_module.training_loss(batch)`` when the module defines it (scalar, mean-reduced, no logging);
     otherwise ``training_step(batch, 0)`` with logging silenced. Under DDP the HVPs are averaged over ranks, so
@@ -80,10 +95,12 @@ class HessianEigenvalueMonitor(Callback):
         seed: seed of the solver's first random start vector and of the probe batch draw (default 0).
         dtype: ``None``/``"float32"`` (default: estimate in float32 even under mixed precision) or
             ``"float64"`` (double precision, for small models and tests).
+        prefix: tag prefix of this monitor's values (default ``"hessian"``); ``optim/lr`` is not prefixed.
+        prog_bar: also show ``{prefix}/h0`` in the progress bar (default False).
 
     Raises:
-        ValueError: on any invalid argument above (the message names the parameter).
-        RuntimeError: at fit start, with manual optimisation or several optimisers.
+        ValueError: on any invalid argument above (the message names the parameter); at fit start, with manual
+            optimisation, several optimisers or a torch.compile'd module.
 
     Example::
 
@@ -107,8 +124,12 @@ class HessianEigenvalueMonitor(Callback):
         warm_start: bool = True,
         seed: int = 0,
         dtype: str | torch.dtype | None = None,
+        prefix: str = "hessian",
+        prog_bar: bool = False,
     ) -> None:
         super().__init__()
+        self.prefix = check_prefix(prefix)
+        self.prog_bar = bool(prog_bar)
         check_int("every_n_steps", every_n_steps, "every_n_steps=10")
         check_int("k", k, "k=1 (h0 alone)")
         check_choice("method", method, METHODS)
@@ -129,59 +150,102 @@ class HessianEigenvalueMonitor(Callback):
         self.warm_start = bool(warm_start)
         self.seed = seed
         self.dtype = estimate_dtype
-        self._tracker = EigenTracker(
-            method=method, hvp=hvp, k=k, tol=self.tol, max_iter=max_iter, seed=seed,
-            warm_start=self.warm_start, dtype=self.dtype,
-        )
-        self._probe = ProbeBatch(size=probe_size, seed=seed) if batch == "fixed" else None
+        self._reset()
         self._loss_fn: Any = None
-        self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)
         self.last_metrics: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            prefix=self.prefix, every_n_steps=self.every_n_steps, k=self.k, method=self.method, batch=self.batch
+        )
 
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_supported(trainer, pl_module, type(self).__name__)
+            # Lightning restores callback state after setup: a checkpoint overrides this clean start.
+            self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, type(self).__name__)
         self._loss_fn = resolve_loss_fn(pl_module)
-        add_paper_layout(trainer)
+        budget = max(FAST_DEV_RUN_HVPS, 2 * self.k)
+        if fast_dev_run_budget(trainer, type(self).__name__, f"each estimate is capped at {budget} HVPs"):
+            self._tracker.max_iter = min(self.max_iter, budget)
+        else:
+            self._tracker.max_iter = self.max_iter
+        if self.prefix == "hessian":
+            add_paper_layout(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps != 0 or step == self._last_step:
+            self._micro = []
             return
+        if self._micro_step != step:
+            self._micro, self._micro_step = [], step
+        # The RNG state right before the training forward: replayed so the HVPs see its dropout masks.
+        self._micro.append((batch, rng_snapshot()))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        if not self._micro or self._micro_step != step:
+            return
+        micro, self._micro = self._micro, []
         self._last_step = step
-        self._measure(trainer, pl_module, batch, step)
+        self._measure(trainer, pl_module, micro, step)
 
     # ---------------------------------------------------------------------------------------------- helpers
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
+    def _reset(self) -> None:
+        """Forget everything measured: a fresh warm start, probe draw and step bookkeeping."""
+        self._tracker = EigenTracker(
+            method=self.method, hvp=self.hvp, k=self.k, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
+            warm_start=self.warm_start, dtype=self.dtype,
+        )
+        self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
+        self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)
+        self._micro: list[tuple[Any, dict]] = []  # (batch, rng) of the micro-batches of the step to measure
+        self._micro_step: int | None = None
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]], step: int
+    ) -> None:
         if self._loss_fn is None:
             self._loss_fn = resolve_loss_fn(pl_module)
+        loss_fn = self._loss_fn
         if self._probe is not None:
-            batch = self._probe.get(trainer, pl_module)
+            batch, rng = self._probe.get(trainer, pl_module), micro[0][1]
+        elif len(micro) == 1:
+            batch, rng = micro[0]
+        else:  # accumulation: the mean of the micro-batch losses, each with its own dropout masks
+            loss_fn = MeanLoss(self._loss_fn, [r for _, r in micro])
+            batch, rng = [b for b, _ in micro], micro[0][1]
         lr = current_lr(trainer)
         # The operator never writes to the module's tensors (detached leaves, cloned buffers), so a guard
         # without copies suffices: it restores modes, RNG and .grad references and fails loudly if a
         # tensor was modified in place (a full copy of the weights per estimate would be wasted time).
         with preserved_state(pl_module, copy_tensors=False):
-            result = self._tracker.estimate(pl_module, self._loss_fn, batch)
+            restore_rng(rng)
+            result = self._tracker.estimate(pl_module, loss_fn, batch)
         values = [float(v) for v in result.eigenvalues.detach().cpu()]
         h0 = values[0]
+        p = self.prefix
         metrics = {
-            "hessian/h0": finite_or_nan(h0),
-            "hessian/inv_h0": finite_or_nan(1.0 / h0) if h0 != 0 else float("nan"),
+            f"{p}/h0": finite_or_nan(h0),
+            f"{p}/inv_h0": finite_or_nan(1.0 / h0) if h0 != 0 else float("nan"),
         }
         for i in range(1, len(values)):
-            metrics[f"hessian/h{i}"] = finite_or_nan(values[i])
-        metrics["hessian/stability"] = finite_or_nan(lr * h0)
-        metrics["hessian/num_hvps"] = float(result.num_hvps)
+            metrics[f"{p}/h{i}"] = finite_or_nan(values[i])
+        metrics[f"{p}/stability"] = finite_or_nan(lr * h0)
+        metrics[f"{p}/num_hvps"] = float(result.num_hvps)
         metrics["optim/lr"] = lr
         self.last_metrics = metrics
-        log_measurements(trainer, pl_module, metrics, step)
+        log_measurements(trainer, pl_module, metrics, step, prog_bar=(f"{p}/h0",) if self.prog_bar else ())
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,10 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lyapunov_callbacks._lightning import (
+    MeanLoss,
     check_choice,
     check_int,
+    check_prefix,
     check_supported,
-    current_lr,
+    fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
     resolve_dtype,
@@ -36,15 +39,39 @@ class LyapunovExponentMonitor(Callback):
     step's mini-batch loss at the pre-step weights and :math:`\alpha_t` the step's learning rate (momentum,
     Nesterov and weight decay follow ``torch.optim.SGD`` exactly, see
     :class:`~lyapunov_callbacks.tangent.TangentDynamics`). Each step costs one Hessian-vector product (HVP),
-    computed in ``on_before_optimizer_step`` — after other callbacks set the LR, before the weights move — on
-    the step's own batch and with the same dropout masks as the training forward (the RNG state is captured in
-    ``on_train_batch_start`` and replayed). λ for a window is the mean log growth
+    computed in ``on_before_optimizer_step`` — after other callbacks and schedulers set the LR, before the
+    weights move, so α is the LR the step really uses — on the step's own batch and with the same dropout masks
+    as the training forward (the RNG state is captured in ``on_train_batch_start`` and replayed). With
+    ``accumulate_grad_batches = k`` one tangent step is taken per optimiser step, with the Hessian of the loss
+    that step optimises: the mean of its ``k`` micro-batch losses (each with its own dropout masks). λ for a window is the mean log growth
     :math:`\frac1W\sum_t \log(\lVert\delta_{t+1}\rVert / \lVert\delta_t\rVert)` of its ``window`` consecutive
     steps (per step, natural log): λ > 0 means nearby trajectories diverge (the step is too large for the
     curvature, α·h0 > 2 on a quadratic), λ < 0 that they converge.
 
-    Logged at the last step of each window (to ``trainer.callback_metrics`` and every logger):
-    ``lyapunov/lambda`` and ``optim/lr`` (the LR of that step).
+    Logged at the last step of each window (to ``trainer.callback_metrics`` and every logger), ``{prefix}``
+    being the ``prefix`` argument (default ``"lyapunov"``): ``{prefix}/lambda``, ``{prefix}/skipped_steps`` and
+    ``optim/lr`` (the LR of that step, shared by all callbacks).
+
+    **Non-finite steps.** A step whose HVP is not finite (a diverged loss) or whose log growth is not finite
+    (the step annihilated δ exactly) is skipped: δ keeps its direction, the step is left out of λ (of its window
+    and of the cumulative mean) and counted in ``{prefix}/skipped_steps``, with one warning. The window still
+    ends after ``window`` steps; λ is the mean over its finite steps (NaN if none was).
+
+    **Refits, several instances.** Every ``fit`` starts from a fresh δ (seeded by ``seed``) and empty sums,
+    unless the callback state is restored from a checkpoint; each instance has its own :attr:`state_key`
+    (give each a distinct ``prefix`` to keep their tags apart).
+
+    **Gradient clipping** (``Trainer(gradient_clip_val=...)``) is not part of the linearised map: the tangent
+    step is :math:`I - \alpha H` (with momentum/weight decay), the Jacobian of the unclipped step. While norm
+    clipping is inactive (‖g‖ below the threshold) this is the exact map; while it is active the true Jacobian
+    is :math:`c\,(I - \hat g\hat g^\top) H` scaled by the clip factor :math:`c`, and λ describes the unclipped
+    dynamics instead. A warning says so at fit start.
+
+    **Parameter groups.** The tangent map uses one LR for the whole parameter vector, so param groups with
+    different LRs (or momentum, weight decay) are refused with a ``ValueError`` naming the setting.
+
+    **fast_dev_run.** Under ``Trainer(fast_dev_run=...)`` the window is one step, so λ is logged at the first
+    step (the code path runs; the value is one step's log growth, not an exponent); an info message says so.
 
     Cost:
 
@@ -62,7 +89,7 @@ class LyapunovExponentMonitor(Callback):
 
     The loss is ``pl_module.training_loss(batch)`` when the module defines it, else ``training_step(batch, 0)``
     with logging silenced. Under DDP the HVP is averaged over ranks (the Hessian of the loss DDP optimises), so
-    δ and λ are identical on every rank. Gradient clipping is not part of the linearised map (a warning says so).
+    δ and λ are identical on every rank.
 
     Args:
         window: number of consecutive steps averaged into one λ (default 20). Must be >= 1.
@@ -71,12 +98,15 @@ class LyapunovExponentMonitor(Callback):
         seed: seed of the random initial tangent vector (default 0).
         dtype: ``None`` (default: the parameters' dtype, float32 under mixed precision), ``"float32"`` or
             ``"float64"``: dtype of the HVP and of the tangent vector.
+        prefix: tag prefix of this monitor's values (default ``"lyapunov"``); ``optim/lr`` is not prefixed.
+        prog_bar: also show ``{prefix}/lambda`` in the progress bar (default False).
 
     Raises:
-        ValueError: ``window < 1``, ``every_n_steps < window``, unknown ``hvp`` or ``dtype``.
-        TypeError: at fit start, if the optimiser is not ``torch.optim.SGD`` (with or without momentum).
-        RuntimeError: at fit start, with manual optimisation, several optimisers or
-            ``accumulate_grad_batches > 1``.
+        ValueError: ``window < 1``, ``every_n_steps < window``, unknown ``hvp`` or ``dtype``, a bad ``prefix``;
+            at fit start, with an optimiser other than ``torch.optim.SGD`` (with or without momentum), param
+            groups with different hyper-parameters, manual optimisation, several optimisers or a torch.compile'd module;
+            during training,
+            if a scheduler gives the param groups different LRs.
 
     Example::
 
@@ -94,8 +124,12 @@ class LyapunovExponentMonitor(Callback):
         hvp: str = "autograd",
         seed: int = 0,
         dtype: str | torch.dtype | None = None,
+        prefix: str = "lyapunov",
+        prog_bar: bool = False,
     ) -> None:
         super().__init__()
+        self.prefix = check_prefix(prefix)
+        self.prog_bar = bool(prog_bar)
         check_int("window", window, "window=20")
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < window
@@ -112,29 +146,41 @@ class LyapunovExponentMonitor(Callback):
         self.hvp = hvp
         self.seed = int(seed)
         self.dtype = tangent_dtype
-        self.tangent: TangentDynamics | None = None
-        self.last_metrics: dict[str, float] = {}
         self._loss_fn: Any = None
-        self._pending_state: dict[str, Any] | None = None
-        self._pending: tuple[int, Any, dict] | None = None  # (step, batch, rng) of the step being taken
+        self._reset()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            prefix=self.prefix, window=self.window, every_n_steps=self.every_n_steps, hvp=self.hvp
+        )
 
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_supported(trainer, pl_module, type(self).__name__, allow_accumulation=False)
+            check_supported(trainer, pl_module, type(self).__name__)
+            # Lightning restores callback state after setup: a checkpoint overrides this clean start.
+            self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_supported(trainer, pl_module, type(self).__name__, allow_accumulation=False)
+        check_supported(trainer, pl_module, type(self).__name__)
         self._loss_fn = resolve_loss_fn(pl_module)
-        tangent = self._new_tangent(trainer, pl_module)  # unsupported optimisers fail here, before any training
-        if self.tangent is None or self.tangent.dim != tangent.dim:
-            self.tangent = tangent  # a second fit with the same callback keeps δ as a warm start
+        try:
+            # Unsupported optimisers fail here, before any training.
+            self.tangent = self._new_tangent(trainer, pl_module)
+        except TypeError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from err
+        self._window = self.window
+        if fast_dev_run_budget(trainer, type(self).__name__, "λ is logged after a window of 1 step"):
+            self._window = 1
         if trainer.gradient_clip_val:
             rank_zero_warn(
                 f"{type(self).__name__}: gradient clipping (gradient_clip_val={trainer.gradient_clip_val}) is not "
-                "part of the linearised step; λ describes the unclipped map."
+                "part of the linearised step I - αH; λ is exact while the clip is inactive and describes the "
+                "unclipped map while it is active."
             )
-        add_paper_layout(trainer)
+        if self.prefix == "lyapunov":
+            add_paper_layout(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Rebuilt now that the optimiser state is restored (momentum buffers present on resume), then the
@@ -149,32 +195,69 @@ class LyapunovExponentMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        self._pending = None
         if not self._active(step):
+            self._pending = []
             return
-        if self.every_n_steps is not None and step % self.every_n_steps == 0 and self.tangent.window_steps:
-            self.tangent.flush_window()  # a partial window left over (e.g. an interrupted run) is discarded
+        if self._pending_step != step or not self._pending:
+            # First micro-batch of this optimiser step.
+            self._pending, self._pending_step = [], step
+            if self.every_n_steps is not None and step % self.every_n_steps == 0 and self._window_count():
+                self.tangent.flush_window()  # a partial window left over (e.g. an interrupted run) is discarded
+                self._window_skipped = 0
         # The RNG state right before the training forward: replayed so the HVP sees the same dropout masks.
-        self._pending = (step, batch, rng_snapshot())
+        self._pending.append((batch, rng_snapshot()))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._pending is None:
+        step = trainer.global_step
+        if not self._pending or self._pending_step != step:
             return
-        step, batch, rng = self._pending
-        self._pending = None
-        lr = current_lr(trainer)
-        self._propagate(trainer, pl_module, batch, rng, lr)
-        if self.tangent.window_steps >= self.window:
+        micro, self._pending = self._pending, []
+        lr = self._step_lr(optimizer)
+        self._propagate(trainer, pl_module, micro, lr)
+        if self._window_count() >= self._window:
             lam = self.tangent.flush_window()
-            metrics = {"lyapunov/lambda": finite_or_nan(lam), "optim/lr": lr}
+            self._window_skipped = 0
+            p = self.prefix
+            metrics = {
+                f"{p}/lambda": float("nan") if lam is None else finite_or_nan(lam),
+                f"{p}/skipped_steps": float(self.skipped_steps),
+                "optim/lr": lr,
+            }
             self.last_metrics = metrics
-            log_measurements(trainer, pl_module, metrics, step)
+            log_measurements(trainer, pl_module, metrics, step, prog_bar=(f"{p}/lambda",) if self.prog_bar else ())
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _reset(self) -> None:
+        """A fresh start: no δ (built at fit start), no pending state, empty counters."""
+        self.tangent: TangentDynamics | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.skipped_steps = 0
+        self._window = self.window
+        self._window_skipped = 0
+        self._warned_skip = False
+        self._pending_state: dict[str, Any] | None = None
+        self._pending: list[tuple[Any, dict]] = []  # (batch, rng) of the micro-batches of the step being taken
+        self._pending_step: int | None = None
+
     def _active(self, step: int) -> bool:
-        return self.every_n_steps is None or step % self.every_n_steps < self.window
+        return self.every_n_steps is None or step % self.every_n_steps < self._window
+
+    def _window_count(self) -> int:
+        """Steps of the current window, skipped ones included."""
+        return self.tangent.window_steps + self._window_skipped
+
+    def _step_lr(self, optimizer: torch.optim.Optimizer) -> float:
+        """The LR this optimiser step uses (one for all groups: the tangent map has a single α)."""
+        lrs = {float(g["lr"]) for g in optimizer.param_groups}
+        if len(lrs) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: the param groups use different learning rates {sorted(lrs)} at step "
+                "time; the tangent map has one α for the whole parameter vector. Use one LR for all groups "
+                "(or a scheduler that scales them alike) or remove the monitor."
+            )
+        return lrs.pop()
 
     def _tangent_dtype(self, pl_module: pl.LightningModule) -> torch.dtype:
         if self.dtype is not None:
@@ -205,22 +288,55 @@ class LyapunovExponentMonitor(Callback):
         return torch.cat([g.detach().reshape(-1) for g in grads]).to(self.tangent.dtype)
 
     def _propagate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, rng: dict, lr: float
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]], lr: float
     ) -> float:
-        """One linearised step of δ at the current (pre-step) weights; returns its log growth."""
-        # Finite differences need ∇L(θ) and ∇L(θ+εv): the first is the training step's own gradient.
+        """One linearised step of δ at the current (pre-step) weights; returns its log growth (NaN: skipped)."""
+        # Finite differences need ∇L(θ) and ∇L(θ+εv): the first is the training step's own gradient (with
+        # accumulation, .grad holds the gradient of the mean micro-batch loss: the loss differentiated here).
         gradient = self._training_gradient(trainer, pl_module) if self.hvp == "finite_difference" else None
+        if len(micro) == 1:
+            loss_fn, (batch, rng) = self._loss_fn, micro[0]
+        else:
+            loss_fn, batch, rng = MeanLoss(self._loss_fn, [r for _, r in micro]), [b for b, _ in micro], micro[0][1]
         current = rng_snapshot()
         try:
             restore_rng(rng)  # the operator captures the RNG at construction: the training forward's state
             with torch.enable_grad():
                 op = HessianOperator(
-                    pl_module, self._loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype, gradient=gradient
+                    pl_module, loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype, gradient=gradient
                 )
         finally:
             restore_rng(current)
+        tangent = self.tangent
+        saved = (tangent.num_steps, tangent.log_growth_sum, tangent.window_log_growth_sum, tangent.window_steps,
+                 tangent.last_log_growth, tangent.delta_theta, tangent.delta_m, tangent.momentum_initialized)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            hv = op.matvec(v)
+            if not math.isfinite(float(hv.sum())):
+                raise _NonFiniteStep
+            return hv
+
         with op:
-            return self.tangent.step(op.matvec, lr)
+            try:
+                growth = tangent.step(matvec, lr)
+            except _NonFiniteStep:
+                growth = float("nan")
+        if math.isfinite(growth) and bool(torch.isfinite(tangent.delta_theta).all()):
+            return growth
+        (tangent.num_steps, tangent.log_growth_sum, tangent.window_log_growth_sum, tangent.window_steps,
+         tangent.last_log_growth, tangent.delta_theta, tangent.delta_m, tangent.momentum_initialized) = saved
+        self.skipped_steps += 1
+        self._window_skipped += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            rank_zero_warn(
+                f"{type(self).__name__}: the tangent step at step {trainer.global_step} has a non-finite growth "
+                f"({growth!r}: a diverged loss or an annihilated perturbation); it is left out of λ and counted "
+                f"in {self.prefix}/skipped_steps (no further warning).",
+                category=RuntimeWarning,
+            )
+        return float("nan")
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -230,13 +346,18 @@ class LyapunovExponentMonitor(Callback):
         for key in ("delta_theta", "delta_m"):
             if state[key] is not None:
                 state[key] = state[key].cpu()
-        return {"tangent": state}
+        return {"tangent": state, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         tangent_state = state_dict.get("tangent")
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         if tangent_state is None:
             return
         if self.tangent is not None and self.tangent.dim == int(tangent_state["dim"]):
             self.tangent.load_state_dict(tangent_state)
         # Also kept for on_train_start, which rebuilds the tangent once the optimiser state is restored.
         self._pending_state = tangent_state
+
+
+class _NonFiniteStep(Exception):
+    """Raised inside a tangent step whose HVP is not finite, before δ is touched."""

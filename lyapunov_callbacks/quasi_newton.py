@@ -13,12 +13,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lyapunov_callbacks._lightning import (
     BATCHES,
+    FAST_DEV_RUN_HVPS,
     EigenTracker,
     ProbeBatch,
     check_choice,
     check_int,
     check_positive,
+    check_prefix,
     check_supported,
+    fast_dev_run_budget,
     finite_or_nan,
     is_number,
     log_measurements,
@@ -73,7 +76,7 @@ def momentum_stability_factor(momentum: float, nesterov: bool = False) -> float:
 
 
 class QuasiNewtonLR(Callback):
-    r"""Set the learning rate of every parameter group to ``scale / h0`` (the quasi-Newton step), measured online.
+    r"""Set the learning rate to ``scale / h0`` (the quasi-Newton step), h0 measured online.
 
     ``h0`` is the largest eigenvalue of the Hessian of the training loss at the current weights. Plain gradient
     descent on curvature :math:`h` is stable for :math:`\alpha h < 2`; :math:`\alpha = 1/h_0` is Newton's step
@@ -93,7 +96,7 @@ class QuasiNewtonLR(Callback):
       eigenvector (a few HVPs), on the batch about to be trained on (``batch="current"``) or on a fixed probe
       batch (``batch="fixed"``). With ``smoothing = s > 0`` the LR uses the EMA
       :math:`\bar h_0 \leftarrow s \bar h_0 + (1-s) h_0`.
-    - **Every** training batch, in ``on_train_batch_start``, every param group's ``lr`` is set to the current
+    - **Every** training batch, in ``on_train_batch_start``, the param groups' ``lr`` are set from the current
       α, so the optimiser step that follows uses it (also right after a checkpoint resume). A
       :class:`~lightning.pytorch.callbacks.LearningRateMonitor` listed before this callback is moved after it at
       setup so that it logs the LR the step really uses.
@@ -111,6 +114,18 @@ class QuasiNewtonLR(Callback):
     :math:`c = (1+\mu)/(1+2\mu)`; see :func:`momentum_stability_factor` for both derivations. With
     ``momentum_aware=False`` and momentum > 0 a warning says that 1/h0 is the plain-SGD rule.
 
+    **Parameter groups.** α is the LR of the first param group; every other group ``i`` gets
+    ``α · lr_i / lr_0`` with ``lr_i`` the LRs ``configure_optimizers`` gave them, so the ratios between groups are
+    kept (one group, or groups of one LR: every group gets α).
+
+    **Refits, resumes.** Every ``fit`` starts from a clean state (a new warm-up, no h0 carried over from an
+    earlier fit, e.g. with the same callback instance on another model) unless this callback's state is
+    restored from a checkpoint (:attr:`state_key` identifies it).
+
+    **fast_dev_run.** Under ``Trainer(fast_dev_run=...)`` the warm-up and each re-estimate are capped at a
+    handful of HVPs (the code path runs; h0 is not converged), as Lightning's tuner callbacks cut their work
+    under ``fast_dev_run``; an info message says so.
+
     **Safety.** An estimate that is NaN, infinite or :math:`\le 0` (a concave region, a diverged loss) never
     reaches the optimiser: the last good LR is kept (before the first good estimate: the optimiser's
     configured LR, clamped), the event is counted in ``quasi_newton/rejected_estimates`` and a warning is
@@ -120,9 +135,10 @@ class QuasiNewtonLR(Callback):
     the Hessian of the mean loss over all shards; the value used is additionally broadcast from rank 0, so
     every rank sets exactly the same LR on every step.
 
-    Logged at each estimate (``trainer.callback_metrics`` and every logger, at the measured step):
-    ``quasi_newton/lr``, ``optim/lr`` (the same α), ``hessian/h0`` (raw estimate), ``hessian/inv_h0``,
-    ``quasi_newton/rejected_estimates``; at the warm-up also ``quasi_newton/warmup_hvps``.
+    Logged at each estimate (``trainer.callback_metrics`` and every logger, at the measured step), ``{prefix}``
+    being the ``prefix`` argument (default ``"quasi_newton"``): ``{prefix}/lr``, ``optim/lr`` (the same α),
+    ``hessian/h0`` (raw estimate), ``hessian/inv_h0``, ``{prefix}/rejected_estimates``; at the warm-up also
+    ``{prefix}/warmup_hvps``.
 
     Cost: the warm-up (typically 10–40 HVPs, one HVP ≈ 2.5–3.3 forward+backward passes) plus a few HVPs every
     ``every_n_steps`` steps.
@@ -148,15 +164,19 @@ class QuasiNewtonLR(Callback):
         seed: seed of the solver's random start vector and of the probe batch's indices.
         dtype: dtype of the estimate, ``None`` (the parameters', float32 under mixed precision),
             ``"float32"``/``"float64"`` or a ``torch.dtype``.
+        prefix: tag prefix of ``{prefix}/lr``, ``{prefix}/warmup_hvps``, ``{prefix}/rejected_estimates``
+            (default ``"quasi_newton"``).
+        prog_bar: also show ``{prefix}/lr`` in the progress bar (default False).
 
     Raises:
         ValueError: at construction, for ``scale <= 0``, ``every_n_steps < 1``, an unknown ``method``, ``hvp``,
             ``batch`` or ``dtype``, ``probe_size < 1``, ``tol``/``warmup_tol <= 0``, ``max_iter``/
             ``warmup_max_hvps < 1``, ``smoothing`` outside ``[0, 1)``, ``min_lr <= 0`` or ``min_lr > max_lr``.
             At fit start, for an optimiser whose param groups have no ``lr``, and with ``momentum_aware=True``
-            for an optimiser without ``momentum``, with dampening, or with groups of different momentum.
-        RuntimeError: at fit start, for a configured LR scheduler (remove it: this callback sets the LR),
-            several optimisers, or manual optimisation.
+            for an optimiser without ``momentum``, with dampening, or with groups of different momentum; for a
+            configured LR scheduler (remove it: this callback sets the LR), several optimisers, manual
+            optimisation, a torch.compile'd module, or a first param group with ``lr <= 0`` when there are
+            several groups.
 
     Example::
 
@@ -185,8 +205,12 @@ class QuasiNewtonLR(Callback):
         momentum_aware: bool = False,
         seed: int = 0,
         dtype: Optional[Union[str, torch.dtype]] = None,
+        prefix: str = "quasi_newton",
+        prog_bar: bool = False,
     ) -> None:
         super().__init__()
+        self.prefix = check_prefix(prefix)
+        self.prog_bar = bool(prog_bar)
         check_positive("scale", scale, "scale=1.0 (α = scale/h0)")
         check_int("every_n_steps", every_n_steps, "every_n_steps=10")
         check_choice("method", method, METHODS)
@@ -222,16 +246,29 @@ class QuasiNewtonLR(Callback):
         self.momentum_aware = bool(momentum_aware)
         self.seed = int(seed)
         self.dtype = dtype
-
-        self._tracker = EigenTracker(
-            method=method, hvp=hvp, k=1, tol=self.tol, max_iter=max_iter, seed=self.seed, warm_start=True, dtype=dtype
-        )
-        self._probe = ProbeBatch(size=probe_size, seed=self.seed) if batch == "fixed" else None
+        self.probe_size = probe_size
         self._loss_fn = None
         # Set at fit start from the optimiser.
         self._factor = 1.0
         self._weight_decay = 0.0
         self._configured_lr: Optional[float] = None
+        self._group_ratios: list[float] = [1.0]
+        self._warmup_budget = warmup_max_hvps
+        self._reset()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            prefix=self.prefix, scale=self.scale, every_n_steps=self.every_n_steps, method=self.method, batch=self.batch
+        )
+
+    def _reset(self) -> None:
+        """Forget every estimate: the next training batch runs the warm-up again."""
+        self._tracker = EigenTracker(
+            method=self.method, hvp=self.hvp, k=1, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
+            warm_start=True, dtype=self.dtype,
+        )
+        self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
         # Checkpointed state (see state_dict).
         self.h0: Optional[float] = None
         self.h0_smoothed: Optional[float] = None
@@ -250,17 +287,19 @@ class QuasiNewtonLR(Callback):
         if stage == "fit":
             self._loss_fn = resolve_loss_fn(pl_module)
             _move_before_lr_monitors(trainer, self)
+            # Lightning restores callback state after setup: a checkpoint overrides this clean start.
+            self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, "QuasiNewtonLR")
         if trainer.lr_scheduler_configs:
             names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
-            raise RuntimeError(
+            raise ValueError(
                 f"QuasiNewtonLR sets the learning rate itself, but an LR scheduler is configured ({names}): "
                 "remove lr_scheduler (the `lr_scheduler:` section / the scheduler returned by configure_optimizers)."
             )
         if len(trainer.optimizers) != 1:
-            raise RuntimeError(
+            raise ValueError(
                 f"QuasiNewtonLR needs exactly one optimiser, got {len(trainer.optimizers)}; return a single "
                 "optimiser from configure_optimizers."
             )
@@ -272,6 +311,20 @@ class QuasiNewtonLR(Callback):
                     "no 'lr'; use an optimiser with a learning rate `lr` (e.g. torch.optim.SGD)."
                 )
         self._configured_lr = float(optimizer.param_groups[0]["lr"])
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        if len(set(lrs)) > 1 and not lrs[0] > 0:
+            raise ValueError(
+                f"QuasiNewtonLR keeps the ratios of the param groups' LRs {lrs} relative to the first group, whose "
+                "lr must then be > 0; give the first group a positive lr."
+            )
+        self._group_ratios = [lr / lrs[0] if len(set(lrs)) > 1 else 1.0 for lr in lrs]
+        self._warmup_budget = self.warmup_max_hvps
+        self._tracker.max_iter = self.max_iter
+        if fast_dev_run_budget(
+            trainer, "QuasiNewtonLR", f"the warm-up and each re-estimate are capped at {FAST_DEV_RUN_HVPS} HVPs"
+        ):
+            self._warmup_budget = min(self.warmup_max_hvps, FAST_DEV_RUN_HVPS)
+            self._tracker.max_iter = min(self.max_iter, FAST_DEV_RUN_HVPS)
         self._factor = self._momentum_factor(optimizer)
         self._weight_decay = (
             max(float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups)
@@ -374,9 +427,9 @@ class QuasiNewtonLR(Callback):
         used, previous, h0, stable = 0, None, float("nan"), False
         tracker.tol = self.warmup_tol
         try:
-            while used < self.warmup_max_hvps:
+            while used < self._warmup_budget:
                 # Every estimate may use what is left of the budget; the solver stops at its own tolerance.
-                tracker.max_iter = self.warmup_max_hvps - used
+                tracker.max_iter = self._warmup_budget - used
                 h0, hvps = self._estimate(pl_module, batch)
                 used += hvps
                 if not math.isfinite(h0) or hvps == 0:
@@ -389,13 +442,13 @@ class QuasiNewtonLR(Callback):
             tracker.tol, tracker.max_iter = saved_tol, saved_max_iter
         self.warmup_done = True
         self.warmup_hvps = used
-        if not stable and math.isfinite(h0):
+        if not stable and math.isfinite(h0) and self._warmup_budget == self.warmup_max_hvps:
             rank_zero_warn(
                 f"QuasiNewtonLR: the warm-up used warmup_max_hvps={self.warmup_max_hvps} HVPs before h0 was stable "
                 f"to warmup_tol={self.warmup_tol} (last estimate {h0:.6g}); training starts with it. Raise "
                 "warmup_max_hvps or warmup_tol."
             )
-        self._accept(trainer, pl_module, h0, step, {"quasi_newton/warmup_hvps": float(used)})
+        self._accept(trainer, pl_module, h0, step, {f"{self.prefix}/warmup_hvps": float(used)})
 
     def _re_estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
         h0, _ = self._estimate(pl_module, self._measure_batch(trainer, pl_module, batch))
@@ -433,21 +486,24 @@ class QuasiNewtonLR(Callback):
                 rank_zero_warn(
                     f"QuasiNewtonLR rejected the h0 estimate {h0!r} at step {step} (NaN, infinite or <= 0: a "
                     f"diverged loss or a concave region) and keeps lr={self.lr:.6g}; further rejections are "
-                    "counted in quasi_newton/rejected_estimates without another warning."
+                    f"counted in {self.prefix}/rejected_estimates without another warning."
                 )
         metrics["hessian/h0"] = finite_or_nan(h0)
-        metrics["quasi_newton/lr"] = self.lr
+        metrics[f"{self.prefix}/lr"] = self.lr
         metrics["optim/lr"] = self.lr
-        metrics["quasi_newton/rejected_estimates"] = float(self.rejected_estimates)
-        log_measurements(trainer, pl_module, metrics, step)
+        metrics[f"{self.prefix}/rejected_estimates"] = float(self.rejected_estimates)
+        prog_bar = (f"{self.prefix}/lr",) if self.prog_bar else ()
+        log_measurements(trainer, pl_module, metrics, step, prog_bar=prog_bar)
 
     def _clamp(self, lr: float) -> float:
         return min(max(lr, self.min_lr), self.max_lr)
 
     def _apply_lr(self, trainer: pl.Trainer) -> None:
         for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr
+            groups = optimizer.param_groups
+            ratios = self._group_ratios if len(self._group_ratios) == len(groups) else [1.0] * len(groups)
+            for group, ratio in zip(groups, ratios):
+                group["lr"] = self.lr * ratio
 
 
 def _move_before_lr_monitors(trainer: pl.Trainer, callback: Callback) -> None:

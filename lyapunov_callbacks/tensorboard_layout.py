@@ -1,7 +1,9 @@
 """TensorBoard custom-scalars layout that overlays λ, 1/h0 and the learning rate: the paper's figure, live.
 
-The layout is written once per ``TensorBoardLogger`` (rank zero only) by the curvature callbacks in
-``on_fit_start``; it is metadata in the event file and does not change any logged value.
+The layout is written once per ``TensorBoardLogger`` (rank zero only) by the curvature callbacks with their default
+``prefix`` in ``on_fit_start``; it charts the default tags (``hessian/*``, ``lyapunov/*``, ``quasi_newton/*``), so
+callbacks with another ``prefix`` do not write it (their tags are in the Scalars tab). It is metadata in the event
+file and does not change any logged value.
 """
 
 from __future__ import annotations

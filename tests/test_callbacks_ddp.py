@@ -67,21 +67,22 @@ class Dump(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         hessian, _ = self._find(trainer)
         step = trainer.global_step
-        if step % hessian.every_n_steps == 0:
-            torch.save(
-                {
-                    "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                    "batch": [t.detach().clone() for t in batch],
-                    "metrics": dict(hessian.last_metrics),
-                },
-                Path(self.out) / f"hessian_rank{trainer.global_rank}_step{step}.pt",
-            )
+        self.pending = None
+        if step % hessian.every_n_steps == 0:  # the pre-step weights; the monitor measures before the step
+            self.pending = {
+                "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "batch": [t.detach().clone() for t in batch],
+            }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        _, lyapunov = self._find(trainer)
+        hessian, lyapunov = self._find(trainer)
+        step = trainer.global_step - 1
+        if self.pending is not None:
+            self.pending["metrics"] = dict(hessian.last_metrics)
+            torch.save(self.pending, Path(self.out) / f"hessian_rank{trainer.global_rank}_step{step}.pt")
         torch.save(
             {"metrics": dict(lyapunov.last_metrics), "delta": lyapunov.tangent.delta_theta.clone()},
-            Path(self.out) / f"lyapunov_rank{trainer.global_rank}_step{trainer.global_step - 1}.pt",
+            Path(self.out) / f"lyapunov_rank{trainer.global_rank}_step{step}.pt",
         )
 
 

@@ -277,7 +277,7 @@ class ManualOpt(DropoutMLP):
 
 
 def test_manual_optimisation_is_rejected_at_setup():
-    with pytest.raises(RuntimeError, match="automatic optimisation"):
+    with pytest.raises(ValueError, match="automatic optimisation"):
         _trainer([HessianEigenvalueMonitor()], max_steps=1).fit(ManualOpt(), DataLoader(_data(), batch_size=8))
 
 

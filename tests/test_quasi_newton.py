@@ -408,7 +408,7 @@ class WithoutLr(Quadratic):
 
 
 def test_setup_errors():
-    with pytest.raises(RuntimeError, match="remove lr_scheduler"):
+    with pytest.raises(ValueError, match="remove lr_scheduler"):
         _trainer([QuasiNewtonLR()], max_steps=1).fit(WithScheduler(), _loader())
     with pytest.raises(ValueError, match="no 'lr'"):
         _trainer([QuasiNewtonLR()], max_steps=1).fit(WithoutLr(), _loader())
@@ -418,7 +418,7 @@ def test_setup_errors():
             super().__init__()
             self.automatic_optimization = False
 
-    with pytest.raises(RuntimeError, match="automatic optimisation"):
+    with pytest.raises(ValueError, match="automatic optimisation"):
         _trainer([QuasiNewtonLR()], max_steps=1).fit(Manual(), _loader())
 
 
