@@ -33,12 +33,17 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Runs every figure's configs at the reduced scale of figures/figures.yaml (~10 min on 2 CPU cores), then
-# plots figures/fig*.png. DATA=synthetic: the offline stand-in; DATA=cifar: $(DATA_DIR)/cifar-10-batches-py.
-# FIGURES_ARGS e.g. --include-optional (ResNet-18 comparison), --only fig2, --list.
+# The paper's figures 1-10, the analysis figures and the summary every quoted number comes from, retrained from
+# scratch: figures/make_figures.py runs the plan of figures/figures.yaml. DATA=synthetic (offline CIFAR-shaped
+# stand-in), DATA=digits (scikit-learn's real 8x8 digits), DATA=cifar ($(DATA_DIR)/cifar-10-batches-py).
+# Full scale (default): >= 1,000 steps at batch 128, 3 seeds for the claim-deciding runs; writes docs/figures/$(DATA)/,
+# docs/results/summary_$(DATA).{md,json,csv} and regenerates docs/results.md.
+# QUICK=1: the same runs and figures, one seed, a few dozen steps; writes under figures/quick/ (not committed).
+# FIGURES_ARGS e.g. --only fig2, --list, --plot-only.
+QUICK ?=
 FIGURES_ARGS ?=
 figures: install
-	$(BIN)/python figures/make_figures.py --data $(DATA) --data-dir $(DATA_DIR) $(FIGURES_ARGS)
+	$(BIN)/python figures/make_figures.py --data $(DATA) --data-dir $(DATA_DIR) $(if $(QUICK),--quick,) $(FIGURES_ARGS)
 
 bench: install
 	$(BIN)/python -m pip install -q pyhessian

@@ -1,26 +1,35 @@
-"""Train every figure's configs at a reduced scale in one process, then draw the paper's figures from their logs.
+"""Train every run of the paper's figures, draw the figures, and compute the summary every quoted number comes from.
 
-The plan lives in ``figures/figures.yaml``: which runs make which figure, and the reduced scale (batch, steps,
-epoch length, monitor frequencies) per architecture. Each run is one ``lyapunov-cli fit --config configs/<run>.yaml``
-command line with the scale's overrides appended, executed in-process by :func:`lyapunov_callbacks.cli.main`
-(sequentially: ``import torch, lightning`` is paid once, and every config's ``seed_everything`` reseeds), logging
-to ``<logs>/<run>/<data>``. The figures are drawn by :func:`lyapunov_callbacks.plotting.plot_figure` into
-``<out>/<figure>.png``, and a table of numbers read from the logs goes to ``<logs>/summary_<data>.md``.
+The plan lives in ``figures/figures.yaml``: which runs make which figure (numbered and paneled as the paper's
+captions), the scale per architecture (``full``: what ``make figures`` runs; ``quick``: ``make figures QUICK=1``),
+and the seeds. Each run is one ``lyapunov-cli fit --config configs/<run>.yaml`` command line with the scale's
+overrides appended, executed in-process by :func:`lyapunov_callbacks.cli.main` (sequentially: ``import torch,
+lightning`` is paid once), logging to ``<logs>/<run>/<data>/seed<k>``. Then:
+
+- the figures are drawn by :func:`lyapunov_callbacks.plotting.plot_figure` into ``<out>/<figure>.png``;
+- :mod:`lyapunov_callbacks.summary` reads every run's logs and writes ``summary_<data>.{md,json,csv}`` (per-run
+  statistics, seed aggregates, a verdict per claim and architecture/loss);
+- three analysis figures are drawn from the summary (1/h0 against α, the distribution of λ per run, the
+  quasi-Newton loss beside the constant-LR runs);
+- the results page is regenerated from the summaries.
+
+Full mode writes to ``docs/figures/<data>/``, ``docs/results/`` and ``docs/results.md`` (committed); quick mode to
+``figures/quick/`` (ignored by git), so a development run never overwrites the committed results.
 
 Usage::
 
-    python figures/make_figures.py --list                      # print the planned runs and figures, train nothing
-    python figures/make_figures.py --data synthetic            # what `make figures DATA=synthetic` runs
-    python figures/make_figures.py --data cifar --data-dir data
-    python figures/make_figures.py --only fig2 fig3            # those figures' runs, then those figures
-    python figures/make_figures.py --plot-only                 # redraw from the existing logs
-    python figures/make_figures.py --only fig4 --runs constant/lenet1_mse_lr0.3   # retrain one run, redraw fig4
-    python figures/make_figures.py --include-optional          # also figure 10 (ResNet-18, tiny scale)
+    python figures/make_figures.py --list                        # the planned runs and command lines
+    python figures/make_figures.py --data synthetic              # make figures DATA=synthetic
+    python figures/make_figures.py --data synthetic --quick      # make figures DATA=synthetic QUICK=1
+    python figures/make_figures.py --data digits --only fig2     # that figure's runs, then that figure
+    python figures/make_figures.py --plot-only                   # redraw and re-summarise from existing logs
+    python figures/make_figures.py --runs constant/mlp_ce_lr0.3 --only fig6   # retrain one run, redraw
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -35,31 +44,47 @@ from typing import Any, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the runs import models/, datamodules/ and figures.epoch_loss by class path
+    sys.path.insert(0, str(ROOT))
 SPEC_PATH = Path(__file__).resolve().parent / "figures.yaml"
 CONFIG_DIR = ROOT / "configs"
-DATA_CHOICES = ("synthetic", "cifar")
+DATA_CHOICES = ("synthetic", "digits", "cifar")
+MODES = ("full", "quick")
 SCALE_KEYS = ("batch_size", "max_steps", "epoch_batches", "val_batches", "log_every", "hessian_every",
-              "lyapunov_window", "lyapunov_every")
+              "probe_every", "probe_size", "lyapunov_window", "lyapunov_every", "seeds", "cyclic_half",
+              "full_loss_batches")
 #: Optional scale key: QuasiNewtonLR.every_n_steps, for runs too short for their config's re-estimate period.
 QN_EVERY = "quasi_newton_every"
-RUN_KEYS = {"config", "hessian_k", QN_EVERY, *SCALE_KEYS}
-FIGURE_KEYS = {"title", "rows", "cols", "runs", "kind", "k", "first_epoch_steps", "optional"}
+RUN_KEYS = {"config", "hessian_k", "max_epochs", "quick", QN_EVERY, *SCALE_KEYS}
+FIGURE_KEYS = {"title", "caption", "rows", "cols", "runs", "kind", "k", "first_epoch_steps"}
 #: Short class names of the curvature callbacks as they appear in the configs' ``class_path``.
 QUASI_NEWTON = "QuasiNewtonLR"
 HESSIAN = "HessianEigenvalueMonitor"
 LYAPUNOV = "LyapunovExponentMonitor"
-#: The final loss of a run is the mean of this many last logged points (one batch is noisy).
-TAIL_POINTS = 5
+FULL_LOSS = "figures.epoch_loss.FullTrainLoss"
+#: Prefix of the probe-batch h0 monitor's tags (hessian_probe/h0, ...).
+PROBE_PREFIX = "hessian_probe"
+#: Ten-class runs: the ResNet-18 runs (every other run is the two-class problem).
+TEN_CLASS_ARCHS = {"resnet18"}
+
+
+def probe_supported() -> bool:
+    """Whether this checkout's HessianEigenvalueMonitor takes ``prefix`` (needed to run a probe monitor beside the
+    mini-batch one without their tags colliding)."""
+    from lyapunov_callbacks import HessianEigenvalueMonitor
+
+    return "prefix" in inspect.signature(HessianEigenvalueMonitor.__init__).parameters
 
 
 @dataclass
 class Run:
-    """One training run: the config it starts from and the reduced-scale settings it is trained at."""
+    """One training run: the config it starts from, the scale it is trained at, and the figures showing it."""
 
     name: str
     config: str
     scale: dict[str, Any]
     hessian_k: int = 1
+    max_epochs: int | None = None
     figures: list[str] = field(default_factory=list)
 
     @property
@@ -69,6 +94,10 @@ class Run:
     @property
     def arch(self) -> str:
         return arch_of(self.config)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(int(self.scale["seeds"])))
 
 
 def arch_of(config: str) -> str:
@@ -86,21 +115,29 @@ def load_spec(path: str | Path = SPEC_PATH) -> dict[str, Any]:
     """Read and validate ``figures.yaml``.
 
     Raises:
-        ValueError: an unknown key, a figure whose ``runs`` is not ``rows x cols``, a run without a scale, or a
-            run whose config file does not exist under ``configs/``.
+        ValueError: an unknown key, a figure whose ``runs`` is not ``rows x cols``, a scale lacking a key, a run
+            without a scale, or a run whose config file does not exist under ``configs/``.
     """
     with open(path) as fh:
         spec = yaml.safe_load(fh)
-    for key in ("scales", "figures"):
+    for key in ("scales", "figures", "datasets"):
         if not isinstance(spec.get(key), dict) or not spec[key]:
             raise ValueError(f"{path}: needs a non-empty mapping {key!r}.")
     spec.setdefault("runs", {})
-    for arch, scale in spec["scales"].items():
-        missing = [k for k in SCALE_KEYS if k not in scale]
-        unknown = sorted(set(scale) - set(SCALE_KEYS) - {QN_EVERY})
-        if missing or unknown:
-            raise ValueError(f"{path}: scales.{arch} lacks {missing} / has unknown keys {unknown}; "
-                             f"the keys are {list(SCALE_KEYS)} and optionally {QN_EVERY!r}.")
+    if sorted(spec["scales"]) != sorted(MODES):
+        raise ValueError(f"{path}: scales must have exactly the modes {list(MODES)}; got {sorted(spec['scales'])}.")
+    for mode, scales in spec["scales"].items():
+        for arch, scale in scales.items():
+            missing = [k for k in SCALE_KEYS if k not in scale]
+            unknown = sorted(set(scale) - set(SCALE_KEYS) - {QN_EVERY})
+            if missing or unknown:
+                raise ValueError(f"{path}: scales.{mode}.{arch} lacks {missing} / has unknown keys {unknown}; "
+                                 f"the keys are {list(SCALE_KEYS)} and optionally {QN_EVERY!r}.")
+            if scale["seeds"] < 1:
+                raise ValueError(f"{path}: scales.{mode}.{arch}.seeds must be >= 1.")
+    missing_data = sorted(set(DATA_CHOICES) - set(spec["datasets"]))
+    if missing_data:
+        raise ValueError(f"{path}: datasets lacks {missing_data}.")
     for name, run in spec["runs"].items():
         unknown = sorted(set(run) - RUN_KEYS)
         if unknown or "config" not in run:
@@ -113,25 +150,29 @@ def load_spec(path: str | Path = SPEC_PATH) -> dict[str, Any]:
         if not rows or not cols or not runs or len(runs) != len(rows) or any(len(r) != len(cols) for r in runs):
             raise ValueError(f"{path}: figures.{fig}.runs must be len(rows) x len(cols) = {len(rows or [])} x "
                              f"{len(cols or [])}.")
-    for run in plan_runs(spec, list(spec["figures"])):
-        if not run.config_path.is_file():
-            raise ValueError(f"{path}: run {run.name!r} needs {run.config_path.relative_to(ROOT)}, which does not exist.")
+    for mode in MODES:
+        for run in plan_runs(spec, list(spec["figures"]), mode):
+            if not run.config_path.is_file():
+                raise ValueError(f"{path}: run {run.name!r} needs {run.config_path.relative_to(ROOT)}, which does not exist.")
     return spec
 
 
-def selected_figures(spec: dict[str, Any], only: Sequence[str] | None, include_optional: bool) -> list[str]:
-    """The figures to make: ``only`` (in spec order), else every figure not marked ``optional`` (unless included)."""
+def selected_figures(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
+    """The figures to make: ``only`` (in spec order), else every figure."""
     names = list(spec["figures"])
     if only:
         unknown = [f for f in only if f not in spec["figures"]]
         if unknown:
             raise ValueError(f"--only {' '.join(unknown)}: no such figure; the figures are {', '.join(names)}.")
         return [f for f in names if f in only]
-    return [f for f in names if include_optional or not spec["figures"][f].get("optional", False)]
+    return names
 
 
-def plan_runs(spec: dict[str, Any], figures: Sequence[str]) -> list[Run]:
-    """The distinct runs the figures need, in first-use order, each with its scale."""
+def plan_runs(spec: dict[str, Any], figures: Sequence[str], mode: str = "full") -> list[Run]:
+    """The distinct runs the figures need, in first-use order, each with its scale in ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}.")
+    scales = spec["scales"][mode]
     runs: dict[str, Run] = {}
     for fig in figures:
         for row in spec["figures"][fig]["runs"]:
@@ -140,12 +181,16 @@ def plan_runs(spec: dict[str, Any], figures: Sequence[str]) -> list[Run]:
                     continue
                 if name not in runs:
                     extra = dict(spec["runs"].get(name, {}))
+                    quick = extra.pop("quick", None) or {}
+                    if mode == "quick":  # the run's overrides of the quick scale
+                        extra.update(quick)
                     config = extra.pop("config", name)
                     arch = arch_of(config)
-                    if arch not in spec["scales"]:
-                        raise ValueError(f"run {name!r}: no scale for architecture {arch!r} in figures.yaml scales.")
+                    if arch not in scales:
+                        raise ValueError(f"run {name!r}: no scale for architecture {arch!r} in scales.{mode}.")
                     k = int(extra.pop("hessian_k", 1))
-                    runs[name] = Run(name, config, {**spec["scales"][arch], **extra}, hessian_k=k)
+                    max_epochs = extra.pop("max_epochs", None)
+                    runs[name] = Run(name, config, {**scales[arch], **extra}, hessian_k=k, max_epochs=max_epochs)
                 runs[name].figures.append(fig)
     return list(runs.values())
 
@@ -197,20 +242,24 @@ def _short(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1]
 
 
-def reduced_callbacks(run: Run) -> list[dict[str, Any]]:
-    """The config's callbacks with the monitors set to the reduced scale, and the missing monitors added.
+def figure_callbacks(run: Run, with_probe: bool = True) -> list[dict[str, Any]]:
+    """The config's callbacks at the run's scale, with the monitors the figures need added.
 
-    QuasiNewtonLR keeps its config's settings (it logs 1/h0 and α itself) except ``every_n_steps`` where the scale
-    sets ``quasi_newton_every``; a HessianEigenvalueMonitor (for 1/h0
-    and α·h0) is added to runs without QuasiNewtonLR, and a LyapunovExponentMonitor (λ) to every run whose
-    ``lyapunov_window`` is not null (null removes it).
+    - QuasiNewtonLR keeps its config's settings (it logs 1/h0 and α itself) except ``every_n_steps`` where the
+      scale sets ``quasi_newton_every``.
+    - A mini-batch HessianEigenvalueMonitor (1/h0, α·h0; ``k = hessian_k``) is on every run without
+      QuasiNewtonLR, every ``hessian_every`` steps.
+    - A probe HessianEigenvalueMonitor (``batch="fixed"``, ``probe_size``, prefix ``hessian_probe``) every
+      ``probe_every`` steps on every run, quasi-Newton included, when ``probe_every`` is set and ``with_probe``.
+    - A LyapunovExponentMonitor (λ) unless ``lyapunov_window`` is null (which removes it).
+    - FullTrainLoss (the per-epoch full-training-set loss) on every run.
     """
     scale = run.scale
     callbacks = [json.loads(json.dumps(cb)) for cb in config_callbacks(run.config_path)]  # deep copy
     names = [_short(cb["class_path"]) for cb in callbacks]
     if QUASI_NEWTON not in names and HESSIAN not in names:
         callbacks.append({"class_path": f"lyapunov_callbacks.{HESSIAN}", "init_args": {}})
-    if scale["lyapunov_window"] is None:  # a run that does not need λ (the spectrum runs) skips its cost
+    if scale["lyapunov_window"] is None:
         callbacks = [cb for cb in callbacks if _short(cb["class_path"]) != LYAPUNOV]
     elif LYAPUNOV not in names:
         callbacks.append({"class_path": f"lyapunov_callbacks.{LYAPUNOV}", "init_args": {}})
@@ -222,35 +271,60 @@ def reduced_callbacks(run: Run) -> list[dict[str, Any]]:
             args.update(every_n_steps=scale["hessian_every"], k=run.hessian_k)
         elif _short(cb["class_path"]) == LYAPUNOV:
             args.update(window=scale["lyapunov_window"], every_n_steps=scale["lyapunov_every"])
+    if with_probe and scale["probe_every"] is not None:
+        callbacks.append({"class_path": f"lyapunov_callbacks.{HESSIAN}",
+                          "init_args": {"every_n_steps": scale["probe_every"], "batch": "fixed",
+                                        "probe_size": scale["probe_size"], "prefix": PROBE_PREFIX}})
+    callbacks.append({"class_path": FULL_LOSS, "init_args": {"max_batches": scale["full_loss_batches"]}})
     return callbacks
 
 
-def fit_args(run: Run, data: str, data_dir: str, logs: Path) -> list[str]:
-    """The ``lyapunov-cli`` command line (without the program name) that trains ``run`` at its reduced scale."""
+def run_dir(run: Run, data: str, logs: Path, seed: int | None = None) -> Path:
+    """``<logs>/<run>/<data>`` (the cell of a figure: every seed below it), or one seed's ``.../seed<k>``."""
+    base = logs / run.name / data
+    return base if seed is None else base / f"seed{seed}"
+
+
+def data_args(run: Run, data: str, data_dir: str, datasets: dict[str, Any]) -> list[str]:
+    """The ``--data`` overrides selecting the data set (two-class or ten-class by architecture)."""
+    ds = datasets[data]
+    which = "ten_class" if run.arch in TEN_CLASS_ARCHS else "two_class"
+    init = dict(ds.get(which) or {})
+    if data == "cifar":
+        init["data_dir"] = data_dir
+    if ds.get("class_path"):
+        init.setdefault("batch_size", run.scale["batch_size"])
+        return [f"--data={json.dumps({'class_path': ds['class_path'], 'init_args': init})}"]
+    return [f"--data.init_args.{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in init.items()]
+
+
+def fit_args(run: Run, data: str, data_dir: str, logs: Path, seed: int = 0, *,
+             datasets: dict[str, Any] | None = None, with_probe: bool = True) -> list[str]:
+    """The ``lyapunov-cli`` command line (without the program name) that trains one seed of ``run``."""
     s = run.scale
+    datasets = datasets if datasets is not None else load_spec()["datasets"]
+    max_epochs = run.max_epochs if run.max_epochs is not None else 100_000  # max_steps stops the run
     args = [
         "fit", "--config", os.path.relpath(run.config_path),
-        f"--trainer.max_steps={s['max_steps']}",
-        f"--trainer.max_epochs={math.ceil(s['max_steps'] / s['epoch_batches']) + 1}",
-        f"--trainer.limit_train_batches={s['epoch_batches']}",
-        f"--trainer.limit_val_batches={s['val_batches']}",
+        f"--seed_everything={seed}",
+        f"--trainer.max_steps={-1 if run.max_epochs is not None else s['max_steps']}",
+        f"--trainer.max_epochs={max_epochs}",
+        f"--trainer.limit_train_batches={s['epoch_batches'] if s['epoch_batches'] is not None else 1.0}",
+        f"--trainer.limit_val_batches={s['val_batches'] if s['val_batches'] is not None else 1.0}",
         f"--trainer.log_every_n_steps={s['log_every']}",
         "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={os.path.relpath(logs)}",
-        f"--trainer.logger.init_args.name={run.name}",
-        f"--trainer.logger.init_args.version={data}",
+        f"--trainer.logger.init_args.name={run.name}/{data}",
+        f"--trainer.logger.init_args.version=seed{seed}",
+        *data_args(run, data, data_dir, datasets),
         f"--data.init_args.batch_size={s['batch_size']}",
-        f"--trainer.callbacks={json.dumps(reduced_callbacks(run))}",
+        f"--trainer.callbacks={json.dumps(figure_callbacks(run, with_probe))}",
     ]
-    if data == "synthetic":
-        args.append("--data.init_args.synthetic=true")
-    else:
-        args.append(f"--data.init_args.data_dir={data_dir}")
     if _uses_cyclic(run.config_path):
-        args.append(f"--lr_scheduler.init_args.step_size_up={s['epoch_batches']}")
+        args.append(f"--lr_scheduler.init_args.step_size_up={s['cyclic_half']}")
     return args
 
 
@@ -265,78 +339,33 @@ def _uses_cyclic(path: Path) -> bool:
     return isinstance(value, dict) and str(value.get("class_path", "")).endswith("CyclicLR")
 
 
-def run_dir(run: Run, data: str, logs: Path) -> Path:
-    return logs / run.name / data
+# ------------------------------------------------------------------------------------------------ outputs
 
 
-# ------------------------------------------------------------------------------------------------ numbers
+def default_paths(data: str, quick: bool) -> dict[str, Path]:
+    """Where a mode writes: logs, figures, summary and results page (quick mode: all under figures/quick/)."""
+    if quick:
+        base = ROOT / "figures" / "quick"
+        return {"logs": base / "logs", "out": base / data, "summary": base, "page": base / "results.md",
+                "figures_root": base}
+    return {"logs": ROOT / "figures" / "logs", "out": ROOT / "docs" / "figures" / data,
+            "summary": ROOT / "docs" / "results", "page": ROOT / "docs" / "results.md",
+            "figures_root": ROOT / "docs" / "figures"}
 
 
-def run_numbers(path: Path) -> dict[str, float]:
-    """Numbers of one run read from its logs: first/final loss, val accuracy, median α·h0, λ statistics."""
-    import numpy as np
-
-    from lyapunov_callbacks._tb_reader import read_scalars
-
-    s = read_scalars(path)
-    out: dict[str, float] = {}
-    nan = float("nan")
-    loss = s.get("train/loss")
-    if loss is not None and loss.values.size:
-        out["loss_first"] = float(loss.values[0])
-        out["loss_final"] = float(np.mean(loss.values[-TAIL_POINTS:]))
-        out["loss_min"] = float(np.nanmin(loss.values)) if np.isfinite(loss.values).any() else nan
-        # epochs whose mean logged training loss rose above the previous epoch's (0: monotone decrease by epoch)
-        epoch = s.get("epoch")
-        if epoch is not None and epoch.values.size:
-            ep = np.interp(loss.steps, epoch.steps, epoch.values).round()
-            means = [loss.values[ep == e].mean() for e in np.unique(ep)]
-            # the first epoch is compared with the first logged loss; a non-finite mean after a finite one
-            # (divergence) counts as an increase, and nothing is counted after it
-            chain = [loss.values[0], *means]
-            out["epoch_loss_increases"] = float(sum(not b <= a for a, b in zip(chain, chain[1:]) if np.isfinite(a)))
-            out["epochs"] = float(len(means))
-    acc = s.get("val/acc")
-    out["val_acc_final"] = float(acc.values[-1]) if acc is not None and acc.values.size else nan
-    if "hessian/stability" in s:
-        stab = s["hessian/stability"].values
-    elif "hessian/h0" in s and "quasi_newton/lr" in s:
-        h0, lr = s["hessian/h0"], s["quasi_newton/lr"]
-        common = np.intersect1d(h0.steps, lr.steps)
-        stab = h0.values[np.isin(h0.steps, common)] * lr.values[np.isin(lr.steps, common)]
-    else:
-        stab = np.empty(0)
-    stab = stab[np.isfinite(stab)]
-    out["median_alpha_h0"] = float(np.median(stab)) if stab.size else nan
-    lam = s.get("lyapunov/lambda")
-    lam_v = lam.values[np.isfinite(lam.values)] if lam is not None else np.empty(0)
-    out["lambda_mean"] = float(lam_v.mean()) if lam_v.size else nan
-    out["lambda_pos_frac"] = float((lam_v > 0).mean()) if lam_v.size else nan
-    return out
+def figure_title(spec: dict[str, Any], fig: str, runs: list[Run], data: str) -> str:
+    """The figure's title with the data set and the step count(s) of its runs."""
+    by_name = {r.name: r for r in runs}
+    names = [n for row in spec["figures"][fig]["runs"] for n in row if n is not None]
+    steps = sorted({("1 epoch" if by_name[n].max_epochs else f"{by_name[n].scale['max_steps']} steps")
+                    + f" × batch {by_name[n].scale['batch_size']}" for n in names if n in by_name})
+    seeds = sorted({by_name[n].scale["seeds"] for n in names if n in by_name and not by_name[n].max_epochs})
+    seed_txt = f", {'/'.join(map(str, seeds))} seed(s)" if seeds else ""
+    return f"{spec['figures'][fig]['title']}\ndata: {data}; {'; '.join(steps)}{seed_txt}"
 
 
-def write_summary(runs: Sequence[Run], data: str, logs: Path, timings: dict[str, float]) -> Path:
-    """A markdown table of :func:`run_numbers` for every run that has logs; returns its path."""
-    cols = ["loss_first", "loss_final", "loss_min", "epoch_loss_increases", "epochs", "val_acc_final",
-            "median_alpha_h0", "lambda_mean", "lambda_pos_frac"]
-    lines = [f"# Numbers read from the logs (data: {data})", "",
-             "| run | " + " | ".join(cols) + " | time (s) |", "|---" * (len(cols) + 2) + "|"]
-    for run in runs:
-        path = run_dir(run, data, logs)
-        if not path.is_dir():
-            continue
-        try:
-            nums = run_numbers(path)
-        except (FileNotFoundError, ValueError) as err:
-            lines.append(f"| {run.name} | unreadable: {err} |")
-            continue
-        cells = [f"{nums.get(c, float('nan')):.4g}" for c in cols]
-        t = timings.get(run.name)
-        lines.append(f"| {run.name} | " + " | ".join(cells) + f" | {'' if t is None else f'{t:.1f}'} |")
-    out = logs / f"summary_{data}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    return out
+def figure_of(runs: Sequence[Run]) -> dict[str, str]:
+    return {r.name: ",".join(r.figures) for r in runs}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -345,28 +374,34 @@ def write_summary(runs: Sequence[Run], data: str, logs: Path, timings: dict[str,
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make_figures.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=DATA_CHOICES, default="synthetic",
-                   help="synthetic: the offline CIFAR-shaped stand-in; cifar: the CIFAR-10 files in --data-dir")
+                   help="synthetic: the offline CIFAR-shaped stand-in; digits: scikit-learn's digits; "
+                        "cifar: the CIFAR-10 files in --data-dir")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (with --data cifar)")
+    p.add_argument("--quick", action="store_true", help="the quick scale (one seed, short runs; output under figures/quick/)")
     p.add_argument("--only", nargs="+", metavar="FIG", help="make only these figures (e.g. fig1 fig3)")
-    p.add_argument("--include-optional", action="store_true", help="also the optional figures (ResNet-18)")
     p.add_argument("--list", action="store_true", help="print the planned runs and figures; train nothing")
-    p.add_argument("--plot-only", action="store_true", help="draw the figures from existing logs; train nothing")
+    p.add_argument("--plot-only", action="store_true", help="draw and summarise from existing logs; train nothing")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="train only these of the planned runs (then draw)")
-    p.add_argument("--out", default=os.path.relpath(ROOT / "figures"), help="folder of the figure files (default figures/)")
-    p.add_argument("--logs", default=os.path.relpath(ROOT / "figures" / "logs"), help="folder of the runs' logs")
-    p.add_argument("--dpi", type=float, default=90.0)
+    p.add_argument("--out", default=None, help="folder of the figure files (default docs/figures/<data>/)")
+    p.add_argument("--logs", default=None, help="folder of the runs' logs (default figures/logs/)")
+    p.add_argument("--summary-dir", default=None, help="folder of summary_<data>.* (default docs/results/)")
+    p.add_argument("--page", default=None, help="the results page to regenerate (default docs/results.md)")
+    p.add_argument("--dpi", type=float, default=80.0)
     p.add_argument("--spec", default=os.path.relpath(SPEC_PATH), help="the plan (default figures/figures.yaml)")
     return p
 
 
 def _print_plan(spec: dict[str, Any], figures: list[str], runs: list[Run], args: argparse.Namespace) -> None:
     logs = Path(args.logs)
-    print(f"{len(runs)} runs, data={args.data}, logs under {logs}:")
+    n = sum(len(r.seeds) for r in runs)
+    print(f"{len(runs)} runs ({n} with seeds), data={args.data}, mode={'quick' if args.quick else 'full'}, logs under {logs}:")
     for i, run in enumerate(runs, 1):
         s = run.scale
-        print(f"[{i:2d}] {run.name}  (figures {', '.join(run.figures)}; batch {s['batch_size']}, "
-              f"{s['max_steps']} steps, {s['epoch_batches']} batches/epoch)")
-        print("     lyapunov-cli " + " ".join(_quote(a) for a in fit_args(run, args.data, args.data_dir, logs)))
+        length = "1 epoch" if run.max_epochs else f"{s['max_steps']} steps"
+        print(f"[{i:2d}] {run.name}  (figures {', '.join(run.figures)}; batch {s['batch_size']}, {length}, "
+              f"seeds {run.seeds})")
+        print("     lyapunov-cli " + " ".join(_quote(a) for a in fit_args(run, args.data, args.data_dir, logs,
+                                                                          datasets=spec["datasets"])))
     print(f"{len(figures)} figures:")
     for fig in figures:
         fspec = spec["figures"][fig]
@@ -385,66 +420,77 @@ def _prepare_cifar(data_dir: str) -> None:
     CIFAR10DataModule(data_dir=data_dir, download=True).prepare_data()
 
 
-def _train(runs: list[Run], args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
+def _train(runs: list[Run], spec: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
+    """Train every seed of every run; returns per run ``{seconds, steps, steps_per_s}`` and the failed runs."""
     import logging
 
     import torch
 
     from lyapunov_callbacks.cli import main as cli_main
 
-    # Lightning's per-run INFO lines (seed, accelerator, tips) would bury the timing lines.
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
+    with_probe = probe_supported()
+    if not with_probe:
+        print("note: HessianEigenvalueMonitor has no `prefix` argument in this checkout: the probe-batch h0 "
+              "(hessian_probe/*) is not measured; the figures and the summary show the mini-batch h0 only.",
+              file=sys.stderr, flush=True)
     logs = Path(args.logs)
-    timings: dict[str, float] = {}
+    timings: dict[str, dict] = {}
     failed: list[str] = []
     total = time.perf_counter()
-    for i, run in enumerate(runs, 1):
-        target = run_dir(run, args.data, logs)
+    jobs = [(run, seed) for run in runs for seed in run.seeds]
+    for i, (run, seed) in enumerate(jobs, 1):
+        target = run_dir(run, args.data, logs, seed)
         if target.exists():  # a rerun replaces the old logs rather than merging event files
             shutil.rmtree(target)
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # per-run Lightning chatter (e.g. few batches per epoch)
-                cli_main(fit_args(run, args.data, args.data_dir, logs))
-        except (Exception, SystemExit) as err:  # one broken run must not lose the others' 30 minutes
-            failed.append(run.name)
-            print(f"[{i:2d}/{len(runs)}] {run.name}: FAILED ({type(err).__name__}: {err})", flush=True)
+                cli_main(fit_args(run, args.data, args.data_dir, logs, seed, datasets=spec["datasets"],
+                                  with_probe=with_probe))
+        except (Exception, SystemExit) as err:  # one broken run must not lose the others
+            failed.append(f"{run.name}/seed{seed}")
+            print(f"[{i:3d}/{len(jobs)}] {run.name} seed {seed}: FAILED ({type(err).__name__}: {err})", flush=True)
             continue
         finally:
             torch.set_grad_enabled(True)
-        timings[run.name] = time.perf_counter() - start
-        final = ""
-        try:
-            final = f", final train loss {run_numbers(target)['loss_final']:.4g}"
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        print(f"[{i:2d}/{len(runs)}] {run.name}: {timings[run.name]:.1f} s{final}", flush=True)
-    print(f"trained {len(runs) - len(failed)}/{len(runs)} runs in {time.perf_counter() - total:.1f} s", flush=True)
+        seconds = time.perf_counter() - start
+        t = timings.setdefault(run.name, {"seconds": 0.0, "seeds": 0})
+        t["seconds"] += seconds
+        t["seeds"] += 1
+        steps = run.scale["max_steps"] if not run.max_epochs else None
+        t["steps_per_s"] = round(steps / seconds, 2) if steps else None
+        print(f"[{i:3d}/{len(jobs)}] {run.name} seed {seed}: {seconds:.1f} s", flush=True)
+    print(f"trained {len(jobs) - len(failed)}/{len(jobs)} runs in {time.perf_counter() - total:.1f} s", flush=True)
     return timings, failed
 
 
-def _plot(spec: dict[str, Any], figures: list[str], args: argparse.Namespace) -> list[str]:
+def _plot(spec: dict[str, Any], figures: list[str], runs: list[Run], args: argparse.Namespace) -> list[str]:
     from lyapunov_callbacks.plotting import MissingTagsWarning, plot_figure
 
     logs, out = Path(args.logs), Path(args.out)
     failed = []
     for fig in figures:
-        fspec = {k: v for k, v in spec["figures"][fig].items() if k != "optional"}
+        fspec = {k: v for k, v in spec["figures"][fig].items() if k != "caption"}
+        fspec["title"] = figure_title(spec, fig, runs, args.data)
         cells = [[None if name is None else logs / name / args.data for name in row] for row in fspec["runs"]]
         absent = [str(c) for row in cells for c in row if c is not None and not c.is_dir()]
         for path in absent:
             print(f"{fig}: no logs at {path}; leaving its cell empty", file=sys.stderr)
         fspec["runs"] = [[c if c is not None and c.is_dir() else None for c in row] for row in cells]
+        if all(c is None for row in fspec["runs"] for c in row):
+            failed.append(fig)
+            print(f"{fig}: FAILED (no run of it has logs)", file=sys.stderr)
+            continue
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MissingTagsWarning)
                 result = plot_figure(fspec, out / f"{fig}.png", dpi=args.dpi)
-            for w in caught:
-                if issubclass(w.category, MissingTagsWarning):
-                    print(f"{fig}: warning: {w.message}", file=sys.stderr)
+            notes = sorted({str(w.message) for w in caught if issubclass(w.category, MissingTagsWarning)})
+            for note in notes:
+                print(f"{fig}: warning: {note}", file=sys.stderr)
         except (FileNotFoundError, ValueError) as err:
             failed.append(fig)
             print(f"{fig}: FAILED ({err})", file=sys.stderr)
@@ -453,42 +499,98 @@ def _plot(spec: dict[str, Any], figures: list[str], args: argparse.Namespace) ->
     return failed
 
 
+def _summarise(runs: list[Run], args: argparse.Namespace, timings: dict[str, dict], wall: float | None) -> dict:
+    """Write the summary files and the analysis figures; returns the summary paths."""
+    from lyapunov_callbacks import summary
+    from lyapunov_callbacks.plotting import plot_analysis
+
+    logs = Path(args.logs)
+    records = summary.collect((r.name, run_dir(r, args.data, logs)) for r in runs)
+    meta = {"mode": "quick" if args.quick else "full", "runs": len({r.info.name for r in records}),
+            "seeded runs": len(records), "probe h0": "measured" if any(
+                r.stats.get("n_h0_probe") for r in records) else "not measured in these logs"}
+    if wall is not None:
+        meta["training wall time (s)"] = round(wall, 1)
+    if timings:
+        meta["steps/s (first seed's arch)"] = json.dumps(_steps_per_arch(runs, timings))
+    paths = summary.write_summary(records, args.summary_dir, args.data, figure_of=figure_of(runs), meta=meta)
+    payload = json.loads(paths["json"].read_text())
+    for path in plot_analysis(payload, Path(args.out), dpi=args.dpi):
+        print(f"analysis: {path}")
+    return paths
+
+
+def _steps_per_arch(runs: list[Run], timings: dict[str, dict]) -> dict[str, float]:
+    best: dict[str, list[float]] = {}
+    for run in runs:
+        t = timings.get(run.name)
+        if t and t.get("steps_per_s"):
+            best.setdefault(run.arch, []).append(t["steps_per_s"])
+    return {arch: round(sorted(v)[len(v) // 2], 2) for arch, v in best.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the plan; returns 0 when every run trained and every figure was drawn, else 1 (2: bad arguments)."""
     args = _parser().parse_args(argv)
+    defaults = default_paths(args.data, args.quick)
+    args.logs = args.logs or os.path.relpath(defaults["logs"])
+    args.out = args.out or os.path.relpath(defaults["out"])
+    args.summary_dir = args.summary_dir or os.path.relpath(defaults["summary"])
+    args.page = args.page or os.path.relpath(defaults["page"])
     try:
         spec = load_spec(args.spec)
-        figures = selected_figures(spec, args.only, args.include_optional)
-        runs = plan_runs(spec, figures)
+        figures = selected_figures(spec, args.only)
+        runs = plan_runs(spec, figures, "quick" if args.quick else "full")
     except ValueError as err:
         print(f"make_figures.py: error: {err}", file=sys.stderr)
         return 2
     if args.list:
         _print_plan(spec, figures, runs, args)
         return 0
-    timings: dict[str, float] = {}
+    timings: dict[str, dict] = {}
     failed_runs: list[str] = []
+    wall = None
     if not args.plot_only:
         if args.data == "cifar":
             try:
                 _prepare_cifar(args.data_dir)
             except (OSError, RuntimeError) as err:
-                print(f"make_figures.py: error: {err}\n(or run with --data synthetic, i.e. make figures "
-                      "DATA=synthetic)", file=sys.stderr)
+                print(f"make_figures.py: error: {err}\n(or run with --data synthetic or --data digits)", file=sys.stderr)
                 return 2
         if args.runs:
             unknown = sorted(set(args.runs) - {r.name for r in runs})
             if unknown:
                 print(f"make_figures.py: error: --runs {' '.join(unknown)}: not in the plan (see --list)", file=sys.stderr)
                 return 2
-        timings, failed_runs = _train([r for r in runs if not args.runs or r.name in args.runs], args)
-    summary = write_summary(runs, args.data, Path(args.logs), timings)
-    print(f"numbers: {summary}")
-    failed_figs = _plot(spec, figures, args)
+        start = time.perf_counter()
+        timings, failed_runs = _train([r for r in runs if not args.runs or r.name in args.runs], spec, args)
+        wall = time.perf_counter() - start
+    failed_figs = _plot(spec, figures, runs, args)
+    paths = _summarise(runs, args, timings, wall)
+    print(f"summary: {paths['md']}")
+    from lyapunov_callbacks.summary import render_results_page
+
+    page = render_results_page(args.summary_dir, defaults["figures_root"] if args.out == os.path.relpath(
+        defaults["out"]) else Path(args.out).parent, args.page, intro=RESULTS_INTRO)
+    print(f"results page: {page}")
     if failed_runs or failed_figs:
         print(f"failed runs: {failed_runs or 'none'}; failed figures: {failed_figs or 'none'}", file=sys.stderr)
         return 1
     return 0
+
+
+#: The fixed text at the top of the results page (how it is made; no result is asserted here).
+RESULTS_INTRO = """
+This page is generated by `make figures` (`figures/make_figures.py`) from the summaries in `docs/results/`,
+which are computed by `lyapunov_callbacks/summary.py` from the TensorBoard logs of the runs; no number on it is
+typed by hand. The figures are numbered and paneled as the paper's captions; `figures/figures.yaml` holds the
+run plan (steps, batch, seeds, monitors) and the choice made for the garbled caption of figure 7 (the cyclic
+schedule, completing the constant-LR series 4-6). `analysis_*.png` are not paper figures: late-training 1/h0
+against α (with the lines 1/h0 = α and 1/h0 = α/2), the distribution of λ per run, and the quasi-Newton loss
+beside the constant-LR runs.
+
+    make figures DATA=synthetic      # or DATA=digits, DATA=cifar; QUICK=1 for the short development scale
+"""
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ __all__ = [
     "plot_grid",
     "plot_spectrum",
     "plot_figure",
+    "plot_analysis",
+    "default_out",
     "spectrum",
     "main",
 ]
@@ -74,6 +76,8 @@ SERIES: tuple[Series, ...] = (
     Series("lambda", "λ (Lyapunov exponent)", ("lyapunov/lambda",), "tab:blue", positive=False),
     # Under QuasiNewtonLR α = 1/h0 exactly: a wide 1/h0 under a dashed α keeps both curves visible.
     Series("inv_h0", "1/h0", ("hessian/inv_h0",), "tab:orange", positive=True, linewidth=2.4),
+    Series("inv_h0_probe", "1/h0 (probe batch)", ("hessian_probe/inv_h0",), "tab:brown", positive=True,
+           linestyle=":", linewidth=1.6),
     Series("lr", "α (learning rate)", ("quasi_newton/lr", "optim/lr", "lr-SGD"), "tab:red", positive=True,
            linestyle="--"),
     Series("loss", "training loss", ("train/loss", "train/loss_step"), "tab:green", positive=True),
@@ -98,6 +102,9 @@ class RunPlot:
         title: the title from the run's config.
         log_scale: whether the left axis is logarithmic.
         paths: the files written (empty without ``out``).
+        diverged_at: the first step at which a drawn run diverged (:func:`~lyapunov_callbacks.summary.
+            divergence_step`), ``None`` if none; the curves of a diverged run stop there.
+        num_runs: how many runs (seeds) the curves aggregate.
     """
 
     run_dir: Path
@@ -110,6 +117,8 @@ class RunPlot:
     title: str
     log_scale: bool
     paths: list[Path] = field(default_factory=list)
+    diverged_at: int | None = None
+    num_runs: int = 1
 
 
 @dataclass
@@ -213,6 +222,63 @@ def _select_tag(series: Series, scalars: dict[str, Scalar]) -> str | None:
     return None
 
 
+SERIES_BY_KEY = {s.key: s for s in SERIES}
+#: λ drawn with markers when its points are this far apart or fewer than this many (sparse windows).
+_SPARSE_POINTS = 60
+
+
+def _series_of(scalars: dict[str, Scalar], series: Series) -> Scalar | None:
+    tag = _select_tag(series, scalars)
+    return None if tag is None else scalars[tag]
+
+
+def _divergence(scalars: dict[str, Scalar]) -> int | None:
+    from lyapunov_callbacks.summary import divergence_step
+
+    return divergence_step(scalars.get("train/loss") or scalars.get("train/loss_step"))
+
+
+def _clipped(data: Scalar | None, diverged_at: int | None) -> Scalar | None:
+    """The series up to (excluding) the divergence step: curves of a diverged run stop where it diverged."""
+    if data is None or diverged_at is None:
+        return data
+    keep = data.steps < diverged_at
+    return Scalar(data.steps[keep], data.values[keep])
+
+
+def _aggregate(series: list[Scalar | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Median, min and max over runs at every step any run logged (non-finite values ignored)."""
+    present = [s for s in series if s is not None and s.steps.size]
+    if not present:
+        empty = np.empty(0)
+        return empty, empty, empty, empty
+    if len(present) == 1:
+        v = present[0].values
+        return present[0].steps, v, v, v
+    steps = np.unique(np.concatenate([s.steps for s in present]))
+    table = np.full((len(present), steps.size), np.nan)
+    for i, s in enumerate(present):
+        table[i, np.searchsorted(steps, s.steps)] = s.values
+    table[~np.isfinite(table)] = np.nan
+    keep = np.isfinite(table).any(axis=0)
+    table, steps = table[:, keep], steps[keep]
+    return steps, np.nanmedian(table, axis=0), np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+
+
+def _markers(steps: np.ndarray) -> dict[str, Any]:
+    sparse = steps.size < _SPARSE_POINTS or (steps.size > 1 and np.median(np.diff(steps)) > 1)
+    return {"marker": "o", "markersize": 2.5} if sparse and steps.size else {}
+
+
+def _left_label(positive: Sequence[Series], log_scale: bool) -> str:
+    names = []
+    for s in positive:
+        name = s.label.split(" (")[0]
+        if name not in names:
+            names.append(name)
+    return ", ".join(names) + (" (log)" if log_scale else "")
+
+
 def _wants_log(values: list[np.ndarray]) -> bool:
     if not values:
         return False
@@ -277,15 +343,21 @@ def plot_run(
     _check_dpi(dpi)
     if out is not None:
         _output_paths(out, formats)  # validate before the work
-    run_dir = _single_run(run_dir)
-    scalars = read_scalars(run_dir)
+    run_dirs = find_runs(run_dir)
+    all_scalars = [read_scalars(d) for d in run_dirs]
+    run_dir = run_dirs[0] if len(run_dirs) == 1 else Path(run_dir)
 
-    tags = {s.key: t for s in SERIES if (t := _select_tag(s, scalars)) is not None}
-    missing = [s.tags[0] if s.key != "lr" else "optim/lr" for s in SERIES if s.key not in tags]
+    tags = {}
+    for s in SERIES:
+        found = [t for sc in all_scalars if (t := _select_tag(s, sc)) is not None]
+        if found:
+            tags[s.key] = found[0]
+    missing = [s.tags[0] if s.key != "lr" else "optim/lr" for s in SERIES
+               if s.key not in tags and s.key != "inv_h0_probe"]
     if not tags:
         raise ValueError(
             f"Run {str(run_dir)!r} logged none of the chart's tags "
-            f"({', '.join(t for s in SERIES for t in s.tags)}); it has: {', '.join(sorted(scalars))}."
+            f"({', '.join(t for s in SERIES for t in s.tags)}); it has: {', '.join(sorted(all_scalars[0]))}."
         )
     _warn_missing(run_dir, missing)
 
@@ -293,33 +365,48 @@ def plot_run(
         ax = _new_figure(figsize).add_subplot()
     fig = ax.figure
     if title is None:
-        title = run_title(run_dir)
+        title = run_title(run_dirs[0]) + (f" · {len(run_dirs)} seeds" if len(run_dirs) > 1 else "")
 
+    diverged = [_divergence(sc) for sc in all_scalars]
+    agg = {key: _aggregate([_clipped(_series_of(sc, SERIES_BY_KEY[key]), d) for sc, d in zip(all_scalars, diverged)])
+           for key in tags}
     lines: dict[str, Line2D] = {}
     positive = [s for s in SERIES if s.positive and s.key in tags]
-    log_scale = _wants_log([scalars[tags[s.key]].values for s in positive])
+    log_scale = _wants_log([agg[s.key][1] for s in positive])
     for s in positive:
-        data = scalars[tags[s.key]]
-        (lines[s.key],) = ax.plot(
-            data.steps, data.values, color=s.color, label=s.label, linestyle=s.linestyle, linewidth=s.linewidth
-        )
+        steps, mid, lo, hi = agg[s.key]
+        (lines[s.key],) = ax.plot(steps, mid, color=s.color, label=s.label, linestyle=s.linestyle,
+                                  linewidth=s.linewidth)
+        if len(run_dirs) > 1:
+            ax.fill_between(steps, lo, hi, color=s.color, alpha=0.2, linewidth=0)
     if log_scale:
         ax.set_yscale("log")
     if not positive:
         ax.set_yticks([])
     elif axis_labels:
-        ax.set_ylabel(", ".join(s.label.split(" (")[0] for s in positive) + (" (log)" if log_scale else ""))
+        ax.set_ylabel(_left_label(positive, log_scale))
 
     lambda_ax = None
     if "lambda" in tags:
-        lam = next(s for s in SERIES if s.key == "lambda")
-        data = scalars[tags["lambda"]]
+        lam = SERIES_BY_KEY["lambda"]
+        steps, mid, lo, hi = agg["lambda"]
         lambda_ax = ax.twinx()
-        (lines["lambda"],) = lambda_ax.plot(data.steps, data.values, color=lam.color, label=lam.label, linewidth=1.2)
+        (lines["lambda"],) = lambda_ax.plot(steps, mid, color=lam.color, label=lam.label, linewidth=1.2,
+                                            **_markers(steps))
+        if len(run_dirs) > 1:
+            lambda_ax.fill_between(steps, lo, hi, color=lam.color, alpha=0.2, linewidth=0)
         lambda_ax.axhline(0.0, color=_ZERO_LINE_COLOR, linestyle="--", linewidth=0.8)
         if axis_labels:
             lambda_ax.set_ylabel("λ", color=lam.color)
         lambda_ax.tick_params(axis="y", colors=lam.color)
+
+    marks = sorted({d for d in diverged if d is not None})
+    if marks:
+        first = marks[0]
+        ax.axvline(first, color="k", linestyle=":", linewidth=1.0)
+        which = "" if len(run_dirs) == 1 else f" ({sum(d is not None for d in diverged)}/{len(run_dirs)} seeds)"
+        ax.text(0.02, 0.04, f"diverged at step {first}{which}", transform=ax.transAxes, fontsize="small",
+                color="k", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
 
     ax.set_xlabel("global step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are integers, also in a 3-step run
@@ -330,19 +417,30 @@ def plot_run(
         # the legend lives on the top-most axes so the λ curve does not cover it
         (lambda_ax or ax).legend([lines[k] for k in order], [lines[k].get_label() for k in order], fontsize="small")
     paths = _save(fig, out, formats, dpi)
-    return RunPlot(run_dir, fig, ax, lambda_ax, lines, tags, missing, title, log_scale, paths)
+    return RunPlot(run_dir, fig, ax, lambda_ax, lines, tags, missing, title, log_scale, paths,
+                   diverged_at=next((d for d in sorted(x for x in diverged if x is not None)), None),
+                   num_runs=len(run_dirs))
 
 
 # ------------------------------------------------------------------------------------------------ spectrum
 
 
 def _first_epoch_end(scalars: dict[str, Scalar]) -> int | None:
-    """The first step whose ``epoch`` value differs from the first one (``None``: one epoch or no epoch tag)."""
+    """Where the first epoch ends: one past the last step logged with the first ``epoch`` value.
+
+    Lightning logs ``epoch`` beside every logged metric, at the step of the batch that logged it; validation at the
+    end of epoch 0 logs at that epoch's last step, so the step after it is the first step of epoch 1 (where epoch 1
+    starts, not where it was first logged, which can be ``log_every_n_steps - 1`` steps later). Without a logged
+    end-of-epoch metric the window ends at most that many steps early, never late: no epoch-1 estimate enters the
+    mean. ``None``: one epoch only, or no ``epoch`` tag.
+    """
     epoch = scalars.get("epoch")
     if epoch is None or epoch.values.size == 0:
         return None
-    changed = np.nonzero(epoch.values != epoch.values[0])[0]
-    return int(epoch.steps[changed[0]]) if changed.size else None
+    first = epoch.values[0]
+    if not (epoch.values != first).any():
+        return None
+    return int(epoch.steps[epoch.values == first].max()) + 1
 
 
 def spectrum(
@@ -350,8 +448,9 @@ def spectrum(
 ) -> tuple[np.ndarray, np.ndarray, int | None, list[str]]:
     """Mean of ``hessian/h0 .. hessian/h{k-1}`` over the first epoch.
 
-    The window is the steps ``< first_epoch_steps`` when given, else the steps before the ``epoch`` tag first
-    changes, else (one epoch, or no ``epoch`` tag) every logged step.
+    The window is the steps ``< first_epoch_steps`` when given, else the steps before epoch 1 starts (one past the
+    last step logged with epoch 0, see :func:`_first_epoch_end`), else (one epoch, or no ``epoch`` tag) every
+    logged step.
 
     Args:
         scalars: a run's series, as :func:`~lyapunov_callbacks._tb_reader.read_scalars` returns them.
@@ -413,8 +512,8 @@ def plot_spectrum(
         run_dir: a run directory, as in :func:`plot_run`.
         k: the number of eigenvalues; ``None``: every consecutive ``hessian/h{i}`` tag. Eigenvalues without data
             are left out, returned in ``missing`` and named in a :class:`MissingTagsWarning`.
-        first_epoch_steps: average over the steps ``< first_epoch_steps`` instead of up to the first change of
-            the ``epoch`` tag.
+        first_epoch_steps: average over the steps ``< first_epoch_steps`` instead of the steps before epoch 1
+            starts.
         out, formats, dpi, title, axis_labels, figsize: as in :func:`plot_run`.
         ax: axes to draw into; ``None`` makes a new figure.
 
@@ -549,10 +648,26 @@ def plot_grid(
                 missing[str(cell.run_dir)] = cell.missing
             row_cells.append(cell)
         cells.append(row_cells)
+    _share_row_scales(cells)
     for c, label in enumerate(col_labels or []):
         axes[0, c].set_title(label, fontsize="medium", fontweight="bold")  # a title shows on an empty cell too
+    for r, row_cells in enumerate(cells):
+        drawn = [cell for cell in row_cells if cell is not None]
+        if not drawn:
+            continue
+        if kind == "run":
+            positive = [s for s in SERIES if s.positive and any(s.key in cell.lines for cell in drawn)]
+            quantity = _left_label(positive, any(cell.log_scale for cell in drawn))
+        else:
+            quantity = "mean h_i, first epoch" + (" (log)" if any(cell.log_scale for cell in drawn) else "")
+        label = row_labels[r] if row_labels is not None else ""
+        axes[r, 0].set_ylabel(f"{label}\n{quantity}" if label else quantity, fontsize="small")
+        last = drawn[-1]
+        if isinstance(last, RunPlot) and last.lambda_ax is not None:
+            last.lambda_ax.set_ylabel("λ", color=SERIES_BY_KEY["lambda"].color)
     for r, label in enumerate(row_labels or []):
-        axes[r, 0].set_ylabel(label, fontsize="medium", fontweight="bold")
+        if cells[r][0] is None:
+            axes[r, 0].set_ylabel(label, fontsize="medium", fontweight="bold")
         if cells[r][0] is None:  # keep the row label visible on an empty first cell
             axes[r, 0].set_axis_on()
             axes[r, 0].set_xticks([])
@@ -571,6 +686,30 @@ def plot_grid(
         fig.suptitle(title)
     paths = _save(fig, out, formats, dpi)
     return GridPlot(fig, axes, cells, missing, paths)
+
+
+def _share_row_scales(cells: list[list[RunPlot | SpectrumPlot | None]]) -> None:
+    """One scale per figure row: the left axes of a row share scale type and limits, and so do its λ axes."""
+    for row in cells:
+        drawn = [cell for cell in row if cell is not None]
+        if len(drawn) < 2:
+            continue
+        log = any(cell.log_scale for cell in drawn)
+        for cell in drawn:
+            if log and not cell.ax.get_yscale() == "log":
+                cell.ax.set_yscale("log")
+                cell.log_scale = True
+        lows, highs = zip(*(cell.ax.get_ylim() for cell in drawn))
+        lo, hi = min(lows), max(highs)
+        if log and lo <= 0:
+            lo = min(v for v in lows if v > 0) if any(v > 0 for v in lows) else 1e-8
+        for cell in drawn:
+            cell.ax.set_ylim(lo, hi)
+        twins = [cell.lambda_ax for cell in drawn if isinstance(cell, RunPlot) and cell.lambda_ax is not None]
+        if len(twins) > 1:
+            lows, highs = zip(*(ax.get_ylim() for ax in twins))
+            for ax in twins:
+                ax.set_ylim(min(lows), max(highs))
 
 
 def plot_figure(
@@ -650,7 +789,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Plot λ, 1/h0, α and the training loss (or the Hessian spectrum) from TensorBoard logs.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directory, or a directory above runs (all are drawn)")
-    p.add_argument("--out", required=True, help="output file, e.g. figures/fig1.png (suffix replaced per format)")
+    p.add_argument("--out", default=None,
+                   help="output file, e.g. figures/fig1.png (suffix replaced per format); default: curves.png "
+                        "(spectrum.png with --spectrum) in the first RUN directory")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=None, dest="formats",
                    help="file formats (default: the suffix of --out, else png)")
     p.add_argument("--dpi", type=float, default=150.0)
@@ -660,7 +801,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrum", action="store_true", help="bar chart of the first-epoch mean of hessian/h{i}")
     p.add_argument("--k", type=int, default=None, help="number of eigenvalues for --spectrum (default: all)")
     p.add_argument("--first-epoch-steps", type=int, default=None,
-                   help="average --spectrum over steps < N (default: up to the first change of the epoch tag)")
+                   help="average --spectrum over steps < N (default: the steps before epoch 1 starts)")
     p.add_argument("--title", default=None)
     return p
 
@@ -679,8 +820,47 @@ def _layout(n: int, grid: list[int] | None) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def default_out(first: str | os.PathLike, spectrum: bool = False) -> Path:
+    """``--out`` when none is given: ``curves.png`` (or ``spectrum.png``) inside the first RUN directory (beside
+    an event file given as RUN)."""
+    first = Path(first)
+    folder = first.parent if first.is_file() else first
+    return folder / ("spectrum.png" if spectrum else "curves.png")
+
+
+def _has_chart_tags(run: Path, spectrum: bool) -> bool:
+    try:
+        scalars = read_scalars(run)
+    except (FileNotFoundError, ValueError):
+        return False
+    if spectrum:
+        return "hessian/h0" in scalars
+    return any(_select_tag(s, scalars) is not None for s in SERIES)
+
+
+def _expand(paths: Sequence[str], spectrum: bool) -> tuple[list[Path], list[Path]]:
+    """The runs to draw and the runs skipped: below a directory that holds several runs, the runs holding none of
+    the chart's tags (e.g. the ``version_N`` a ``validate`` writes) are skipped; a run named directly is kept."""
+    runs, skipped = [], []
+    for path in paths:
+        found = find_runs(path)
+        if len(found) == 1:
+            runs += found
+            continue
+        for run in found:
+            (runs if _has_chart_tags(run, spectrum) else skipped).append(run)
+    return runs, skipped
+
+
 def _run_cli(args: argparse.Namespace) -> list[Path]:
-    runs = [run for path in args.runs for run in find_runs(path)]
+    runs, skipped = _expand(args.runs, args.spectrum)
+    for run in skipped:
+        print(f"lyapunov-cli plot: note: skipping {run}: it holds none of the chart's tags", file=sys.stderr)
+    if not runs:
+        raise ValueError(f"no run under {', '.join(args.runs)} holds the chart's tags "
+                         f"({'hessian/h0' if args.spectrum else ', '.join(t for s in SERIES for t in s.tags)}).")
+    if args.out is None:
+        args.out = str(default_out(args.runs[0], args.spectrum))
     kw = dict(formats=args.formats, dpi=args.dpi)
     if len(runs) == 1 and args.grid is None:
         if args.spectrum:
@@ -695,7 +875,7 @@ def _run_cli(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lyapunov-cli plot RUN [RUN ...] --out PATH [--format png pdf svg] [--grid ROWS COLS] ...``.
+    """``lyapunov-cli plot RUN [RUN ...] [--out PATH] [--format png pdf svg] [--grid ROWS COLS] ...``.
 
     Prints the written paths; missing-tag warnings go to stderr. Returns 0 on success, 2 with a one-line error
     on stderr for a bad argument or an empty / unreadable log directory.
@@ -727,3 +907,150 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+#: Marker per schedule in the analysis figures.
+_SCHEDULE_MARKER = {"constant": "o", "cyclic": "^", "quasi_newton": "s"}
+_ARCH_COLOR = {"linear": "tab:gray", "mlp": "tab:blue", "lenet1": "tab:green", "tinyresnet": "tab:purple",
+               "resnet18": "tab:red"}
+
+
+def _record_groups(payload: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(run row, seed record) pairs of a summary payload, spectrum runs left out."""
+    rows = {r["name"]: r for r in payload["runs"]}
+    return [(rows[rec["name"]], rec) for rec in payload["records"]
+            if rec["name"] in rows and rows[rec["name"]]["schedule"] != "spectrum"]
+
+
+def _steps_text(payload: dict[str, Any]) -> str:
+    steps = sorted({int(rec["steps"]) for _, rec in _record_groups(payload)})
+    if not steps:
+        return "no runs"
+    return f"{steps[0]}-{steps[-1]} steps" if len(steps) > 1 else f"{steps[0]} steps"
+
+
+def plot_analysis(payload: dict[str, Any], out_dir: str | os.PathLike, *, dpi: float = 100) -> list[Path]:
+    """The three analysis figures of a :mod:`lyapunov_callbacks.summary` payload (``summary_<data>.json``).
+
+    - ``analysis_alpha_h0.png``: late-training median 1/h0 against median α, one point per run and seed, log-log,
+      with the lines 1/h0 = α (the paper's claim) and 1/h0 = α/2 (the edge of stability); rows: loss, columns:
+      mini-batch and probe-batch h0; colour: architecture, marker: schedule.
+    - ``analysis_lambda.png``: the distribution of λ (every estimate before divergence, seeds pooled) per run,
+      with the band |λ| <= ``lambda_zero``.
+    - ``analysis_qn.png``: the full-training-set loss per epoch of every quasi-Newton run beside the constant-LR
+      runs of the same architecture and loss, each labelled with its fraction of rising mini-batch losses.
+
+    Returns the written paths (a figure with no data is not written).
+    """
+    out_dir = Path(out_dir)
+    data = payload["data"]
+    pairs = _record_groups(payload)
+    paths: list[Path] = []
+    head = f"data: {data}; {_steps_text(payload)}"
+
+    # 1/h0 against α
+    losses = sorted({row["loss"] for row, _ in pairs})
+    if losses:
+        fig = _new_figure((10.0, 4.0 * len(losses)))
+        axes = np.asarray(fig.subplots(len(losses), 2, squeeze=False))
+        for r, loss in enumerate(losses):
+            for c, source in enumerate(("minibatch", "probe")):
+                ax = axes[r, c]
+                xs, ys = [], []
+                for row, rec in pairs:
+                    a, inv = rec.get("alpha", math.nan), rec.get(f"inv_h0_{source}", math.nan)
+                    if row["loss"] != loss or not (np.isfinite(a) and np.isfinite(inv) and a > 0 and inv > 0):
+                        continue
+                    ax.scatter([a], [inv], color=_ARCH_COLOR.get(row["arch"], "k"),
+                               marker=_SCHEDULE_MARKER.get(row["schedule"], "x"), s=28, alpha=0.8)
+                    xs.append(a)
+                    ys.append(inv)
+                if xs:
+                    lo = min(xs + ys) / 2
+                    hi = max(xs + ys) * 2
+                    grid = np.geomspace(lo, hi, 10)
+                    ax.plot(grid, grid, "k-", linewidth=1, label="1/h0 = α (paper)")
+                    ax.plot(grid, grid / 2, "k--", linewidth=1, label="1/h0 = α/2 (edge of stability)")
+                    ax.set_xscale("log")
+                    ax.set_yscale("log")
+                    ax.legend(fontsize="x-small", loc="upper left")
+                else:
+                    ax.text(0.5, 0.5, "no h0 logged", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xlabel("α, median over the late window")
+                ax.set_ylabel(f"{loss.upper()}: 1/h0 ({'mini-batch' if source == 'minibatch' else 'probe batch'})")
+                ax.set_title(f"{loss.upper()}, {'mini-batch' if source == 'minibatch' else 'probe-batch'} h0",
+                             fontsize="medium")
+        handles = [Line2D([], [], color=col, marker="o", linestyle="", label=arch) for arch, col in _ARCH_COLOR.items()]
+        handles += [Line2D([], [], color="k", marker=m, linestyle="", label=sch) for sch, m in _SCHEDULE_MARKER.items()]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+        fig.suptitle(f"Late-training 1/h0 against α\n{head}")
+        paths += _save(fig, out_dir / "analysis_alpha_h0.png", ("png",), dpi)
+
+    # λ distribution
+    lam_runs: dict[str, list[float]] = {}
+    for row, rec in pairs:
+        lam_runs.setdefault(row["name"], []).extend(rec.get("lambda_values") or [])
+    lam_runs = {k: v for k, v in lam_runs.items() if v}
+    if lam_runs:
+        names = sorted(lam_runs)
+        fig = _new_figure((8.0, 1.0 + 0.22 * len(names)))
+        ax = fig.add_subplot()
+        ax.boxplot([lam_runs[n] for n in names], orientation="horizontal", tick_labels=names, whis=(5, 95),
+                   flierprops={"markersize": 2})
+        zero = payload["thresholds"]["lambda_zero"]
+        ax.axvspan(-zero, zero, color="tab:blue", alpha=0.12, label=f"|λ| ≤ {zero:g}")
+        ax.axvline(0.0, color=_ZERO_LINE_COLOR, linestyle="--", linewidth=0.8)
+        ax.tick_params(axis="y", labelsize="x-small")
+        ax.set_xlabel("λ per step (every estimate before divergence, seeds pooled; whiskers 5-95 %)")
+        ax.legend(fontsize="small", loc="lower right")
+        ax.set_title(f"Distribution of the Lyapunov exponent λ per run\n{head}", fontsize="medium")
+        paths += _save(fig, out_dir / "analysis_lambda.png", ("png",), dpi)
+
+    # quasi-Newton against constant LR: full-training-set loss per epoch
+    qn = sorted({(row["arch"], row["loss"]) for row, _ in pairs if row["schedule"] == "quasi_newton"})
+    if qn:
+        ncols = min(4, len(qn))
+        nrows = math.ceil(len(qn) / ncols)
+        fig = _new_figure((4.0 * ncols, 3.2 * nrows))
+        axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+        for i, (arch, loss) in enumerate(qn):
+            ax = axes[i // ncols, i % ncols]
+            drew = False
+            colors = iter(["tab:blue", "tab:green", "tab:purple", "tab:olive", "tab:cyan"])
+            for row in sorted((r for r in payload["runs"] if r["arch"] == arch and r["loss"] == loss
+                               and r["schedule"] in ("quasi_newton", "constant")),
+                              key=lambda r: (r["schedule"] != "quasi_newton", r["lr"] or 0)):
+                is_qn = row["schedule"] == "quasi_newton"
+                color = "tab:red" if is_qn else next(colors, "k")
+                rise = row.get("loss_rise_frac", math.nan)
+                label = ("quasi-Newton" if is_qn else f"α = {row['lr']:g}") + (
+                    f" (rises {100 * rise:.0f} %)" if np.isfinite(rise) else "")
+                first = True
+                for _, rec in (p for p in pairs if p[0]["name"] == row["name"]):
+                    steps, vals = np.asarray(rec.get("full_loss_steps", [])), np.asarray(rec.get("full_loss", []))
+                    if rec.get("diverged_at") is not None:
+                        keep = steps < rec["diverged_at"]
+                        steps, vals = steps[keep], vals[keep]
+                    if steps.size == 0:
+                        continue
+                    ax.plot(steps, vals, color=color, marker="o", markersize=3,
+                            linewidth=2.0 if is_qn else 1.0, label=label if first else None)
+                    first, drew = False, True
+            ax.set_title(f"{arch} · {loss.upper()}", fontsize="medium")
+            ax.set_xlabel("global step")
+            ax.set_ylabel("full-training-set loss")
+            if drew:
+                vals = [v for line in ax.lines for v in line.get_ydata() if np.isfinite(v)]
+                if vals and min(vals) > 0 and max(vals) / min(vals) > LOG_SPAN:
+                    ax.set_yscale("log")
+                ax.legend(fontsize="x-small")
+            else:
+                ax.text(0.5, 0.5, "no train_full/loss logged", ha="center", va="center", transform=ax.transAxes)
+        for j in range(len(qn), nrows * ncols):
+            axes[j // ncols, j % ncols].set_axis_off()
+        fig.suptitle("Quasi-Newton against constant α: full-training-set loss per epoch "
+                     f"(rises: share of logged mini-batch losses above the previous one)\n{head}", fontsize="medium")
+        paths += _save(fig, out_dir / "analysis_qn.png", ("png",), dpi)
+    return paths

@@ -1,4 +1,4 @@
-"""Tests of the figures driver (figures/make_figures.py): the plan in figures.yaml, the command lines, one tiny run."""
+"""Tests of the figures driver (figures/make_figures.py): the plan against the paper's captions, the command lines, a tiny run."""
 
 import importlib.util
 import json
@@ -16,7 +16,7 @@ make_figures = importlib.util.module_from_spec(_spec)
 sys.modules["make_figures"] = make_figures  # dataclasses look their module up there
 _spec.loader.exec_module(make_figures)
 
-ARCHS = ["mlp", "lenet1", "tinyresnet", "linear"]
+CAPTIONS = Path("/work/shared/paper/figure-captions.txt")
 
 
 @pytest.fixture(scope="module")
@@ -34,82 +34,115 @@ def _flag(args, name):
     return hits[0] if hits else None
 
 
-def test_spec_references_only_existing_configs(spec):
+def _grid(spec, fig):
+    return spec["figures"][fig]["runs"]
+
+
+def test_figures_are_numbered_and_paneled_as_the_captions(spec):
+    figs = spec["figures"]
+    assert list(figs) == [f"fig{i}" for i in range(1, 11)]
+    # fig 1: MLP-CE (top), TinyResNet-CE (middle), MLP-MSE (bottom) x constant 0.1, 0.3, cyclic
+    assert _grid(spec, "fig1") == [[f"constant/{m}_lr0.1", f"constant/{m}_lr0.3", f"cyclic/{m}"]
+                                   for m in ("mlp_ce", "tinyresnet_ce", "mlp_mse")]
+    # fig 2: MLP, LeNet1, ResNet18 (columns) x CE (top), MSE (bottom), quasi-Newton; ResNet18 on ten classes
+    assert _grid(spec, "fig2") == [
+        ["quasi_newton/mlp_ce", "quasi_newton/lenet1_ce", "resnet18_comparison/quasi_newton"],
+        ["quasi_newton/mlp_mse", "quasi_newton/lenet1_mse", "quasi_newton/resnet18_mse"]]
+    assert figs["fig3"]["kind"] == "spectrum" and figs["fig3"]["k"] == 14
+    # figs 4-6: one constant LR each, MLP, LeNet1, TinyResNet (and the linear model) x MSE / CE
+    for fig, lr in (("fig4", "0.05"), ("fig5", "0.1"), ("fig6", "0.3")):
+        assert _grid(spec, fig) == [[f"constant/{a}_{loss}_lr{lr}" for a in ("linear", "mlp", "lenet1", "tinyresnet")]
+                                    for loss in ("mse", "ce")]
+        assert lr in CAPTIONS.read_text().split(f"Figure {fig[3:]}:")[1].split("Figure")[0] if CAPTIONS.is_file() else True
+    # fig 7 (garbled caption): the cyclic member of the series, said so in its title
+    assert _grid(spec, "fig7") == [[f"cyclic/{a}_{loss}" for a in ("linear", "mlp", "lenet1", "tinyresnet")]
+                                   for loss in ("mse", "ce")]
+    assert "garbled" in figs["fig7"]["title"]
+    # figs 8 / 9: quasi-Newton with CE (MLP, LeNet1, TinyResNet, ResNet18) / MSE (linear, MLP, LeNet1, TinyResNet)
+    assert _grid(spec, "fig8") == [["quasi_newton/mlp_ce", "quasi_newton/lenet1_ce", "quasi_newton/tinyresnet_ce",
+                                    "resnet18_comparison/quasi_newton"]]
+    assert _grid(spec, "fig9") == [[f"quasi_newton/{a}_mse" for a in ("linear", "mlp", "lenet1", "tinyresnet")]]
+    # fig 10: ResNet18 CE, quasi-Newton vs cyclic vs constant 0.05
+    assert _grid(spec, "fig10") == [["resnet18_comparison/quasi_newton", "resnet18_comparison/cyclic",
+                                     "resnet18_comparison/constant_lr0.05"]]
+
+
+def test_shared_runs_are_trained_once(spec):
     runs = make_figures.plan_runs(spec, list(spec["figures"]))
-    assert runs, "the plan has no run"
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    by = {r.name: r for r in runs}
+    assert by["constant/mlp_ce_lr0.1"].figures == ["fig1", "fig5"]
+    assert by["resnet18_comparison/quasi_newton"].figures == ["fig2", "fig8", "fig10"]
+    assert by["cyclic/tinyresnet_ce"].figures == ["fig1", "fig7"]
+    # 24 constant + 8 cyclic + 7 two-class quasi-Newton + ResNet18 (QN CE, QN MSE, cyclic, 0.05) + 6 spectrum
+    assert len(runs) == 24 + 8 + 7 + 4 + 6
     for run in runs:
         assert run.config_path.is_file(), run.name
-        assert run.arch in spec["scales"], run.name
-    # 4 architectures x 2 losses x (3 constant LRs + cyclic + quasi-Newton), 6 spectrum runs, 3 ResNet-18 runs
-    assert len(runs) == 4 * 2 * 5 + 6 + 3
-    assert len({r.name for r in runs}) == len(runs)
 
 
-def test_figure_mapping(spec):
-    figs = spec["figures"]
-    assert make_figures.selected_figures(spec, None, False) == [f"fig{i}" for i in range(1, 10)]
-    assert make_figures.selected_figures(spec, None, True)[-1] == "fig10"
-    assert figs["fig1"]["runs"] == [[f"constant/{a}_ce_lr{lr}" for lr in ("0.05", "0.1", "0.3")] for a in ARCHS]
-    assert figs["fig2"]["runs"][0] == ["quasi_newton/mlp_ce", "quasi_newton/mlp_mse"]  # the README's main job
-    assert figs["fig3"]["kind"] == "spectrum" and figs["fig3"]["k"] == 14
-    assert figs["fig10"]["runs"] == [["resnet18_comparison/quasi_newton", "resnet18_comparison/cyclic",
-                                      "resnet18_comparison/constant_lr0.05"]]
+def test_full_scale_meets_the_length_and_seed_requirements(spec):
+    full = spec["scales"]["full"]
+    for arch in ("linear", "mlp", "lenet1", "tinyresnet"):
+        assert full[arch]["batch_size"] == 128 and full[arch]["max_steps"] >= 1000
+        assert full[arch]["probe_size"] >= 1024 and full[arch]["probe_every"] is not None
+    for arch in ("linear", "mlp", "lenet1"):  # the runs deciding the claims: 3 seeds
+        assert full[arch]["seeds"] == 3
+    quick = make_figures.plan_runs(spec, list(spec["figures"]), "quick")
+    assert all(r.seeds == [0] for r in quick)
+    assert [r.name for r in quick] == [r.name for r in make_figures.plan_runs(spec, list(spec["figures"]))]
 
 
-def test_list_prints_every_planned_run(capsys):
-    assert make_figures.main(["--list", "--data", "synthetic"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("46 runs, data=synthetic")
-    commands = [line.strip()[len("lyapunov-cli "):] for line in out.splitlines()
-                if line.strip().startswith("lyapunov-cli fit")]
-    assert len(commands) == 46
-    by_name = {_flag(shlex.split(c), "trainer.logger.init_args.name"): shlex.split(c) for c in commands}
-
-    mlp = by_name["constant/mlp_ce_lr0.1"]
+def test_command_lines(spec):
+    runs = {r.name: r for r in make_figures.plan_runs(spec, list(spec["figures"]))}
+    logs = Path("figures/logs")
+    mlp = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "synthetic", "data", logs, seed=2,
+                                datasets=spec["datasets"], with_probe=True)
     assert mlp[:3] == ["fit", "--config", str(Path("configs/constant/mlp_ce_lr0.1.yaml"))]
-    assert _flag(mlp, "trainer.max_steps") == "120" and _flag(mlp, "trainer.limit_train_batches") == "30"
-    assert _flag(mlp, "data.init_args.batch_size") == "64"
-    assert _flag(mlp, "data.init_args.synthetic") == "true"
-    assert _flag(mlp, "trainer.logger.init_args.version") == "synthetic"
+    assert _flag(mlp, "seed_everything") == "2" and _flag(mlp, "trainer.max_steps") == "1000"
+    assert _flag(mlp, "trainer.limit_train_batches") == "1.0"  # whole epochs
+    assert _flag(mlp, "data.init_args.batch_size") == "128" and _flag(mlp, "data.init_args.synthetic") == "true"
+    assert _flag(mlp, "trainer.logger.init_args.name") == "constant/mlp_ce_lr0.1/synthetic"
+    assert _flag(mlp, "trainer.logger.init_args.version") == "seed2"
     assert _callbacks(mlp) == [
-        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 5, "k": 1}},
-        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": None}},
+        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 10, "k": 1}},
+        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 50}},
+        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor",
+         "init_args": {"every_n_steps": 50, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
+        {"class_path": "figures.epoch_loss.FullTrainLoss", "init_args": {"max_batches": None}},
     ]
-    # the cyclic LR's half-cycle shrinks to one reduced epoch; constant runs have no scheduler flag
-    assert _flag(by_name["cyclic/lenet1_mse"], "lr_scheduler.init_args.step_size_up") == "30"
-    assert _flag(by_name["cyclic/tinyresnet_ce"], "lr_scheduler.init_args.step_size_up") == "15"
+    no_probe = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "synthetic", "data", logs,
+                                     datasets=spec["datasets"], with_probe=False)
+    assert all(c["init_args"].get("prefix") is None for c in _callbacks(no_probe))
+    assert _flag(make_figures.fit_args(runs["cyclic/lenet1_mse"], "synthetic", "data", logs, datasets=spec["datasets"]),
+                 "lr_scheduler.init_args.step_size_up") == "100"
     assert _flag(mlp, "lr_scheduler.init_args.step_size_up") is None
-    # quasi-Newton runs keep their config's QuasiNewtonLR and get no extra Hessian monitor
-    qn = _callbacks(by_name["quasi_newton/mlp_ce"])
-    assert [c["class_path"].rsplit(".", 1)[1] for c in qn] == ["QuasiNewtonLR", "LyapunovExponentMonitor"]
-    assert qn[0]["init_args"]["every_n_steps"] == 10
-    # spectrum runs: top-14 Hessian, no Lyapunov monitor, one reduced epoch
-    spec_run = by_name["spectrum/mlp_ce_lr0.1"]
-    assert _callbacks(spec_run) == [
-        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 10, "k": 14}}
-    ]
-    assert _flag(spec_run, "trainer.max_steps") == "30"
-    assert "resnet18_comparison/cyclic" not in by_name  # optional figure 10 is not in the default plan
+    qn = _callbacks(make_figures.fit_args(runs["quasi_newton/mlp_ce"], "cifar", "/x", logs, datasets=spec["datasets"]))
+    assert [c["class_path"].rsplit(".", 1)[1] for c in qn] == [
+        "QuasiNewtonLR", "LyapunovExponentMonitor", "HessianEigenvalueMonitor", "FullTrainLoss"]
+    spectrum = make_figures.fit_args(runs["spectrum/mlp_ce_lr0.1"], "synthetic", "data", logs, datasets=spec["datasets"])
+    assert _flag(spectrum, "trainer.max_epochs") == "1" and _flag(spectrum, "trainer.max_steps") == "-1"
+    assert _callbacks(spectrum)[0] == {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor",
+                                       "init_args": {"every_n_steps": 10, "k": 14}}
+    # digits: the whole data module replaced, two classes 3 vs 5 with label noise; ResNet18 on ten classes
+    dig = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "digits", "data", logs, datasets=spec["datasets"])
+    data = json.loads(_flag(dig, "data"))
+    assert data == {"class_path": "datamodules.digits.DigitsDataModule",
+                    "init_args": {"classes": [3, 5], "label_noise": 0.1, "batch_size": 128}}
+    dig10 = make_figures.fit_args(runs["resnet18_comparison/cyclic"], "digits", "data", logs, datasets=spec["datasets"])
+    assert json.loads(_flag(dig10, "data"))["init_args"]["classes"] is None
+    cifar = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "cifar", "/x/y", logs, datasets=spec["datasets"])
+    assert _flag(cifar, "data.init_args.data_dir") == "/x/y" and _flag(cifar, "data.init_args.synthetic") is None
 
 
-def test_list_with_cifar_and_only(capsys):
-    assert make_figures.main(["--list", "--data", "cifar", "--data-dir", "/x/y", "--only", "fig10"]) == 0
+def test_list_and_titles(spec, capsys):
+    assert make_figures.main(["--list", "--quick", "--data", "synthetic", "--only", "fig10"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("3 runs, data=cifar")
-    cmds = [shlex.split(line.strip()[len("lyapunov-cli "):]) for line in out.splitlines()
-            if line.strip().startswith("lyapunov-cli fit")]
-    assert all(_flag(c, "data.init_args.data_dir") == "/x/y" for c in cmds)
-    assert all(_flag(c, "data.init_args.synthetic") is None for c in cmds)
-    # the comparison's monitors come from configs/callbacks/*.yaml, rescaled
-    cyclic = next(c for c in cmds if _flag(c, "trainer.logger.init_args.name") == "resnet18_comparison/cyclic")
-    assert _callbacks(cyclic)[0]["init_args"] == {"every_n_steps": 4, "k": 1}
-    assert _flag(cyclic, "lr_scheduler.init_args.step_size_up") == "8"
-    # a 16-step ResNet-18 run re-estimates the quasi-Newton LR every 4 steps instead of its config's 20
-    qn = next(c for c in cmds if _flag(c, "trainer.logger.init_args.name") == "resnet18_comparison/quasi_newton")
-    assert _callbacks(qn) == [
-        {"class_path": "lyapunov_callbacks.QuasiNewtonLR", "init_args": {"scale": 1.0, "every_n_steps": 4}},
-        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 4, "every_n_steps": 8}},
-    ]
+    assert out.startswith("3 runs (3 with seeds), data=synthetic, mode=quick")
+    runs = make_figures.plan_runs(spec, list(spec["figures"]))
+    title = make_figures.figure_title(spec, "fig5", runs, "digits")
+    assert title.startswith("Figure 5: constant α = 0.1\ndata: digits; ")
+    assert "1000 steps × batch 128" in title and "seed" in title
 
 
 def test_bad_arguments_and_specs(tmp_path, capsys):
@@ -123,12 +156,12 @@ def test_bad_arguments_and_specs(tmp_path, capsys):
         make_figures.load_spec(path)
     bad["figures"]["fig1"]["runs"][0] = bad["figures"]["fig1"]["runs"][0][:2]
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ValueError, match=r"figures.fig1.runs must be len\(rows\) x len\(cols\) = 4 x 3"):
+    with pytest.raises(ValueError, match=r"figures.fig1.runs must be len\(rows\) x len\(cols\) = 3 x 3"):
         make_figures.load_spec(path)
     bad = yaml.safe_load((ROOT / "figures" / "figures.yaml").read_text())
-    bad["scales"]["mlp"]["batchsize"] = 8
+    bad["scales"]["full"]["mlp"]["batchsize"] = 8
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ValueError, match=r"scales.mlp lacks \[\] / has unknown keys \['batchsize'\]"):
+    with pytest.raises(ValueError, match=r"scales.full.mlp lacks \[\] / has unknown keys \['batchsize'\]"):
         make_figures.load_spec(path)
     assert make_figures.main(["--spec", str(path), "--list"]) == 2
 
@@ -146,35 +179,39 @@ def test_config_callbacks_follow_includes_and_files(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_end_to_end_run(tmp_path, capsys):
-    """Two linear runs of 6 steps through the real CLI: the overrides reach the trainer, the figure is drawn."""
-    tiny = {
-        "scales": {"linear": {"batch_size": 16, "max_steps": 6, "epoch_batches": 3, "val_batches": 1, "log_every": 1,
-                              "hessian_every": 1, "lyapunov_window": 2, "lyapunov_every": None}},
-        "figures": {"tiny": {"title": "tiny", "rows": ["linear"], "cols": ["cyclic", "quasi-Newton"],
-                             "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]}},
-    }
+    """Two linear runs of 6 steps through the real CLI: overrides reach the trainer, figure, summary and page."""
+    spec = yaml.safe_load((ROOT / "figures" / "figures.yaml").read_text())
+    lin = {"batch_size": 16, "max_steps": 6, "epoch_batches": 3, "val_batches": 1, "log_every": 1,
+           "hessian_every": 1, "probe_every": None, "probe_size": 16, "lyapunov_window": 2, "lyapunov_every": None,
+           "seeds": 2, "cyclic_half": 3, "full_loss_batches": 1}
+    tiny = {"datasets": spec["datasets"], "scales": {"full": {"linear": lin}, "quick": {"linear": lin}},
+            "figures": {"tiny": {"title": "tiny", "rows": ["linear"], "cols": ["cyclic", "quasi-Newton"],
+                                 "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]}}}
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny))
-    logs, out = tmp_path / "logs", tmp_path / "out"
-    code = make_figures.main(["--spec", str(spec_path), "--logs", str(logs), "--out", str(out)])
+    logs, out, page = tmp_path / "logs", tmp_path / "figs" / "synthetic", tmp_path / "results.md"
+    code = make_figures.main(["--spec", str(spec_path), "--logs", str(logs), "--out", str(out),
+                              "--summary-dir", str(tmp_path / "summary"), "--page", str(page)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    assert "[ 1/2] cyclic/linear_ce:" in stdout and "trained 2/2 runs" in stdout
+    assert "[  1/4] cyclic/linear_ce seed 0:" in stdout and "trained 4/4 runs" in stdout
     assert (out / "tiny.png").stat().st_size > 10_000
 
     from lyapunov_callbacks._tb_reader import read_scalars
 
-    cyclic = read_scalars(logs / "cyclic/linear_ce/synthetic")
-    # triangular CyclicLR 0.05 <-> 0.3 with step_size_up = epoch_batches = 3, stepped every batch
-    np.testing.assert_array_equal(cyclic["optim/lr"].steps, np.arange(6))
-    np.testing.assert_allclose(cyclic["optim/lr"].values, [0.05, 0.05 + 0.25 / 3, 0.05 + 0.5 / 3, 0.3,
-                                                           0.05 + 0.5 / 3, 0.05 + 0.25 / 3], rtol=1e-6)
-    np.testing.assert_array_equal(cyclic["lyapunov/lambda"].steps, [1, 3, 5])  # windows of 2 steps
-    assert cyclic["train/loss"].steps.tolist() == list(range(6))
-    qn = read_scalars(logs / "quasi_newton/linear_mse/synthetic")
-    assert "hessian/inv_h0" in qn and "quasi_newton/lr" in qn
+    for seed in (0, 1):
+        cyclic = read_scalars(logs / f"cyclic/linear_ce/synthetic/seed{seed}")
+        # triangular CyclicLR 0.05 <-> 0.3 with step_size_up = cyclic_half = 3, stepped every batch
+        np.testing.assert_array_equal(cyclic["optim/lr"].steps, np.arange(6))
+        np.testing.assert_allclose(cyclic["optim/lr"].values, [0.05, 0.05 + 0.25 / 3, 0.05 + 0.5 / 3, 0.3,
+                                                               0.05 + 0.5 / 3, 0.05 + 0.25 / 3], rtol=1e-6)
+        np.testing.assert_array_equal(cyclic["lyapunov/lambda"].steps, [1, 3, 5])  # windows of 2 steps
+        # the full-training-set loss at every epoch start (steps 0, 3) and at the end (6)
+        assert cyclic["train_full/loss"].steps.tolist() == [0, 3, 6]
+    qn = read_scalars(logs / "quasi_newton/linear_mse/synthetic/seed0")
     np.testing.assert_allclose(qn["quasi_newton/lr"].values, qn["hessian/inv_h0"].values, rtol=1e-6)
-    summary = (logs / "summary_synthetic.md").read_text()
-    assert "| cyclic/linear_ce |" in summary and "| quasi_newton/linear_mse |" in summary
-    nums = make_figures.run_numbers(logs / "quasi_newton/linear_mse/synthetic")
-    assert nums["median_alpha_h0"] == pytest.approx(1.0, rel=1e-5)  # α = 1/h0 at every estimate
+    summary = json.loads((tmp_path / "summary" / "summary_synthetic.json").read_text())
+    rows = {r["name"]: r for r in summary["runs"]}
+    assert rows["cyclic/linear_ce"]["seeds"] == 2 and rows["quasi_newton/linear_mse"]["seeds"] == 2
+    text = page.read_text()
+    assert "## Data set: synthetic" in text and "placeholder" in text  # digits and cifar not run

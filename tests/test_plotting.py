@@ -328,7 +328,15 @@ def test_plot_grid_2x2_with_empty_cell(tmp_path, full_run):
     assert grid.axes.shape == (2, 2) and grid.cells[1][1] is None
     assert grid.missing == {str(other): ["lyapunov/lambda", "hessian/inv_h0"]}
     assert grid.axes[0, 0].get_title() == "constant" and grid.axes[0, 1].get_title() == "quasi-Newton"
-    assert grid.axes[0, 0].get_ylabel() == "MLP" and grid.axes[1, 0].get_ylabel() == "LeNet1"
+    # y labels: the row label and the quantities of the left axis; λ labelled on the row's last chart
+    assert grid.axes[0, 0].get_ylabel() == "MLP\n1/h0, α, training loss (log)"
+    assert grid.axes[1, 0].get_ylabel() == "LeNet1\n1/h0, α, training loss (log)"
+    assert grid.cells[0][0].lambda_ax is not None and grid.cells[1][0].lambda_ax.get_ylabel() == "λ"
+    # one scale per row: both charts of the top row share the log scale and the limits
+    top = [grid.cells[0][0].ax, grid.cells[0][1].ax]
+    assert [a.get_yscale() for a in top] == ["log", "log"]
+    assert top[0].get_ylim() == top[1].get_ylim()
+    assert top[0].get_ylim()[0] <= 1e-2 and top[0].get_ylim()[1] >= 2.3
     np.testing.assert_array_equal(
         grid.cells[0][1].lines["loss"].get_ydata(), f32([2.3, 1.9, 1.4])
     )
@@ -439,3 +447,74 @@ def test_plot_of_a_real_trainer_fit(tmp_path):
     np.testing.assert_array_equal(result.lines["loss"].get_xdata(), np.arange(8))
     np.testing.assert_allclose(result.lines["loss"].get_ydata(), model.losses, rtol=1e-6)
     np.testing.assert_array_equal(result.lines["lr"].get_ydata(), np.full(8, 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ readability fixes
+
+
+def test_spectrum_first_epoch_ends_where_epoch_1_starts(tmp_path):
+    """Lightning's pattern: log_every_n_steps=4 logs epoch at steps 3, 7, ...; validation logs the end of epoch 0 at
+    its last step (9 for 10 batches); epoch 1 is first logged at step 11 although it starts at step 10."""
+    h_steps = np.arange(0, 14)
+    series = {
+        "epoch": (np.array([3, 7, 9, 11, 13]), np.array([0.0, 0.0, 0.0, 1.0, 1.0])),
+        "hessian/h0": (h_steps, np.where(h_steps < 10, 1.0, 100.0)),
+    }
+    run = write_run(tmp_path / "r", series, config=None)
+    result = plot_spectrum(run, k=1)
+    assert result.end_step == 10
+    assert result.eigenvalues[0] == pytest.approx(1.0) and result.num_points[0] == 10
+
+
+def test_plot_main_default_out_and_skips_runs_without_tags(tmp_path, full_run, capsys):
+    root = tmp_path / "lightning_logs"
+    train = write_run(root / "version_0", reference_series(), config=None)
+    validate = write_run(root / "version_1", {"val/loss": ([0], [0.5]), "val/acc": ([0], [0.8])}, config=None)
+    assert main([str(root)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(root / "curves.png")  # the default --out: inside the first RUN
+    assert_not_blank(root / "curves.png")
+    assert f"note: skipping {validate}" in captured.err and str(train) not in captured.err
+    # --spectrum skips the run without hessian/h0 too, default name spectrum.png
+    assert main([str(root), "--spectrum", "--k", "3"]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "spectrum.png")
+    # a parent holding only runs without the chart's tags: one-line error
+    only_val = tmp_path / "only_val"
+    write_run(only_val / "version_0", {"val/loss": ([0], [0.5])}, config=None)
+    write_run(only_val / "version_1", {"val/loss": ([0], [0.4])}, config=None)
+    assert main([str(only_val)]) == 2
+    assert "no run under" in capsys.readouterr().err
+    assert plotting.default_out(next(train.glob("events.out.tfevents.*"))) == train / "curves.png"
+
+
+def test_diverged_run_is_cut_and_marked(tmp_path):
+    steps = np.arange(20)
+    loss = np.where(steps < 12, 1.0 - 0.01 * steps, np.where(steps < 14, 50.0, np.nan))
+    run = write_run(tmp_path / "div", {"train/loss": (steps, loss), "optim/lr": (steps, np.full(20, 0.3)),
+                                       "hessian/inv_h0": (steps, np.full(20, 0.2)),
+                                       "lyapunov/lambda": (steps[4::5], np.array([0.1, 0.2, 0.3, 0.4]))},
+                    config=None)
+    result = plot_run(run)
+    assert result.diverged_at == 12  # 50 > 10 x the first loss
+    assert result.lines["loss"].get_xdata().max() == 11 and result.lines["lr"].get_xdata().max() == 11
+    assert [t.get_text() for t in result.ax.texts] == ["diverged at step 12"]
+    # λ measured every 5 steps: drawn with markers; points after the divergence dropped
+    assert result.lines["lambda"].get_marker() == "o"
+    np.testing.assert_array_equal(result.lines["lambda"].get_xdata(), [4, 9])
+    assert result.lines["loss"].get_marker() in ("None", None, "")
+
+
+def test_seeds_drawn_as_median_and_band(tmp_path):
+    steps = np.arange(10)
+    cell = tmp_path / "constant" / "mlp_ce_lr0.1" / "synthetic"
+    for seed, scale in enumerate((1.0, 2.0, 4.0)):
+        write_run(cell / f"seed{seed}", {"train/loss": (steps, scale * np.linspace(1.0, 0.5, 10)),
+                                         "optim/lr": (steps, np.full(10, 0.1))}, config=None)
+    with pytest.warns(MissingTagsWarning):
+        result = plot_run(cell)
+    assert result.num_runs == 3
+    np.testing.assert_allclose(result.lines["loss"].get_ydata(), 2.0 * np.linspace(1.0, 0.5, 10), rtol=1e-6)
+    bands = result.ax.collections
+    assert len(bands) == 2  # α, then the loss (series order)
+    lows = bands[1].get_paths()[0].vertices[:, 1]
+    assert lows.min() == pytest.approx(0.5, rel=1e-6) and lows.max() == pytest.approx(4.0, rel=1e-6)
