@@ -365,7 +365,7 @@ class QuasiNewtonRule:
         self._pending = None
         # The loss at this estimate is the reference of the next loss trigger.
         self._losses.clear()
-        if self._last_loss is not None and self._loss_step == step:
+        if self._last_loss is not None and self._loss_step == step and math.isfinite(self._last_loss):
             self._losses.append(self._last_loss)
         if not self.warmup_done:
             self.warmup_hvps += int(hvps)

@@ -95,6 +95,10 @@ def test_loss_trigger_ignores_noise_below_threshold_and_fires_above():
     # The loss at the estimate is the new reference: a lower loss does not trigger, a NaN one does.
     assert not rule.needs_estimate(8, loss=1.0)
     assert rule.needs_estimate(9, loss=float("nan"))
+    rule.update(float("nan"), 9)                # a diverged loss: no reference, so no trigger on every step
+    assert not rule.needs_estimate(10, loss=float("nan"))
+    assert not rule.needs_estimate(11, loss=1.0)
+    assert rule.needs_estimate(12, loss=2.5)    # the reference is the first finite loss after the estimate
 
 
 def test_rayleigh_check_schedule_and_threshold():
