@@ -1,0 +1,402 @@
+"""The quasi-Newton LR against a tuned constant LR, a cyclic LR and learning-rate-free optimisers.
+
+Tasks: ``linear``, ``mlp``, ``lenet1``, ``tinyresnet`` × ``ce``, ``mse`` on two data sets, the two-class
+synthetic CIFAR stand-in (``CIFAR10DataModule(synthetic=True, classes=[3, 5])``) and scikit-learn's bundled
+digits (``datamodules.digits.DigitsDataModule``, ten classes, 3×32×32; skipped with a note while that module is
+missing). Every fit is a plain PyTorch loop (no Lightning: one cost model for every row) of the same number of
+steps on the same seeded batch sequence from the same initial weights, for each of ``--seeds`` seeds.
+
+Rows, per task:
+
+- ``SGD best``: plain SGD at the LR of the grid {0.01, 0.03, 0.1, 0.3, 1} with the lowest validation loss on
+  seed 0 (a diverged fit counts as +inf); chosen once per task, then run on every seed. The chosen LR is shown.
+- ``cyclic``: plain SGD with ``CyclicLR`` triangular 0.05 ↔ 0.3 (the paper's configs), two cycles per run.
+- ``Prodigy`` (``prodigyopt.Prodigy(lr=1)``), ``D-Adapt SGD`` (``dadaptation.DAdaptSGD(lr=1)``): LR-free.
+- ``SF-SGD``: ``schedulefree.SGDScheduleFree`` (momentum 0.9) at the tuned SGD LR: schedule-free, not LR-free,
+  so it gets the tuning SGD got. ``optimizer.train()`` before training, ``optimizer.eval()`` before evaluation
+  (BatchNorm statistics are recomputed at the evaluation weights, as its authors prescribe).
+- ``QN today``: :class:`~lyapunov_callbacks.quasi_newton_rule.QuasiNewtonRule` set up as ``QuasiNewtonLR``
+  behaves today: α = 1/h0, warm-up at the initial weights (tol 1e-3), re-estimated every 10 steps on the
+  current batch (tol 1e-2, warm start), no trigger, no limit on the LR's growth, clamps [1e-5, 10].
+- ``QN 1/h0+trig``: the same with the loss trigger (loss doubled over its recent mean) and the LR allowed to
+  grow at most 2× per estimate.
+- ``QN edge 1.8``: the edge-of-stability rule α·h0 = 1.8 with the same triggers and limit.
+
+Columns: final training loss on the whole training subset (eval mode), validation accuracy, diverged (a
+non-finite loss during training, or a final training loss above the one at initialisation) as "k/seeds",
+and the fit's wall time over the ``SGD best`` fit of the same task and seed (only the training loop is timed:
+batches are pre-drawn tensors, evaluation is outside; h0 estimates are inside). Means over seeds (± the
+standard deviation for the loss).
+
+Default size: 100 steps at batch 32 (1.6 epochs of the subset), 2,048 training and 1,000 validation images per
+data set (digits has 1,797 images in all, so fewer), 3 seeds, both data sets: 16 tasks × 28 fits (5 grid fits on
+seed 0, 2 more SGD fits, 3 × 7 other rows). Estimated wall time on this project's idle 2-core machine: about 20
+minutes, about 70 % of it TinyResNet (per-step costs of MLP/LeNet1 from ``quasi_newton_training.py``'s measured
+67 s, TinyResNet's from its size; not yet timed end to end: the machine was shared by five jobs when the script
+was written). The table's header states the measured wall time of the run that produced it. Cut it with
+``--models``/``--data``/``--losses``/``--seeds``; lengthen it with ``--steps``. ``--quick``: linear on the
+synthetic data, CE, 10 steps, 1 seed, 512/256 images, a grid of two LRs (about 10 s of CPU).
+
+Usage::
+
+    python benchmarks/lr_free.py [--quick] [--threads N] [--steps 100] [--batch-size 32] [--seeds 3]
+        [--models linear,mlp,lenet1,tinyresnet] [--losses ce,mse] [--data synthetic,digits]
+        [--train-size 2048] [--val-size 1000] [--out benchmarks/results/lr_free.md]
+
+``--out`` defaults to ``benchmarks/results/lr_free.md`` for a non-quick run (the file the README quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lyapunov_callbacks import top_hessian_eigenvalues  # noqa: E402
+from lyapunov_callbacks.quasi_newton_rule import QuasiNewtonRule  # noqa: E402
+
+SGD_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+QUICK_GRID = (0.03, 0.3)
+#: The paper's cyclic schedule (configs/lr_scheduler/cyclic_cifar2.yaml), with two full cycles per run here.
+CYCLIC = (0.05, 0.3)
+#: Re-estimate tolerance and cap, warm-up tolerance and cap: QuasiNewtonLR's defaults.
+QN_TOL, QN_MAX_ITER, QN_WARMUP_TOL, QN_WARMUP_HVPS = 1e-2, 50, 1e-3, 200
+DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE = 100, 32, 2048, 1000
+DEFAULT_OUT = os.path.join(_ROOT, "benchmarks", "results", "lr_free.md")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and models
+# ---------------------------------------------------------------------------------------------------------------
+def _stack(loader: DataLoader, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys, n = [], [], 0
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if n >= limit:
+            break
+    return torch.cat(xs)[:limit].contiguous(), torch.cat(ys)[:limit].contiguous()
+
+
+def load_data(name: str, train_size: int, val_size: int) -> Optional[dict[str, Any]]:
+    """``{"train": (x, y), "val": (x, y), "num_classes": k}`` of the first images of each split, or ``None``."""
+    if name == "synthetic":
+        from datamodules import CIFAR10DataModule
+
+        dm = CIFAR10DataModule(synthetic=True, classes=[3, 5], batch_size=1024, download=False)
+        num_classes = 2
+    elif name == "digits":
+        try:
+            from datamodules.digits import DigitsDataModule
+        except ImportError:
+            return None
+        dm = DigitsDataModule(batch_size=1024)
+        num_classes = int(getattr(dm, "num_classes", 10))
+    else:
+        raise ValueError(f"unknown data set {name!r}; use synthetic or digits")
+    dm.prepare_data()
+    dm.setup("fit")
+    train = _stack(dm.train_dataloader(), train_size)
+    val = _stack(dm.val_dataloader(), val_size)
+    return {"train": train, "val": val, "num_classes": num_classes}
+
+
+def build_model(name: str, num_classes: int, loss: str) -> nn.Module:
+    from models import MLP, LeNet1, LinearModel, TinyResNet
+
+    classes = {"linear": LinearModel, "mlp": MLP, "lenet1": LeNet1, "tinyresnet": TinyResNet}
+    return classes[name](num_classes=num_classes, loss=loss)
+
+
+def _loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    return model.training_loss(batch)
+
+
+def batches(train: tuple[torch.Tensor, torch.Tensor], batch_size: int, steps: int, seed: int) -> list:
+    """The seeded batch sequence (reshuffled every epoch), the same for every row of one seed."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    x, y = train
+    out, order = [], torch.empty(0, dtype=torch.long)
+    while len(out) < steps:
+        if len(order) < batch_size:
+            order = torch.randperm(len(y), generator=gen)
+        idx, order = order[:batch_size], order[batch_size:]
+        out.append((x[idx], y[idx]))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``data`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    x, y = data
+    total, correct = 0.0, 0
+    for i in range(0, len(y), 512):
+        xb, yb = x[i : i + 512], y[i : i + 512]
+        logits = model(xb)
+        total += float(model.loss_from_logits(logits, yb)) * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    return total / len(y), correct / len(y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One fit
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Fit:
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    diverged: bool
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def _recompute_bn(model: nn.Module, train_batches: list, count: int = 20) -> None:
+    """BatchNorm running statistics at the current weights (schedule-free evaluates at other weights)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+    model.train()
+    for x, _ in train_batches[:count]:
+        model(x)
+
+
+def fit(
+    row: str, model: nn.Module, data: dict, train_batches: list, lr: Optional[float], initial_loss: float
+) -> Fit:
+    """Train ``model`` with the optimiser of ``row`` on ``train_batches``; evaluate on the whole subsets.
+
+    ``initial_loss`` is the training loss at the initial weights (the divergence criterion)."""
+    params = list(model.parameters())
+    steps = len(train_batches)
+    scheduler, rule, sf = None, None, False
+    if row == "SGD" or row == "SGD best":
+        opt = torch.optim.SGD(params, lr=lr)
+    elif row == "cyclic":
+        opt = torch.optim.SGD(params, lr=CYCLIC[0])
+        scheduler = torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=CYCLIC[0], max_lr=CYCLIC[1], step_size_up=max(1, steps // 4), mode="triangular",
+            cycle_momentum=False,
+        )
+    elif row == "Prodigy":
+        from prodigyopt import Prodigy
+
+        opt = Prodigy(params, lr=1.0)
+    elif row == "D-Adapt SGD":
+        from dadaptation import DAdaptSGD
+
+        opt = DAdaptSGD(params, lr=1.0)
+    elif row == "SF-SGD":
+        from schedulefree import SGDScheduleFree
+
+        opt, sf = SGDScheduleFree(params, lr=lr), True
+    elif row.startswith("QN"):
+        opt = torch.optim.SGD(params, lr=0.1)
+        settings = {
+            "QN today": dict(loss_rise=None, max_lr_growth=math.inf),
+            "QN 1/h0+trig": dict(),
+            "QN edge 1.8": dict(rule="edge", edge=1.8),
+        }[row]
+        rule = QuasiNewtonRule(every_n_steps=10, warmup_tol=QN_WARMUP_TOL, warmup_max_hvps=QN_WARMUP_HVPS, **settings)
+        rule.reset(initial_lr=0.1)
+    else:
+        raise ValueError(f"unknown row {row!r}")
+
+    diverged, vec, hvps = False, None, 0
+    model.train()
+    if sf:
+        opt.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(train_batches):
+        loss = model.training_loss(batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            diverged = True
+            break
+        if rule is not None:
+            while rule.needs_estimate(step, loss=value):
+                tol, cap = (QN_WARMUP_TOL, rule.warmup_hvps_left) if not rule.warmup_done else (QN_TOL, QN_MAX_ITER)
+                res = top_hessian_eigenvalues(model, _loss_fn, batch, tol=tol, max_iter=cap, init=vec)
+                vec, hvps = res.eigenvectors, hvps + res.num_hvps
+                rule.update(float(res.eigenvalues[0]), step, hvps=res.num_hvps)
+            for group in opt.param_groups:
+                group["lr"] = rule.lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    seconds = time.perf_counter() - start
+    if sf:
+        opt.eval()
+        if _has_batchnorm(model):
+            _recompute_bn(model, train_batches)
+    train_loss, _ = evaluate(model, data["train"])
+    val_loss, val_acc = evaluate(model, data["val"])
+    if diverged or not math.isfinite(train_loss):
+        diverged, train_loss = True, float("nan")
+        val_loss = float("inf")
+    elif train_loss > initial_loss:
+        diverged = True
+    extra = {}
+    if rule is not None:
+        extra = {
+            "lr": rule.lr,
+            "hvps": hvps,
+            "triggers": rule.triggers.get("loss", 0),
+            "clamped": rule.clamped,
+        }
+    return Fit(train_loss, val_loss, val_acc, diverged, seconds, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------------
+ROWS = ("SGD best", "cyclic", "Prodigy", "D-Adapt SGD", "SF-SGD", "QN today", "QN 1/h0+trig", "QN edge 1.8")
+
+
+def run_task(
+    data: dict, model_name: str, loss: str, steps: int, batch_size: int, seeds: int, grid: tuple, progress: Callable
+) -> tuple[float, dict[str, list[Fit]]]:
+    """The tuned LR and every row's fits (one per seed) of one task."""
+
+    def new_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(model_name, data["num_classes"], loss)
+
+    seq = {s: batches(data["train"], batch_size, steps, s) for s in range(seeds)}
+    initial = {s: evaluate(new_model(s), data["train"])[0] for s in range(seeds)}
+    grid_fits = {lr: fit("SGD", new_model(0), data, seq[0], lr, initial[0]) for lr in grid}
+    best_lr = min(grid, key=lambda lr: (grid_fits[lr].val_loss if not grid_fits[lr].diverged else math.inf, lr))
+    progress(f"  SGD grid " + ", ".join(f"{lr:g}: val {f.val_loss:.4g}" for lr, f in grid_fits.items()) + f" -> {best_lr:g}")
+    results: dict[str, list[Fit]] = {}
+    for row in ROWS:
+        fits = []
+        for s in range(seeds):
+            if row == "SGD best" and s == 0:
+                fits.append(grid_fits[best_lr])
+                continue
+            fits.append(fit(row, new_model(s), data, seq[s], best_lr, initial[s]))
+        results[row] = fits
+    return best_lr, results
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x != x:
+        return "nan"
+    return f"{x:.{digits}g}"
+
+
+def task_rows(task: str, best_lr: float, results: dict[str, list[Fit]]) -> list[str]:
+    base = results["SGD best"]
+    lines = []
+    for row, fits in results.items():
+        losses = [f.train_loss for f in fits]
+        finite = [v for v in losses if v == v]
+        mean = statistics.fmean(finite) if finite else float("nan")
+        spread = statistics.pstdev(finite) if len(finite) > 1 else 0.0
+        acc = statistics.fmean(f.val_acc for f in fits)
+        div = sum(f.diverged for f in fits)
+        ratio = statistics.fmean(f.seconds / b.seconds for f, b in zip(fits, base))
+        name = f"SGD best (lr {best_lr:g})" if row == "SGD best" else row
+        if row in ("SF-SGD",):
+            name += f" (lr {best_lr:g})"
+        if fits[0].extra:
+            name += f" (last lr {_fmt(statistics.fmean(f.extra['lr'] for f in fits))}, {statistics.fmean(f.extra['hvps'] for f in fits):.0f} HVPs)"
+        lines.append(
+            f"| {task} | {name} | {_fmt(mean)} ± {_fmt(spread, 2)} | {acc:.3f} | {div}/{len(fits)} | {ratio:.2f} |"
+        )
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: linear, synthetic, CE, 10 steps, 1 seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps per fit (default {DEFAULT_STEPS})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULT_BATCH_SIZE}")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3)")
+    parser.add_argument("--models", default=None, help="comma list of linear,mlp,lenet1,tinyresnet")
+    parser.add_argument("--losses", default=None, help="comma list of ce,mse")
+    parser.add_argument("--data", default=None, help="comma list of synthetic,digits")
+    parser.add_argument("--train-size", type=int, default=None, help=f"default {DEFAULT_TRAIN_SIZE}")
+    parser.add_argument("--val-size", type=int, default=None, help=f"default {DEFAULT_VAL_SIZE}")
+    parser.add_argument("--out", default=None, help=f"write the markdown here (default run: {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    steps = args.steps or (10 if quick else DEFAULT_STEPS)
+    seeds = args.seeds or (1 if quick else 3)
+    train_size = args.train_size or (512 if quick else DEFAULT_TRAIN_SIZE)
+    val_size = args.val_size or (256 if quick else DEFAULT_VAL_SIZE)
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    models = (args.models or ("linear" if quick else "linear,mlp,lenet1,tinyresnet")).split(",")
+    losses = (args.losses or ("ce" if quick else "ce,mse")).split(",")
+    data_sets = (args.data or ("synthetic" if quick else "synthetic,digits")).split(",")
+    grid = QUICK_GRID if quick else SGD_GRID
+    out = args.out if args.out is not None else (None if quick else DEFAULT_OUT)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    def progress(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    wall = time.perf_counter()
+    lines = [
+        "| task | optimiser | final train loss | val acc | diverged | time / SGD best |",
+        "|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for data_name in data_sets:
+        data = load_data(data_name, train_size, val_size)
+        if data is None:
+            notes.append(f"{data_name}: skipped (datamodules.digits.DigitsDataModule not available).")
+            continue
+        for model_name in models:
+            for loss in losses:
+                task = f"{data_name} {model_name} {loss}"
+                progress(task)
+                best_lr, results = run_task(data, model_name, loss, steps, batch_size, seeds, grid, progress)
+                lines += task_rows(task, best_lr, results)
+    seconds = time.perf_counter() - wall
+    header = (
+        f"{steps} steps at batch {batch_size}, {train_size} training / {val_size} validation images, "
+        f"{seeds} seed(s), SGD grid {list(grid)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs. Wall time of the whole run: {seconds / 60:.1f} min."
+    )
+    text = "\n".join([header, "", *lines, *([""] + notes if notes else [])]) + "\n"
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
+            command = " ".join(["python benchmarks/lr_free.py", *(argv if argv is not None else sys.argv[1:])])
+            fh.write(f"# Learning-rate-free benchmark\n\nProduced by `{command}`.\n\n{text}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The learning-rate-free benchmark's smoke run (``benchmarks/lr_free.py --quick``) end to end."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("lr_free", os.path.join(ROOT, "benchmarks", "lr_free.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_run_prints_every_row_with_finite_numbers(tmp_path):
+    pytest.importorskip("prodigyopt")
+    pytest.importorskip("dadaptation")
+    pytest.importorskip("schedulefree")
+    lr_free = _load()
+    out = tmp_path / "table.md"
+    text = lr_free.main(["--quick", "--out", str(out)])
+    assert out.read_text().endswith(text)
+    rows = [line for line in text.splitlines() if line.startswith("| synthetic linear ce |")]
+    assert [r.split(" | ")[1].split(" (")[0] for r in rows] == list(lr_free.ROWS)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        loss = float(cells[2].split(" ± ")[0])
+        acc, time_ratio = float(cells[3]), float(cells[5])
+        assert 0.0 < loss < 10.0 and 0.0 <= acc <= 1.0 and time_ratio > 0
+    best = rows[0]
+    assert any(f"lr {lr:g})" in best for lr in lr_free.QUICK_GRID)
+    assert "0/1" in best                                  # the tuned SGD LR does not diverge
+    qn = [r for r in rows if "QN today" in r][0]
+    assert " HVPs)" in qn and " 0 HVPs)" not in qn       # the estimates really ran
+
+
+def test_qn_rule_settings_and_batch_sequence_are_reproducible():
+    import torch
+
+    lr_free = _load()
+    data = (torch.arange(10.0).reshape(10, 1), torch.arange(10))
+    a = lr_free.batches(data, 4, 7, seed=1)
+    b = lr_free.batches(data, 4, 7, seed=1)
+    assert len(a) == 7 and all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    # Every epoch (2 full batches of 4 from 10 images) draws distinct images.
+    first_epoch = torch.cat([a[0][1], a[1][1]])
+    assert len(set(first_epoch.tolist())) == 8
