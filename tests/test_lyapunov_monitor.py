@@ -168,10 +168,12 @@ def test_hvp_uses_the_training_steps_dropout_masks(monkeypatch):
     gradient the optimiser is about to apply (a different dropout mask would give a different gradient)."""
     grads: list[torch.Tensor] = []
 
-    class SpyOperator(lyap_mod.HessianOperator):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            grads.append(self.gradient())
+    build_operator = lyap_mod.HessianOperator
+
+    def spy_operator(*args, **kwargs):
+        op = build_operator(*args, **kwargs)
+        grads.append(op.gradient())
+        return op
 
     class CompareGrad(L.Callback):  # placed after the monitor
         def __init__(self):
@@ -181,7 +183,7 @@ def test_hvp_uses_the_training_steps_dropout_masks(monkeypatch):
             flat = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()])
             self.diffs.append(float((grads[-1] - flat).abs().max() / flat.abs().max()))
 
-    monkeypatch.setattr(lyap_mod, "HessianOperator", SpyOperator)
+    monkeypatch.setattr(lyap_mod, "HessianOperator", spy_operator)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(48, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (48,), generator=g))
