@@ -54,7 +54,7 @@ def progress(message: str) -> None:
 
 def synthetic_batch(batch_size: int, num_classes: int = 10, seed: int = 0, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch number ``index`` of the synthetic CIFAR-shaped training loader (``classes=range(num_classes)``)."""
-    from datamodules import CIFAR10DataModule
+    from lyapunov_callbacks.datamodules import CIFAR10DataModule
 
     classes = None if num_classes == 10 else list(range(num_classes))
     dm = CIFAR10DataModule(

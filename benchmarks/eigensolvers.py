@@ -291,7 +291,7 @@ def _make_call(name, model, batch, n, init, seed, copies):
 
 
 def _models(quick: bool):
-    from models import MLP, LeNet1
+    from lyapunov_callbacks.models import MLP, LeNet1
 
     hidden = [128] if quick else [512, 512]
     return [(f"MLP 3072-{'-'.join(map(str, hidden))}-2", lambda: MLP(num_classes=2, hidden_sizes=hidden)),

@@ -32,7 +32,7 @@ TARGET_RATIO = 3.0
 
 def _models(quick: bool) -> list[tuple[str, torch.nn.Module, int, int]]:
     """``(label, model, batch_size, repeats)``: MLP 3072-512-512-10 and LeNet1 at batch 128, ResNet18 small."""
-    from models import MLP, LeNet1, ResNet18
+    from lyapunov_callbacks.models import MLP, LeNet1, ResNet18
 
     out = [
         ("MLP 3072-512-512-10", MLP(num_classes=10, hidden_sizes=[512, 512]), 128, 7 if quick else 21),

@@ -2,7 +2,7 @@
 
 Tasks: ``linear``, ``mlp``, ``lenet1``, ``tinyresnet`` × ``ce``, ``mse`` on two data sets, the two-class
 synthetic CIFAR stand-in (``CIFAR10DataModule(synthetic=True, classes=[3, 5])``) and scikit-learn's bundled
-digits (``datamodules.digits.DigitsDataModule``, ten classes, 3×32×32; skipped with a note while that module is
+digits (``lyapunov_callbacks.datamodules.digits.DigitsDataModule``, ten classes, 3×32×32; skipped with a note while that module is
 missing). Every fit is a plain PyTorch loop (no Lightning: one cost model for every row) of the same number of
 steps on the same seeded batch sequence from the same initial weights, for each of ``--seeds`` seeds.
 
@@ -96,13 +96,13 @@ def _stack(loader: DataLoader, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 def load_data(name: str, train_size: int, val_size: int) -> Optional[dict[str, Any]]:
     """``{"train": (x, y), "val": (x, y), "num_classes": k}`` of the first images of each split, or ``None``."""
     if name == "synthetic":
-        from datamodules import CIFAR10DataModule
+        from lyapunov_callbacks.datamodules import CIFAR10DataModule
 
         dm = CIFAR10DataModule(synthetic=True, classes=[3, 5], batch_size=1024, download=False)
         num_classes = 2
     elif name == "digits":
         try:
-            from datamodules.digits import DigitsDataModule
+            from lyapunov_callbacks.datamodules.digits import DigitsDataModule
         except ImportError:
             return None
         dm = DigitsDataModule(batch_size=1024)
@@ -117,7 +117,7 @@ def load_data(name: str, train_size: int, val_size: int) -> Optional[dict[str, A
 
 
 def build_model(name: str, num_classes: int, loss: str) -> nn.Module:
-    from models import MLP, LeNet1, LinearModel, TinyResNet
+    from lyapunov_callbacks.models import MLP, LeNet1, LinearModel, TinyResNet
 
     classes = {"linear": LinearModel, "mlp": MLP, "lenet1": LeNet1, "tinyresnet": TinyResNet}
     return classes[name](num_classes=num_classes, loss=loss)
@@ -374,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     for data_name in data_sets:
         data = load_data(data_name, train_size, val_size)
         if data is None:
-            notes.append(f"{data_name}: skipped (datamodules.digits.DigitsDataModule not available).")
+            notes.append(f"{data_name}: skipped (lyapunov_callbacks.datamodules.digits.DigitsDataModule not available).")
             continue
         for model_name in models:
             for loss in losses:

@@ -44,7 +44,7 @@ LR = 0.1
 
 
 def _datamodule(seed: int):
-    from datamodules import CIFAR10DataModule
+    from lyapunov_callbacks.datamodules import CIFAR10DataModule
 
     # 10000 images over ten classes -> ~2000 of the two kept classes: ~16 batches per epoch.
     return CIFAR10DataModule(synthetic=True, classes=[0, 1], batch_size=128, seed=seed,
@@ -52,7 +52,7 @@ def _datamodule(seed: int):
 
 
 def _model(seed: int):
-    from models import MLP
+    from lyapunov_callbacks.models import MLP
 
     torch.manual_seed(seed)
     return MLP(num_classes=2, hidden_sizes=[512, 512])

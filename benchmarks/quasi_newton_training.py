@@ -26,9 +26,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules import CIFAR10DataModule
+from lyapunov_callbacks.datamodules import CIFAR10DataModule
 from lyapunov_callbacks.quasi_newton import QuasiNewtonLR
-from models import MLP, LeNet1
+from lyapunov_callbacks.models import MLP, LeNet1
 
 CONSTANT_LRS = (0.05, 0.1, 0.3)
 #: The constant LR whose fit time is the denominator of the time ratio.

@@ -1,11 +1,11 @@
 """How hard the offline CIFAR-10 stand-in is: short SGD fits of the repository's MLP and a linear model.
 
 For the two-class problem (classes 3 vs 5, as ``configs/data/cifar2_cat_dog.yaml``) and for all ten classes,
-at the default split sizes (5000 training and 1000 held-out images per class), fits ``models.MLP`` (3072-512-512)
+at the default split sizes (5000 training and 1000 held-out images per class), fits ``lyapunov_callbacks.models.MLP`` (3072-512-512)
 and the linear model (``hidden_sizes=[]``) with plain SGD, lr 0.1, batch 128, cross-entropy, for ``--steps``
 steps (default 1000), and prints the full-training-set CE loss and held-out accuracy after every epoch and at
 the end. The target (real cat vs dog: an MLP reaches about 60-65 % validation accuracy; it cannot be memorised in
-a few epochs) is what ``datamodules.synthetic.SEPARATION`` was chosen for.
+a few epochs) is what ``lyapunov_callbacks.datamodules.synthetic.SEPARATION`` was chosen for.
 
 Run::
 
@@ -27,9 +27,9 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from datamodules import CIFAR10DataModule  # noqa: E402
-from datamodules.synthetic import SEPARATION  # noqa: E402
-from models.mlp import MLP  # noqa: E402
+from lyapunov_callbacks.datamodules import CIFAR10DataModule  # noqa: E402
+from lyapunov_callbacks.datamodules.synthetic import SEPARATION  # noqa: E402
+from lyapunov_callbacks.models.mlp import MLP  # noqa: E402
 
 
 def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """LightningDataModules: CIFAR-10 (or its offline stand-in) and scikit-learn's digits."""
 
-from datamodules._common import EpochShuffleSampler
-from datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
-from datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
+from lyapunov_callbacks.datamodules._common import EpochShuffleSampler
+from lyapunov_callbacks.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
+from lyapunov_callbacks.datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
 
 __all__ = [
     "CIFAR10DataModule",

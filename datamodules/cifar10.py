@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from datamodules._common import (
+from lyapunov_callbacks.datamodules._common import (
     ImageTensorDataset,
     check_fraction,
     check_int,
@@ -23,7 +23,7 @@ from datamodules._common import (
     split_train_val,
     validate_classes,
 )
-from datamodules.synthetic import synthetic_cifar10
+from lyapunov_callbacks.datamodules.synthetic import synthetic_cifar10
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD", "synthetic_cifar10"]
 
@@ -54,7 +54,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     the whole training split is trained on). ``test_dataloader`` serves the official test split. Nothing
     here draws from the global torch RNG, except ``augment=True`` (torchvision's random transforms).
 
-    ``synthetic=True`` replaces the files by :func:`~datamodules.synthetic.synthetic_cifar10` (no disk, no
+    ``synthetic=True`` replaces the files by :func:`~lyapunov_callbacks.datamodules.synthetic.synthetic_cifar10` (no disk, no
     network): 1/f colour images with CIFAR-10's channel statistics, whose classes differ only by a faint
     pattern, as hard as real cat vs dog for an MLP (about 65 % validation accuracy on two classes; the
     generative model and measured difficulty are in ``datamodules/synthetic.py`` and the README). A training

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules._common import (
+from lyapunov_callbacks.datamodules._common import (
     ImageTensorDataset,
     check_fraction,
     check_int,
@@ -70,7 +70,7 @@ class DigitsDataModule(L.LightningDataModule):
     ``load_digits`` ships with scikit-learn: no download, no files. Images are upsampled to 32 x 32 and copied
     into three channels (:func:`load_digits_images`), normalised with ``DIGITS_MEAN`` / ``DIGITS_STD`` unless
     ``normalize=False``. ``classes`` selects and relabels classes ``0..k-1`` in the given order, as
-    :class:`~datamodules.CIFAR10DataModule` does. A seeded ``val_fraction`` of the (class-selected) images is
+    :class:`~lyapunov_callbacks.datamodules.CIFAR10DataModule` does. A seeded ``val_fraction`` of the (class-selected) images is
     held out; it serves as the validation and the test set (the data set has no official test split).
     ``label_noise`` flips a seeded random ``round(label_noise * n_train)`` of the *training* labels to another
     class (validation labels stay clean). The training loader's order in epoch ``e`` depends on ``(seed, e)``
@@ -88,7 +88,7 @@ class DigitsDataModule(L.LightningDataModule):
         augment: Random crop (padding 4) and horizontal flip on training images. Default ``False``.
         normalize: Apply the normalisation (``False`` leaves pixels in [0, 1]). Default ``True``.
         data_dir: Ignored (the data ships with scikit-learn); accepted so that commands written for
-            :class:`~datamodules.CIFAR10DataModule` (``make train`` passes it) run unchanged. Default ``None``.
+            :class:`~lyapunov_callbacks.datamodules.CIFAR10DataModule` (``make train`` passes it) run unchanged. Default ``None``.
 
     Raises:
         TypeError: If ``classes``, ``batch_size``, ``num_workers``, ``seed``, ``val_fraction`` or

@@ -415,7 +415,7 @@ def _quote(arg: str) -> str:
 
 def _prepare_cifar(data_dir: str) -> None:
     """Check (or download, where the network allows) CIFAR-10 once, rather than failing in every run."""
-    from datamodules import CIFAR10DataModule
+    from lyapunov_callbacks.datamodules import CIFAR10DataModule
 
     CIFAR10DataModule(data_dir=data_dir, download=True).prepare_data()
 

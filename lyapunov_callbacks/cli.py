@@ -12,8 +12,8 @@ from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 # Imported so that jsonargparse's subclass resolution knows them: like Lightning's own classes, ours can then be
 # named by their short class name (`--model LeNet1`, `--data CIFAR10DataModule`,
 # `--trainer.callbacks+=HessianEigenvalueMonitor`) and `fit --help` lists them among the known subclasses.
-import datamodules  # noqa: F401
-import models  # noqa: F401
+from lyapunov_callbacks import datamodules  # noqa: F401
+from lyapunov_callbacks import models  # noqa: F401
 from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor  # noqa: F401
 from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor  # noqa: F401
 from lyapunov_callbacks.quasi_newton import QuasiNewtonLR  # noqa: F401

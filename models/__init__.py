@@ -1,9 +1,9 @@
 """LightningModules for the paper's architectures."""
 
-from models.base import ImageClassifier
-from models.lenet import LeNet1
-from models.linear import LinearModel
-from models.mlp import MLP
-from models.resnet import ResNet18, TinyResNet
+from lyapunov_callbacks.models.base import ImageClassifier
+from lyapunov_callbacks.models.lenet import LeNet1
+from lyapunov_callbacks.models.linear import LinearModel
+from lyapunov_callbacks.models.mlp import MLP
+from lyapunov_callbacks.models.resnet import ResNet18, TinyResNet
 
 __all__ = ["ImageClassifier", "LeNet1", "LinearModel", "MLP", "ResNet18", "TinyResNet"]

@@ -44,7 +44,7 @@ class ImageClassifier(L.LightningModule):
 
     Example::
 
-        from models import MLP
+        from lyapunov_callbacks.models import MLP
         model = MLP(num_classes=2, loss="mse", hidden_sizes=[256])
         loss = model.training_loss((images, labels))   # scalar, no logging, no metric update
     """

@@ -4,7 +4,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from models.base import ImageClassifier
+from lyapunov_callbacks.models.base import ImageClassifier
 
 
 class LeNet1(ImageClassifier):
@@ -15,14 +15,14 @@ class LeNet1(ImageClassifier):
 
     Args:
         num_classes: number of classes (output width), at least 2.
-        loss: ``"ce"`` or ``"mse"``, see :class:`~models.base.ImageClassifier`.
+        loss: ``"ce"`` or ``"mse"``, see :class:`~lyapunov_callbacks.models.base.ImageClassifier`.
 
     Raises:
         ValueError: on a bad ``num_classes`` or ``loss``.
 
     Example::
 
-        from models import LeNet1
+        from lyapunov_callbacks.models import LeNet1
         model = LeNet1(num_classes=2, loss="ce")
     """
 

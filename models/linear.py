@@ -4,7 +4,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from models.base import ImageClassifier
+from lyapunov_callbacks.models.base import ImageClassifier
 
 #: CIFAR-10 images are 3 x 32 x 32.
 IMAGE_FEATURES = 3 * 32 * 32
@@ -18,14 +18,14 @@ class LinearModel(ImageClassifier):
 
     Args:
         num_classes: number of classes (output width), at least 2.
-        loss: ``"ce"`` or ``"mse"``, see :class:`~models.base.ImageClassifier`.
+        loss: ``"ce"`` or ``"mse"``, see :class:`~lyapunov_callbacks.models.base.ImageClassifier`.
 
     Raises:
         ValueError: on a bad ``num_classes`` or ``loss``.
 
     Example::
 
-        from models import LinearModel
+        from lyapunov_callbacks.models import LinearModel
         model = LinearModel(num_classes=2, loss="mse")
     """
 

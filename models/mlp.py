@@ -5,8 +5,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from models.base import ImageClassifier
-from models.linear import IMAGE_FEATURES
+from lyapunov_callbacks.models.base import ImageClassifier
+from lyapunov_callbacks.models.linear import IMAGE_FEATURES
 
 
 class MLP(ImageClassifier):
@@ -14,7 +14,7 @@ class MLP(ImageClassifier):
 
     Args:
         num_classes: number of classes (output width), at least 2.
-        loss: ``"ce"`` or ``"mse"``, see :class:`~models.base.ImageClassifier`.
+        loss: ``"ce"`` or ``"mse"``, see :class:`~lyapunov_callbacks.models.base.ImageClassifier`.
         hidden_sizes: widths of the hidden layers, default ``(512, 512)``; ``[]`` gives the linear model.
 
     Raises:
@@ -22,7 +22,7 @@ class MLP(ImageClassifier):
 
     Example::
 
-        from models import MLP
+        from lyapunov_callbacks.models import MLP
         model = MLP(num_classes=2, loss="ce", hidden_sizes=[512, 512])
     """
 

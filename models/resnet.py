@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet18
 from torchvision.models.resnet import BasicBlock
 
-from models.base import ImageClassifier
+from lyapunov_callbacks.models.base import ImageClassifier
 
 #: Channel widths of TinyResNet's three stages; stages 2 and 3 halve the resolution (32 -> 16 -> 8).
 TINY_WIDTHS = (16, 32, 64)
@@ -18,14 +18,14 @@ class TinyResNet(ImageClassifier):
 
     Args:
         num_classes: number of classes (output width), at least 2.
-        loss: ``"ce"`` or ``"mse"``, see :class:`~models.base.ImageClassifier`.
+        loss: ``"ce"`` or ``"mse"``, see :class:`~lyapunov_callbacks.models.base.ImageClassifier`.
 
     Raises:
         ValueError: on a bad ``num_classes`` or ``loss``.
 
     Example::
 
-        from models import TinyResNet
+        from lyapunov_callbacks.models import TinyResNet
         model = TinyResNet(num_classes=2, loss="ce")
     """
 
@@ -63,14 +63,14 @@ class ResNet18(ImageClassifier):
 
     Args:
         num_classes: number of classes (output width), at least 2.
-        loss: ``"ce"`` or ``"mse"``, see :class:`~models.base.ImageClassifier`.
+        loss: ``"ce"`` or ``"mse"``, see :class:`~lyapunov_callbacks.models.base.ImageClassifier`.
 
     Raises:
         ValueError: on a bad ``num_classes`` or ``loss``.
 
     Example::
 
-        from models import ResNet18
+        from lyapunov_callbacks.models import ResNet18
         model = ResNet18(num_classes=10, loss="ce")
     """
 

@@ -1,4 +1,4 @@
-"""Tests of datamodules.CIFAR10DataModule on fake CIFAR-10 files and on the synthetic stand-in."""
+"""Tests of lyapunov_callbacks.datamodules.CIFAR10DataModule on fake CIFAR-10 files and on the synthetic stand-in."""
 
 import hashlib
 import os
@@ -14,10 +14,10 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from torch.utils.data import DataLoader
 
-import datamodules.cifar10 as cifar_module
+import lyapunov_callbacks.datamodules.cifar10 as cifar_module
 from cifar_files import read_images, read_labels, write_fake_cifar10
-from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
-from models.mlp import MLP
+from lyapunov_callbacks.datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
+from lyapunov_callbacks.models.mlp import MLP
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
 STD = torch.tensor(CIFAR10_STD).view(3, 1, 1)

@@ -16,8 +16,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import models
-from datamodules import CIFAR10DataModule
+from lyapunov_callbacks import models
+from lyapunov_callbacks.datamodules import CIFAR10DataModule
 from lyapunov_callbacks import HessianEigenvalueMonitor
 from lyapunov_callbacks.cli import main, run_cli
 
@@ -148,8 +148,8 @@ def test_short_class_names_resolve_in_a_fresh_process(tmp_path):
     proc = _console(args, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = yaml.safe_load(proc.stdout)
-    assert config["model"]["class_path"] == "models.LeNet1"
-    assert config["data"]["class_path"] == "datamodules.CIFAR10DataModule"
+    assert config["model"]["class_path"] == "lyapunov_callbacks.models.LeNet1"
+    assert config["data"]["class_path"] == "lyapunov_callbacks.datamodules.CIFAR10DataModule"
     callbacks = config["trainer"]["callbacks"]
     assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == [
         "HessianEigenvalueMonitor",
@@ -184,12 +184,12 @@ def test_fit_help_lists_our_callbacks_models_and_data_modules(tmp_path):
         "lyapunov_callbacks.HessianEigenvalueMonitor",
         "lyapunov_callbacks.LyapunovExponentMonitor",
         "lyapunov_callbacks.QuasiNewtonLR",
-        "models.LinearModel",
-        "models.MLP",
-        "models.LeNet1",
-        "models.TinyResNet",
-        "models.ResNet18",
-        "datamodules.CIFAR10DataModule",
+        "lyapunov_callbacks.models.LinearModel",
+        "lyapunov_callbacks.models.MLP",
+        "lyapunov_callbacks.models.LeNet1",
+        "lyapunov_callbacks.models.TinyResNet",
+        "lyapunov_callbacks.models.ResNet18",
+        "lyapunov_callbacks.datamodules.CIFAR10DataModule",
     ):
         assert name in text, name
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import models
+from lyapunov_callbacks import models
 from lyapunov_callbacks.cli import LyapunovCLI, main, run_cli
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -96,7 +96,7 @@ def test_run_file_trains_with_fast_dev_run(path, cifar_dir, tmp_path):
         assert configured, f"{_rel(path)} attaches no curvature callbacks"
         names = {type(cb).__name__ for cb in parsed.trainer.callbacks}
         assert {c["class_path"].rsplit(".", 1)[-1] for c in configured} <= names
-        overrides += ["--model.class_path", "models.TinyResNet"]
+        overrides += ["--model.class_path", "lyapunov_callbacks.models.TinyResNet"]
     cli = run_cli(["fit", "--config", str(path), *overrides])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1

@@ -1,4 +1,4 @@
-"""Tests of datamodules.DigitsDataModule: scikit-learn's real 8x8 digits shaped as 3x32x32 images."""
+"""Tests of lyapunov_callbacks.datamodules.DigitsDataModule: scikit-learn's real 8x8 digits shaped as 3x32x32 images."""
 
 import lightning as L
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from datamodules import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
-from datamodules.digits import load_digits_images
+from lyapunov_callbacks.datamodules import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
+from lyapunov_callbacks.datamodules.digits import load_digits_images
 
 
 def _setup(**kwargs):

@@ -127,7 +127,7 @@ def test_command_lines(spec):
     # digits: the whole data module replaced, two classes 3 vs 5 with label noise; ResNet18 on ten classes
     dig = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "digits", "data", logs, datasets=spec["datasets"])
     data = json.loads(_flag(dig, "data"))
-    assert data == {"class_path": "datamodules.digits.DigitsDataModule",
+    assert data == {"class_path": "lyapunov_callbacks.datamodules.digits.DigitsDataModule",
                     "init_args": {"classes": [3, 5], "label_noise": 0.1, "batch_size": 128}}
     dig10 = make_figures.fit_args(runs["resnet18_comparison/cyclic"], "digits", "data", logs, datasets=spec["datasets"])
     assert json.loads(_flag(dig10, "data"))["init_args"]["classes"] is None

@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import CIFAR10DataModule
-from models import MLP, ImageClassifier, LeNet1, LinearModel, ResNet18, TinyResNet
-from models.base import num_parameters
+from lyapunov_callbacks.datamodules import CIFAR10DataModule
+from lyapunov_callbacks.models import MLP, ImageClassifier, LeNet1, LinearModel, ResNet18, TinyResNet
+from lyapunov_callbacks.models.base import num_parameters
 
 ARCHITECTURES = [LinearModel, MLP, LeNet1, TinyResNet, ResNet18]
 LOSSES = ["ce", "mse"]

@@ -38,12 +38,12 @@ trainer:
     init_args:
       every_n_steps: 10
 model:
-  class_path: models.MLP
+  class_path: lyapunov_callbacks.models.MLP
   init_args:
     num_classes: 10
     loss: mse
 data:
-  class_path: datamodules.CIFAR10DataModule
+  class_path: lyapunov_callbacks.datamodules.CIFAR10DataModule
   init_args:
     batch_size: 128
 optimizer:
@@ -142,7 +142,7 @@ def test_title_from_config_hparams_and_dirname(tmp_path, full_run):
     assert run_title(full_run) == "MLP · loss=mse · SGD lr=0.1 · CosineAnnealingLR · QuasiNewtonLR"
     run = write_run(tmp_path / "lenet" / "version_3", {"train/loss": ([0], [1.0])}, config=None)
     assert run_title(run) == "lenet/version_3"
-    (run / "hparams.yaml").write_text("_class_path: models.LeNet1\nnum_classes: 10\nloss: ce\n")
+    (run / "hparams.yaml").write_text("_class_path: lyapunov_callbacks.models.LeNet1\nnum_classes: 10\nloss: ce\n")
     assert run_title(run) == "LeNet1 · loss=ce"
 
 

@@ -425,8 +425,8 @@ def test_setup_errors():
 # ------------------------------------------------------------------------------------------------ MLP runs
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_mlp_short_run_lowers_loss_with_lr_in_bounds(loss):
-    from datamodules import CIFAR10DataModule
-    from models import MLP
+    from lyapunov_callbacks.datamodules import CIFAR10DataModule
+    from lyapunov_callbacks.models import MLP
 
     dm = CIFAR10DataModule(synthetic=True, synthetic_train_size=2000, synthetic_val_size=100, classes=[3, 5],
                            batch_size=16, val_fraction=0.0, download=False)
