@@ -7,7 +7,7 @@ checkpointing, no progress bar and no model summary for every variant alike. Onl
 
 Models:
 
-- small: MLP 64-256-256-10 on 8×8 inputs (83 k parameters), batch 64, 200 steps (a training step ≈ 1–2 ms);
+- small: MLP 64-256-256-10 on 8×8 inputs (85 k parameters), batch 64, 200 steps (a training step ≈ 1–2 ms);
 - README: MLP 3072-512-512-10 (1.84 M parameters), batch 128, 100 steps (so that every-50 variants measure
   at step 50 too, where AdamW has a preconditioner), median of 2 (the small model: median of 5).
 

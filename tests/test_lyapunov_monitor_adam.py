@@ -245,3 +245,32 @@ def test_what_the_core_refuses_fails_at_fit_start_with_one_value_error(model, ma
         trainer.fit(model, DataLoader(TensorDataset(*map(torch.cat, zip(*data))), batch_size=8))
     assert "LyapunovExponentMonitor" in str(excinfo.value)
     assert steps == []
+
+
+def test_adamw_state_dict_round_trip_restores_delta_theta_m_v_and_the_partial_window(tmp_path):
+    data = _batches(8)
+    loader = DataLoader(TensorDataset(*map(torch.cat, zip(*data))), batch_size=8)
+
+    def trainer(callbacks, steps, **kw):
+        return L.Trainer(max_steps=steps, callbacks=callbacks, logger=kw.pop("logger", False),
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         log_every_n_steps=1000, **kw)
+
+    monitor = LyapunovExponentMonitor(window=4, dtype="float64")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    trainer([monitor, ckpt], 6).fit(Regressor("adamw_wd"), loader)
+    saved = monitor.state_dict()["tangent"]
+    assert saved["optimizer"] == "adam" and saved["num_steps"] == 6 and saved["window_steps"] == 2
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = resumed.tangent.state_dict()
+
+    resumed, probe, rec = LyapunovExponentMonitor(window=4, dtype="float64"), Probe(), RecordingLogger()
+    trainer([resumed, probe], 8, logger=rec, enable_checkpointing=False).fit(
+        Regressor("adamw_wd"), loader, ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    for key in ("delta_theta", "delta_m", "delta_v"):
+        assert torch.equal(probe.state[key], saved[key])
+    assert sorted(rec.series("lyapunov/lambda")) == [7]  # the partial window completed by steps 6 and 7
+    assert resumed.tangent.num_steps == 8
