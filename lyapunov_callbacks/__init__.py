@@ -20,7 +20,9 @@ from lyapunov_callbacks.hessian import (
     StaleOperatorError,
     preserved_state,
 )
-from lyapunov_callbacks.tangent import TangentDynamics
+from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioned_operator
+from lyapunov_callbacks.stability import batch_sharpness, pre_stability
+from lyapunov_callbacks.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
 
 # The callbacks import Lightning (seconds); load them on first access so the pure-PyTorch core
 # (`import lyapunov_callbacks`, DDP worker processes) stays light.
@@ -31,6 +33,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdamTangentDynamics",
     "AutogradHessian",
     "EigenResult",
     "FiniteDifferenceHessian",
@@ -38,13 +41,18 @@ __all__ = [
     "HessianOperator",
     "LyapunovExponentMonitor",
     "MatrixOperator",
+    "PreconditionedOperator",
     "QuasiNewtonLR",
     "StaleOperatorError",
     "TangentDynamics",
+    "batch_sharpness",
     "lanczos",
     "lyapunov_iteration",
     "power_iteration",
+    "pre_stability",
+    "preconditioned_operator",
     "preserved_state",
+    "tangent_dynamics",
     "top_hessian_eigenvalues",
 ]
 

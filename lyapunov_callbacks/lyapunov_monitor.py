@@ -1,4 +1,4 @@
-"""Callback that measures the largest Lyapunov exponent λ of the real SGD trajectory with a tangent vector."""
+"""Callback that measures the largest Lyapunov exponent λ of the real SGD / Adam / AdamW trajectory with a tangent vector."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lyapunov_callbacks._lightning import (
     MeanLoss,
     check_choice,
+    current_lr,
     check_int,
     check_prefix,
     check_supported,
@@ -24,21 +25,25 @@ from lyapunov_callbacks._lightning import (
     resolve_loss_fn,
 )
 from lyapunov_callbacks._state import restore_rng, rng_snapshot
-from lyapunov_callbacks.hessian import BACKENDS, HessianOperator, num_trainable_parameters
-from lyapunov_callbacks.tangent import TangentDynamics
+from lyapunov_callbacks.hessian import BACKENDS, HessianOperator, num_trainable_parameters, trainable_parameters
+from lyapunov_callbacks.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
 from lyapunov_callbacks.tensorboard_layout import add_paper_layout
 
 __all__ = ["LyapunovExponentMonitor"]
 
 class LyapunovExponentMonitor(Callback):
-    r"""Log the largest Lyapunov exponent λ of SGD training, measured along the real trajectory.
+    r"""Log the largest Lyapunov exponent λ of SGD, Adam or AdamW training, measured along the real trajectory.
 
-    A tangent vector δ (a perturbation of the weights, and of the momentum buffer for momentum SGD) is carried
-    through the linearisation of every optimiser step that is actually taken:
-    :math:`\delta \leftarrow (I - \alpha_t H_t)\,\delta` for plain SGD, with :math:`H_t` the Hessian of the
-    step's mini-batch loss at the pre-step weights and :math:`\alpha_t` the step's learning rate (momentum,
-    Nesterov and weight decay follow ``torch.optim.SGD`` exactly, see
-    :class:`~lyapunov_callbacks.tangent.TangentDynamics`). Each step costs one Hessian-vector product (HVP),
+    A tangent vector δ (a perturbation of the weights, and of the optimiser's state: the momentum buffer for
+    momentum SGD, the moments m and v for Adam) is carried through the linearisation of every optimiser step
+    that is actually taken: :math:`\delta \leftarrow (I - \alpha_t H_t)\,\delta` for plain SGD, with
+    :math:`H_t` the Hessian of the step's mini-batch loss at the pre-step weights and :math:`\alpha_t` the
+    step's learning rate (each param group's own; momentum, Nesterov and weight decay follow ``torch.optim.SGD``
+    exactly, see :class:`~lyapunov_callbacks.tangent.TangentDynamics`). For ``torch.optim.Adam`` / ``AdamW``
+    the tangent :math:`(\delta\theta, \delta m, \delta v)` goes through the exact linearisation of PyTorch's
+    step (bias corrections, ε, coupled or decoupled weight decay, ``amsgrad``, ``maximize``, per-group
+    hyper-parameters; see :class:`~lyapunov_callbacks.tangent.AdamTangentDynamics`), which reads the step's
+    gradient from ``.grad`` and m, v from the optimiser's state. Each step costs one Hessian-vector product (HVP),
     computed in ``on_before_optimizer_step`` — after other callbacks and schedulers set the LR, before the
     weights move, so α is the LR the step really uses — on the step's own batch and with the same dropout masks
     as the training forward (the RNG state is captured in ``on_train_batch_start`` and replayed). With
@@ -67,8 +72,10 @@ class LyapunovExponentMonitor(Callback):
     is :math:`c\,(I - \hat g\hat g^\top) H` scaled by the clip factor :math:`c`, and λ describes the unclipped
     dynamics instead. A warning says so at fit start.
 
-    **Parameter groups.** The tangent map uses one LR for the whole parameter vector, so param groups with
-    different LRs (or momentum, weight decay) are refused with a ``ValueError`` naming the setting.
+    **Parameter groups.** Each group's coordinates move with that group's own LR, read at every step (so
+    per-group schedules are followed). SGD groups must share momentum, dampening, Nesterov and weight decay
+    (refused at fit start with a ``ValueError`` naming the setting otherwise); Adam/AdamW groups may differ in
+    every hyper-parameter. ``optim/lr`` logs the first group's LR.
 
     **fast_dev_run.** Under ``Trainer(fast_dev_run=...)`` the window is one step, so λ is logged at the first
     step (the code path runs; the value is one step's log growth, not an exponent); an info message says so.
@@ -77,7 +84,8 @@ class LyapunovExponentMonitor(Callback):
 
     - ``every_n_steps=None`` (continuous): every step propagates δ, one HVP per step. An HVP costs about
       1.6-2.2 forward+backward passes besides building the gradient graph, so training runs ~2-3× slower
-      (2.2× measured on an MLP); λ is logged every ``window`` steps.
+      (2.2× measured on an MLP); λ is logged every ``window`` steps. The Adam tangent adds a few element-wise
+      passes over (δθ, δm, δv) per step, small beside the HVP (``benchmarks/adam_overhead.py``).
     - ``every_n_steps=N`` (N ≥ ``window``): a window of ``window`` steps starts at every step that is a
       multiple of N (cost ``window/N`` of the continuous cost). δ is kept between windows as a warm start: it is
       already aligned with the expanding direction, so each window measures λ rather than a transient.
@@ -103,10 +111,10 @@ class LyapunovExponentMonitor(Callback):
 
     Raises:
         ValueError: ``window < 1``, ``every_n_steps < window``, unknown ``hvp`` or ``dtype``, a bad ``prefix``;
-            at fit start, with an optimiser other than ``torch.optim.SGD`` (with or without momentum), param
-            groups with different hyper-parameters, manual optimisation, several optimisers or a torch.compile'd module;
-            during training,
-            if a scheduler gives the param groups different LRs.
+            at fit start, with an optimiser other than ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (a subclass
+            included), ``SGD(maximize=True)``, SGD param groups that differ in momentum, dampening, Nesterov or
+            weight decay, trainable parameters the optimiser does not update, manual optimisation, several
+            optimisers or a torch.compile'd module.
 
     Example::
 
@@ -166,17 +174,20 @@ class LyapunovExponentMonitor(Callback):
         check_supported(trainer, pl_module, type(self).__name__)
         self._loss_fn = resolve_loss_fn(pl_module)
         try:
-            # Unsupported optimisers fail here, before any training.
+            # Unsupported optimisers and settings fail here, before any training: one ValueError.
             self.tangent = self._new_tangent(trainer, pl_module)
-        except TypeError as err:
-            raise ValueError(f"{type(self).__name__}: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{type(self).__name__} cannot follow this optimiser: {err} Use torch.optim.SGD, Adam or AdamW "
+                "with supported settings, or remove the monitor."
+            ) from err
         self._window = self.window
         if fast_dev_run_budget(trainer, type(self).__name__, "λ is logged after a window of 1 step"):
             self._window = 1
         if trainer.gradient_clip_val:
             rank_zero_warn(
                 f"{type(self).__name__}: gradient clipping (gradient_clip_val={trainer.gradient_clip_val}) is not "
-                "part of the linearised step I - αH; λ is exact while the clip is inactive and describes the "
+                "part of the linearised optimiser step; λ is exact while the clip is inactive and describes the "
                 "unclipped map while it is active."
             )
         if self.prefix == "lyapunov":
@@ -214,8 +225,8 @@ class LyapunovExponentMonitor(Callback):
         if not self._pending or self._pending_step != step:
             return
         micro, self._pending = self._pending, []
-        lr = self._step_lr(optimizer)
-        self._propagate(trainer, pl_module, micro, lr)
+        lr = current_lr(trainer)  # logged; the tangent reads every group's own LR
+        self._propagate(trainer, pl_module, micro)
         if self._window_count() >= self._window:
             lam = self.tangent.flush_window()
             self._window_skipped = 0
@@ -248,17 +259,6 @@ class LyapunovExponentMonitor(Callback):
         """Steps of the current window, skipped ones included."""
         return self.tangent.window_steps + self._window_skipped
 
-    def _step_lr(self, optimizer: torch.optim.Optimizer) -> float:
-        """The LR this optimiser step uses (one for all groups: the tangent map has a single α)."""
-        lrs = {float(g["lr"]) for g in optimizer.param_groups}
-        if len(lrs) > 1:
-            raise ValueError(
-                f"{type(self).__name__}: the param groups use different learning rates {sorted(lrs)} at step "
-                "time; the tangent map has one α for the whole parameter vector. Use one LR for all groups "
-                "(or a scheduler that scales them alike) or remove the monitor."
-            )
-        return lrs.pop()
-
     def _tangent_dtype(self, pl_module: pl.LightningModule) -> torch.dtype:
         if self.dtype is not None:
             return self.dtype
@@ -266,10 +266,15 @@ class LyapunovExponentMonitor(Callback):
         only = next(iter(dtypes)) if len(dtypes) == 1 else None
         return only if only in (torch.float32, torch.float64) else torch.float32
 
-    def _new_tangent(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TangentDynamics:
-        dim = num_trainable_parameters(pl_module)
-        return TangentDynamics.from_optimizer(
-            trainer.optimizers[0], dim, seed=self.seed, dtype=self._tangent_dtype(pl_module)
+    def _new_tangent(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> TangentDynamics | AdamTangentDynamics:
+        # The operator's flat order (the module's trainable parameters), which per-group LRs and Adam's
+        # per-parameter state are matched to.
+        params = [p for _, p in trainable_parameters(pl_module)]
+        return tangent_dynamics(
+            trainer.optimizers[0], num_trainable_parameters(pl_module), params=params, seed=self.seed,
+            dtype=self._tangent_dtype(pl_module),
         )
 
     def _training_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
@@ -287,9 +292,7 @@ class LyapunovExponentMonitor(Callback):
             return None
         return torch.cat([g.detach().reshape(-1) for g in grads]).to(self.tangent.dtype)
 
-    def _propagate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]], lr: float
-    ) -> float:
+    def _propagate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]]) -> float:
         """One linearised step of δ at the current (pre-step) weights; returns its log growth (NaN: skipped)."""
         # Finite differences need ∇L(θ) and ∇L(θ+εv): the first is the training step's own gradient (with
         # accumulation, .grad holds the gradient of the mean micro-batch loss: the loss differentiated here).
@@ -308,8 +311,7 @@ class LyapunovExponentMonitor(Callback):
         finally:
             restore_rng(current)
         tangent = self.tangent
-        saved = (tangent.num_steps, tangent.log_growth_sum, tangent.window_log_growth_sum, tangent.window_steps,
-                 tangent.last_log_growth, tangent.delta_theta, tangent.delta_m, tangent.momentum_initialized)
+        saved = tangent.snapshot()
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             hv = op.matvec(v)
@@ -319,13 +321,13 @@ class LyapunovExponentMonitor(Callback):
 
         with op:
             try:
-                growth = tangent.step(matvec, lr)
+                # lr=None: each group's own LR; the Adam tangent reads the step's gradient from .grad.
+                growth = tangent.step(matvec)
             except _NonFiniteStep:
                 growth = float("nan")
         if math.isfinite(growth) and bool(torch.isfinite(tangent.delta_theta).all()):
             return growth
-        (tangent.num_steps, tangent.log_growth_sum, tangent.window_log_growth_sum, tangent.window_steps,
-         tangent.last_log_growth, tangent.delta_theta, tangent.delta_m, tangent.momentum_initialized) = saved
+        tangent.restore(saved)
         self.skipped_steps += 1
         self._window_skipped += 1
         if not self._warned_skip:
@@ -343,8 +345,8 @@ class LyapunovExponentMonitor(Callback):
         if self.tangent is None:
             return {} if self._pending_state is None else {"tangent": self._pending_state}
         state = self.tangent.state_dict()
-        for key in ("delta_theta", "delta_m"):
-            if state[key] is not None:
+        for key in ("delta_theta", "delta_m", "delta_v", "delta_vmax"):
+            if state.get(key) is not None:
                 state[key] = state[key].cpu()
         return {"tangent": state, "skipped_steps": self.skipped_steps}
 

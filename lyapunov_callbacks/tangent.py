@@ -101,6 +101,15 @@ class _TangentBase:
         self.window_steps = int(state["window_steps"])
         self.last_log_growth = state.get("last_log_growth")
 
+    def snapshot(self) -> dict[str, Any]:
+        """The tangent's state by reference, for :meth:`restore` (cheap: a step never writes to its tensors,
+        it replaces them), e.g. to undo a step whose growth turned out non-finite."""
+        return dict(self.__dict__)
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back the state of :meth:`snapshot` (vectors, counters, flags)."""
+        self.__dict__.update(snapshot)
+
     def _vector(self, value: torch.Tensor) -> torch.Tensor:
         return value.to(device=self.device, dtype=self.dtype).clone()
 
@@ -154,7 +163,7 @@ class TangentDynamics(_TangentBase):
         tangent = TangentDynamics.from_optimizer(opt, dim=H_dim)
         for batch in loader:
             with HessianOperator(model, loss_fn, batch) as H:
-                tangent.step(H.matvec, lr=opt.param_groups[0]["lr"])
+                tangent.step(H.matvec)           # each group's LR, read from opt now
             ...                                  # the real training step on the same batch
         lam = tangent.flush_window()             # mean log growth per step = lambda
     """
@@ -186,6 +195,10 @@ class TangentDynamics(_TangentBase):
             torch.zeros(dim, dtype=self.dtype, device=self.device) if self.momentum != 0 else None
         )
         self.momentum_initialized = bool(momentum_initialized)
+        # Set by from_optimizer: the optimiser and the parameters in flat order, so that step(lr=None) reads
+        # each param group's own LR at step time (schedulers change it between steps).
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._lr_slices: list[tuple[slice, dict]] = []
 
     @classmethod
     def from_optimizer(
@@ -193,17 +206,24 @@ class TangentDynamics(_TangentBase):
         optimizer: torch.optim.Optimizer,
         dim: int,
         *,
+        params: Any = None,
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> TangentDynamics:
         """Tangent dynamics matching ``optimizer``'s hyper-parameters (momentum, dampening, Nesterov, weight decay).
 
+        The returned tangent keeps a reference to ``optimizer``: ``step(hvp)`` (``lr=None``) then applies each
+        param group's own LR, read at step time, to that group's coordinates of the flat vector.
+
         Args:
             optimizer: a ``torch.optim.SGD`` instance; all param groups must share ``momentum``,
-                ``dampening``, ``nesterov``, ``weight_decay`` and ``lr``.
+                ``dampening``, ``nesterov`` and ``weight_decay`` (the LR may differ between groups).
             dim: length of the flat parameter vector; must equal the number of trainable
                 parameters the optimiser updates.
+            params: the parameters in the order of the flat vector (that of the Hessian operator,
+                ``[p for p in model.parameters() if p.requires_grad]``); ``None`` = the optimiser's order.
+                Only matters when the groups' LRs differ.
             seed: seed of the random start vector.
             dtype: dtype of the tangent state (default float32).
             device: device of the tangent state (default: the device of the optimiser's parameters).
@@ -212,7 +232,8 @@ class TangentDynamics(_TangentBase):
             TypeError: ``optimizer`` is not ``torch.optim.SGD`` (only SGD with or without momentum,
                 Nesterov and weight decay is supported).
             ValueError: ``maximize=True``; param groups that differ in those hyper-parameters;
-                ``dim`` different from the optimiser's number of trainable parameters.
+                ``dim`` different from the optimiser's number of trainable parameters; ``params`` not the
+                optimiser's.
 
         Example::
 
@@ -228,15 +249,16 @@ class TangentDynamics(_TangentBase):
         for g in groups:
             if g.get("maximize", False):
                 raise ValueError("SGD(maximize=True) is not supported by TangentDynamics; use maximize=False.")
-        keys = ("momentum", "dampening", "nesterov", "weight_decay", "lr")
+        keys = ("momentum", "dampening", "nesterov", "weight_decay")
         for key in keys:
             values = {float(g[key]) if not isinstance(g[key], torch.Tensor) else float(g[key]) for g in groups}
             if len(values) > 1:
                 raise ValueError(
                     f"All SGD param groups must share {key!r} for TangentDynamics (got {sorted(values)}); "
-                    "the tangent map uses one value for the whole parameter vector."
+                    "the tangent map uses one value for the whole parameter vector (only the LR may differ "
+                    "between groups)."
                 )
-        params = [p for g in groups for p in g["params"] if p.requires_grad]
+        params = ordered_parameters(optimizer, params)
         n = sum(p.numel() for p in params)
         if dim != n:
             raise ValueError(f"dim={dim} does not match the {n} trainable parameters updated by the optimizer.")
@@ -246,7 +268,7 @@ class TangentDynamics(_TangentBase):
         if device is None and params:
             device = params[0].device
         g0 = groups[0]
-        return cls(
+        tangent = cls(
             dim,
             momentum=float(g0["momentum"]),
             dampening=float(g0["dampening"]),
@@ -257,23 +279,54 @@ class TangentDynamics(_TangentBase):
             device=device,
             momentum_initialized=momentum_initialized,
         )
+        tangent.optimizer = optimizer
+        group_of = {id(p): g for g in groups for p in g["params"]}
+        offset = 0
+        for p in params:  # runs of consecutive parameters of one group share a slice
+            g = group_of[id(p)]
+            if tangent._lr_slices and tangent._lr_slices[-1][1] is g:
+                tangent._lr_slices[-1] = (slice(tangent._lr_slices[-1][0].start, offset + p.numel()), g)
+            else:
+                tangent._lr_slices.append((slice(offset, offset + p.numel()), g))
+            offset += p.numel()
+        return tangent
+
+    def _step_sizes(self, lr: float | torch.Tensor | None) -> float | torch.Tensor:
+        """The step size of this step: ``lr`` for every coordinate, or each group's own LR (``lr=None``)."""
+        if lr is not None:
+            return _check_real("lr", float(lr) if isinstance(lr, torch.Tensor) else lr, 0.0)
+        if self.optimizer is None:
+            raise ValueError(
+                "lr=None reads each param group's LR from the optimiser, which only a tangent built by "
+                "TangentDynamics.from_optimizer / tangent_dynamics has; pass lr= (the step's learning rate)."
+            )
+        lrs = [_check_real("lr", _as_float(g["lr"]), 0.0) for _, g in self._lr_slices]
+        if len(set(lrs)) == 1:
+            return lrs[0]
+        sizes = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        for (piece, _), value in zip(self._lr_slices, lrs):
+            sizes[piece] = value
+        return sizes
 
     # ------------------------------------------------------------------ dynamics
 
-    def step(self, hvp: Callable[[torch.Tensor], torch.Tensor], lr: float) -> float:
+    def step(self, hvp: Callable[[torch.Tensor], torch.Tensor], lr: float | None = None) -> float:
         """Propagate the tangent state through one linearised optimiser step; return its log growth.
 
         Args:
             hvp: ``hvp(v) -> H v`` for the Hessian of this step's loss at this step's parameters.
-            lr: the learning rate ``α`` of this step.
+            lr: the learning rate ``α`` of this step for every coordinate; ``None`` (default) = each param
+                group's own LR, read from the optimiser now (only for a tangent built by :meth:`from_optimizer`,
+                so call it before ``optimizer.step()``, after any scheduler or callback set the LR).
 
         Returns:
             ``log(‖state'‖ / ‖state‖)`` as a Python float (the state is renormalised to unit norm).
 
         Raises:
-            ValueError: ``lr`` negative or not finite, or ``hvp`` returns a wrong shape.
+            ValueError: ``lr`` negative or not finite, or ``hvp`` returns a wrong shape; ``lr=None`` on a tangent
+                without an optimiser.
         """
-        lr = _check_real("lr", float(lr) if isinstance(lr, torch.Tensor) else lr, 0.0)
+        lr = self._step_sizes(lr)
         d_theta = self.delta_theta
         d_g = self._hv(hvp)
         if self.weight_decay:
@@ -712,15 +765,16 @@ def tangent_dynamics(
 ) -> TangentDynamics | AdamTangentDynamics:
     """The tangent of ``optimizer``'s steps: :class:`TangentDynamics` (SGD) or :class:`AdamTangentDynamics` (Adam).
 
-    Both are driven the same way: ``tangent.step(H.matvec, lr)`` once per training step, before
-    ``optimizer.step()``, then ``flush_window()`` for λ. The Adam tangent also reads the gradient (``.grad``
-    or ``gradient=``) and the optimiser state at each step; pass ``lr=None`` to use every group's own LR.
+    Both are driven the same way: ``tangent.step(H.matvec)`` once per training step, before
+    ``optimizer.step()``, then ``flush_window()`` for λ; with ``lr`` omitted each param group's own LR is read
+    from the optimiser at the step (pass ``lr=`` to override it for every group). The Adam tangent also reads
+    the gradient (``.grad`` or ``gradient=``) and the optimiser state at each step.
 
     Args:
         optimizer: ``torch.optim.SGD``, ``torch.optim.Adam`` or ``torch.optim.AdamW``.
         dim: length of the flat parameter vector.
-        params: the parameters in the flat order of the Hessian operator (Adam only; for SGD the order does
-            not matter since all groups share the hyper-parameters); ``None`` = the optimiser's order.
+        params: the parameters in the flat order of the Hessian operator (for SGD it matters only when the
+            groups' LRs differ); ``None`` = the optimiser's order.
         seed, dtype, device: as in :class:`TangentDynamics`.
 
     Raises:
@@ -734,9 +788,7 @@ def tangent_dynamics(
     if type(optimizer) in _ADAM_TYPES:
         return AdamTangentDynamics(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device)
     if isinstance(optimizer, torch.optim.SGD):
-        if params is not None:
-            ordered_parameters(optimizer, params)  # validates that they belong to the optimiser
-        return TangentDynamics.from_optimizer(optimizer, dim, seed=seed, dtype=dtype, device=device)
+        return TangentDynamics.from_optimizer(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device)
     raise TypeError(
         f"tangent_dynamics supports torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW; got "
         f"{type(optimizer).__module__}.{type(optimizer).__name__}."

@@ -18,7 +18,8 @@ __all__ = ["PAPER_LAYOUT", "add_paper_layout"]
 
 #: The custom-scalars layout: ``{category: {chart title: ["Multiline", [tags]]}}``. The first chart is the
 #: paper's figure (the Lyapunov exponent λ, the inverse sharpness 1/h0 and the step size α on one axis: λ
-#: changes sign where α crosses 2/h0), the second the sharpness h0 and the edge-of-stability ratio α·h0.
+#: changes sign where α crosses 2/h0), the second the sharpness h0 and the edge-of-stability ratio α·h0, the third
+#: Adam's preconditioned sharpness and its ratio ``pre_stability`` (edge at 2), with the opt-in batch sharpness.
 PAPER_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "lyapunov": {
         "lambda vs 1/h0 vs lr": [
@@ -26,6 +27,11 @@ PAPER_LAYOUT: dict[str, dict[str, list[Any]]] = {
             ["lyapunov/lambda", "hessian/inv_h0", "optim/lr", "quasi_newton/lr", "train/loss"],
         ],
         "sharpness h0 and stability lr*h0": ["Multiline", ["hessian/h0", "hessian/stability"]],
+        # Adam/AdamW: the preconditioned sharpness and its stability ratio (edge at 2, as lr*h0's for SGD)
+        "preconditioned sharpness pre_h0 and pre_stability": [
+            "Multiline",
+            ["hessian/pre_h0", "hessian/pre_stability", "hessian/batch_sharpness"],
+        ],
     }
 }
 

@@ -114,6 +114,12 @@ def test_run_file_trains_with_fast_dev_run(path, cifar_dir, tmp_path):
     assert cli.model(torch.zeros(1, 3, 32, 32)).shape == (1, expected_classes)
 
     (optimizer,) = cli.trainer.optimizers
+    if path.parent.name == "adamw":  # AdamW runs with the Adam monitors (configs/callbacks/adamw_monitors.yaml)
+        assert type(optimizer) is torch.optim.AdamW
+        (group,) = optimizer.param_groups
+        assert group["lr"] == float(match["lr"]) and group["weight_decay"] == 0.01
+        assert {"HessianEigenvalueMonitor", "LyapunovExponentMonitor"} <= {type(c).__name__ for c in cli.trainer.callbacks}
+        return
     assert type(optimizer) is torch.optim.SGD
     (group,) = optimizer.param_groups
     assert group["momentum"] == 0.0 and group["weight_decay"] == 0.0

@@ -211,9 +211,9 @@ def test_invalid_arguments_raise_naming_the_parameter(kwargs, param):
         LyapunovExponentMonitor(**kwargs)
 
 
-class AdamQuadratic(Quadratic):
+class RMSpropQuadratic(Quadratic):
     def configure_optimizers(self):
-        return torch.optim.Adam([self.theta], lr=self.lr)
+        return torch.optim.RMSprop([self.theta], lr=self.lr)
 
 
 class ManualQuadratic(Quadratic):
@@ -225,10 +225,10 @@ class ManualQuadratic(Quadratic):
 @pytest.mark.parametrize(
     "model, trainer_kw, error, match",
     [
-        (AdamQuadratic(0.1), {}, ValueError, "SGD"),
+        (RMSpropQuadratic(0.1), {}, ValueError, "RMSprop"),
         (ManualQuadratic(0.1), {}, ValueError, "automatic optimisation"),
     ],
-    ids=["adam", "manual"],
+    ids=["rmsprop", "manual"],
 )
 def test_unsupported_training_setups_fail_at_fit_start(model, trainer_kw, error, match):
     steps = []

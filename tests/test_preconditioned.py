@@ -134,3 +134,20 @@ def test_validation():
     next(iter(opt.state.values()))["exp_avg_sq"].zero_()
     with pytest.raises(ValueError, match="eps > 0"):
         preconditioner_diagonal(opt, params)
+
+
+def test_adam_core_names_are_exported_without_importing_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lyapunov_callbacks as lc\n"
+        "from lyapunov_callbacks import (AdamTangentDynamics, PreconditionedOperator, batch_sharpness, "
+        "pre_stability, preconditioned_operator, tangent_dynamics)\n"
+        "assert {'AdamTangentDynamics', 'PreconditionedOperator', 'batch_sharpness', 'pre_stability', "
+        "'preconditioned_operator', 'tangent_dynamics'} <= set(lc.__all__)\n"
+        "assert preconditioned_operator.__module__ == 'lyapunov_callbacks.preconditioned'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
