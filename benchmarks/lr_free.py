@@ -391,6 +391,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         "|---|---|---|---|---|---|",
     ]
     notes = []
+    done, total = 0, len(data_sets) * len(models) * len(losses)
     for data_name in data_sets:
         data = load_data(data_name, train_size, val_size)
         if data is None:
@@ -402,6 +403,9 @@ def main(argv: Optional[list[str]] = None) -> str:
                 progress(task)
                 best_lr, results = run_task(data, model_name, loss, steps, batch_size, seeds, grid, progress)
                 lines += task_rows(task, best_lr, results)
+                done += 1
+                if out and done < total:  # a partial table survives an interrupted run
+                    _write(out, argv, f"Partial: {done} of {total} tasks done.\n\n" + "\n".join(lines) + "\n")
     seconds = time.perf_counter() - wall
     header = (
         f"{steps} steps at batch {batch_size}, {train_size} training / {val_size} validation images, "
@@ -411,11 +415,15 @@ def main(argv: Optional[list[str]] = None) -> str:
     text = "\n".join([header, "", *lines, *([""] + notes if notes else [])]) + "\n"
     print(text)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w", encoding="utf-8") as fh:
-            command = " ".join(["python benchmarks/lr_free.py", *(argv if argv is not None else sys.argv[1:])])
-            fh.write(f"# Learning-rate-free benchmark\n\nProduced by `{command}`.\n\n{text}")
+        _write(out, argv, text)
     return text
+
+
+def _write(out: str, argv: Optional[list[str]], text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        command = " ".join(["python benchmarks/lr_free.py", *(argv if argv is not None else sys.argv[1:])])
+        fh.write(f"# Learning-rate-free benchmark\n\nProduced by `{command}`.\n\n{text}")
 
 
 if __name__ == "__main__":
