@@ -67,6 +67,22 @@ def test_sudden_100x_sharpening_is_answered_within_two_steps_by_the_loss_trigger
     assert abs(float(q1 @ model.theta.detach())) < abs(float(q1 @ rec.params[at]))
 
 
+def test_rayleigh_trigger_sees_a_sharpening_of_the_top_direction_at_one_hvp_per_check():
+    # From step 4 the top direction itself sharpens 100×. After the warm-up's Newton step θ has no weight
+    # there, so the loss cannot show it yet; vᵀHv of the last eigenvector (one HVP) does, at once.
+    q0 = Q[:, 0]
+    at = 4
+    qn = QuasiNewtonLR(every_n_steps=100, tol=1e-8, warmup_tol=1e-8, loss_rise=None, rayleigh_every=1)
+    rec = LRRecorder()
+    _trainer([qn, rec], max_steps=at + 2).fit(ChangingQuadratic(A + 99.0 * A_MAX * torch.outer(q0, q0), at), _loader())
+    assert all(rec.lrs[s] == [pytest.approx(1.0 / A_MAX, rel=1e-6)] for s in range(at))
+    assert rec.lrs[at] == [pytest.approx(1.0 / (100 * A_MAX), rel=1e-6)]
+    assert qn.rule.triggers["rayleigh"] == 1 and qn.rule.triggers["schedule"] == 0
+    # Cost: one HVP per check, at every step after the warm-up (1..at+1); the triggered estimate's own few.
+    estimate = qn.total_hvps - qn.warmup_hvps - (at + 1)
+    assert 1 <= estimate <= 3, (qn.total_hvps, qn.warmup_hvps)
+
+
 def test_a_collapsing_h0_raises_the_lr_by_at_most_max_lr_growth_per_estimate():
     # From step 3 the curvature falls 1000×: 1/h0 jumps from 0.2 to 200, the LR may only double per estimate.
     at = 3
