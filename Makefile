@@ -45,8 +45,9 @@ FIGURES_ARGS ?=
 figures: install
 	$(BIN)/python figures/make_figures.py --data $(DATA) --data-dir $(DATA_DIR) $(if $(QUICK),--quick,) $(FIGURES_ARGS)
 
+# The competitors of the benchmarks (PyHessian, Prodigy, D-Adaptation, schedule-free) are the `bench` extra.
 bench: install
-	$(BIN)/python -m pip install -q pyhessian
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

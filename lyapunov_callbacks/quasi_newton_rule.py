@@ -11,6 +11,9 @@ import math
 from collections import deque
 from typing import Any, Optional
 
+# One definition of each stability factor (re-exported here for the rule's callers).
+from lyapunov_callbacks.stability import adam_stability_factor
+
 __all__ = ["QuasiNewtonRule", "RULES", "TRIGGERS", "adam_stability_factor"]
 
 #: The two step rules: ``"newton"`` (the paper's α·h0 = scale) and ``"edge"`` (α·h0 = ``edge`` < 2).
@@ -20,22 +23,6 @@ TRIGGERS = ("warmup", "rayleigh", "growth", "loss", "schedule")
 # A fresh warm-up estimate is "the same" as the previous one within warmup_tol relatively; with fewer HVPs than
 # this left in the warm-up budget no further estimate is asked for (a 1-HVP estimate is only a Rayleigh quotient).
 _MIN_WARMUP_HVPS = 2
-
-
-def adam_stability_factor(beta1: float) -> float:
-    r"""The stability factor :math:`c = (1+\beta_1)/(1-\beta_1)` of Adam with a frozen preconditioner.
-
-    On a quadratic with :math:`P` frozen, Adam with momentum :math:`\beta_1` is stable iff
-    :math:`\alpha \lambda_1(P^{-1}H) < 2(1+\beta_1)/(1-\beta_1)` (Cohen et al. 2022), i.e. :math:`2c` with this
-    :math:`c`. Passed as ``stability_factor`` with ``h0 = λ1(P⁻¹H)``, :class:`QuasiNewtonRule` gives
-    :math:`\alpha = \text{scale}\,(1+\beta_1)/((1-\beta_1)\lambda_1(P^{-1}H))`: half the limit, as 1/h0 is for SGD.
-
-    Raises:
-        ValueError: if ``beta1`` is not in ``[0, 1)``.
-    """
-    if not _is_number(beta1) or not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"`beta1` must be in [0, 1) (Adam's first-moment decay), got {beta1!r}; e.g. beta1=0.9.")
-    return (1.0 + beta1) / (1.0 - beta1)
 
 
 class QuasiNewtonRule:
@@ -61,7 +48,7 @@ class QuasiNewtonRule:
       estimate must be fresh and accurate: use it with a fixed large probe batch and the triggers below.
 
     :math:`c = 1` for plain SGD; the caller passes ``momentum_stability_factor(μ, nesterov)`` of
-    ``lyapunov_callbacks.quasi_newton`` for heavy-ball SGD and :func:`adam_stability_factor` (with h0 =
+    ``lyapunov_callbacks.stability`` for heavy-ball SGD and :func:`adam_stability_factor` (with h0 =
     λ1(P⁻¹H)) for Adam. :math:`w` is SGD's coupled ``weight_decay``: it adds :math:`wI` to the curvature of the
     update map, so with :math:`h_0 \ll w` the step is set by :math:`w`.
 
@@ -89,7 +76,8 @@ class QuasiNewtonRule:
     **Safety.** An estimate that is NaN, infinite or ≤ 0 never reaches the LR: :meth:`update` keeps the last
     LR (before any good estimate: the ``initial_lr`` given to :meth:`reset`, clamped, else ``min_lr``) and
     counts it in :attr:`rejected_estimates`. ``max_lr`` is a safety net for a vanishing h0, not the operating
-    point: with ``max_lr_growth`` the LR approaches it geometrically, and :attr:`clamped` says when it binds.
+    point: with ``max_lr_growth`` the LR approaches it geometrically, :attr:`clamped` says when it binds and
+    :attr:`clamped_estimates` counts the good estimates whose LR a clamp set.
 
     **Smoothing.** With ``smoothing = s > 0``: :math:`\bar h_0 \leftarrow \max(h_0, s\bar h_0 + (1-s)h_0)` —
     a fall of h0 is averaged, a rise is taken at once (smoothing a sharpening would keep a diverging LR).
@@ -231,6 +219,7 @@ class QuasiNewtonRule:
         self.triggers = {name: 0 for name in TRIGGERS}
         self.last_trigger: Optional[str] = None
         self.clamped = False
+        self.clamped_estimates = 0
         self._last_estimate_step: Optional[int] = None
         self._pending: Optional[str] = None
         self._losses: deque = deque(maxlen=self.loss_window)
@@ -253,6 +242,7 @@ class QuasiNewtonRule:
             "triggers": dict(self.triggers),
             "last_trigger": self.last_trigger,
             "clamped": self.clamped,
+            "clamped_estimates": self.clamped_estimates,
             "last_estimate_step": self._last_estimate_step,
             "pending": self._pending,
             "losses": list(self._losses),
@@ -275,6 +265,7 @@ class QuasiNewtonRule:
         self.triggers = {name: int(state_dict["triggers"].get(name, 0)) for name in TRIGGERS}
         self.last_trigger = state_dict["last_trigger"]
         self.clamped = bool(state_dict["clamped"])
+        self.clamped_estimates = int(state_dict.get("clamped_estimates", 0))
         self._last_estimate_step = state_dict["last_estimate_step"]
         self._pending = state_dict["pending"]
         self._losses = deque(state_dict["losses"], maxlen=self.loss_window)
@@ -380,6 +371,7 @@ class QuasiNewtonRule:
             # Warm-up estimates at one point replace each other: the LR is the last one's, unlimited.
             self.h0 = self.h0_smoothed = h0
             self.lr = self._clamp(self.lr_for(h0))
+            self.clamped_estimates += int(self.clamped)
             return self.lr
         if not good:
             self._reject()
@@ -393,6 +385,7 @@ class QuasiNewtonRule:
         if self.lr is not None:
             lr = min(lr, self.lr * self.max_lr_growth)
         self.lr = self._clamp(lr)
+        self.clamped_estimates += int(self.clamped)
         return self.lr
 
     # ---------------------------------------------------------------------------------------------------------
