@@ -751,7 +751,9 @@ def top_hessian_eigenvalues(
     check_choice("hvp", hvp, BACKENDS)
     check_choice("stop", stop, STOPPING)
     if stop != "residual" and method != "lanczos":
-        raise UnknownChoiceError(f"stop={stop!r} is a rule of method='lanczos' (got method={method!r}); use stop='residual'.")
+        raise UnknownChoiceError(
+            f"stop={stop!r} is a rule of method='lanczos' (got method={method!r}); use stop='residual'."
+        )
     check_int("k", k, "k=1")
     dim = num_trainable_parameters(model)
     if k > dim:
