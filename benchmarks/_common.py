@@ -132,3 +132,49 @@ def met(value: float, target: float, lower_is_better: bool = True) -> str:
     """``"yes"``/``"no"``: whether ``value`` meets ``target``."""
     ok = value <= target if lower_is_better else value >= target
     return "yes" if ok else "**no**"
+
+
+# ---------------------------------------------------------------------------------------------- small model
+def small_mlp_module(seed: int = 0, widths: Sequence[int] = (64, 256, 256, 10), lr: float = 0.1):
+    """MLP 64-256-256-10 (ReLU, cross-entropy, SGD) as a LightningModule: a model whose training step is ~1.5 ms.
+
+    It has a ``training_loss(batch)`` hook, like the project's models, so the curvature callbacks use it.
+    """
+    import lightning as L
+    from torch import nn
+
+    class SmallMLP(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            for a, b in zip(widths[:-1], widths[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            self.net = nn.Sequential(*layers[:-1])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_loss(self, batch: Any) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.training_loss(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    torch.manual_seed(seed)
+    return SmallMLP()
+
+
+def digits_8x8_loader(batch_size: int = 64, seed: int = 0) -> torch.utils.data.DataLoader:
+    """scikit-learn's 1797 digits as flat 8×8 = 64 features in [0, 1], shuffled by a seeded generator."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       generator=torch.Generator().manual_seed(seed))

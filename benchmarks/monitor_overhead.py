@@ -1,18 +1,22 @@
 """Wall-clock overhead of the curvature monitors on a real ``trainer.fit``, and the accuracy of the logged h0.
 
-Each variant fits a freshly initialised (same seed) MLP 3072-512-512-2 with plain SGD (lr 0.1) on the synthetic
-two-class CIFAR stand-in, batch 128, for ``--steps`` optimiser steps (default 200; ``--quick``: 60), with no
-validation, no checkpointing, no progress bar, no model summary and ``logger=False`` for every variant alike.
+Two models, each fitted with plain SGD (lr 0.1) for ``--steps`` optimiser steps (default 200; ``--quick``: 60),
+with no validation, no checkpointing, no progress bar, no model summary and ``logger=False`` for every variant:
+
+- ``small``: MLP 64-256-256-10 (85,002 parameters) on scikit-learn's 8×8 digits (flat 64 features), batch 64,
+  a training step of ~1.5 ms on an idle core, where the monitors' per-estimate fixed costs show;
+- ``readme``: MLP 3072-512-512-2 (1,841,162 parameters) on the synthetic two-class CIFAR stand-in, batch 128,
+  the model of the README's table.
+
 Only ``trainer.fit`` is timed (model and trainer construction are not). Variants:
 
 - ``baseline``: no callback;
-- ``h0 / 10`` and ``h0 / 50``: :class:`HessianEigenvalueMonitor` with ``every_n_steps`` 10 or 50 (defaults
-  otherwise: warm-started Lanczos, ``tol=1e-2``, ``max_iter=100``, the current batch);
-- ``h0 / 10, fixed 128`` and ``h0 / 50, fixed 128``: the same on a fixed probe batch (``batch="fixed"``,
-  ``probe_size=128``);
-- ``h0 / 10, tol 1e-3``: the monitor's former default tolerance, for comparison;
-- ``λ windows / 50``: :class:`LyapunovExponentMonitor` with its default ``window=20`` every 50 steps;
-- ``λ continuous``: :class:`LyapunovExponentMonitor` with ``window=20``, ``every_n_steps=None``.
+- ``h0 / 10`` and ``h0 / 50``: :class:`HessianEigenvalueMonitor` with ``every_n_steps`` 10 or 50 at its defaults
+  (warm-started Lanczos, ``tol=1e-2``, the current batch);
+- ``h0 / 10, fixed`` and ``h0 / 50, fixed``: the same on the fixed probe batch at its default size;
+- ``λ window 1 / 10``: :class:`LyapunovExponentMonitor` with ``window=1, every_n_steps=10``;
+- ``λ continuous`` and ``λ continuous, finite diff.``: ``window=20``, ``every_n_steps=None``, exact or
+  finite-difference products.
 
 The ratio is the median fit time over the baseline's median (repetitions interleaved, the order rotating).
 
@@ -20,12 +24,13 @@ Accuracy: one more (untimed) fit per ``h0`` variant with two small callbacks aro
 *before* it stores the weights and batch of every measured step, one placed *after* it reads the logged
 ``hessian/h0`` — then a cold Lanczos (``tol=1e-6``, ``max_iter=150``, random start) at those weights and on the
 batch the monitor measured (the step's batch, or the probe batch for ``batch="fixed"``) is the reference; the
-table prints the largest relative error. The same run times the monitor's own hook and
-counts its HVPs, which splits the overhead into its parts (graph build, HVPs, solver bookkeeping, logging).
+table prints the largest relative error and the HVPs per estimate. The same run times the monitor's own hook
+and splits the overhead into its parts (graph build, HVPs, solver bookkeeping, logging).
 
-Targets from the issue: ≤ 1.5× at every 10 steps, ≤ 1.1× at every 50 steps, each estimate within 1e-2.
+Targets from the issue: ``h0`` ≤ 1.5× at every 10 steps, ≤ 1.1× at every 50 steps, each estimate within 1e-2;
+``λ window 1 / 10`` ≤ 1.15×; continuous ≤ 2× with finite differences, ≤ 2.5× exact.
 
-Run: ``python benchmarks/monitor_overhead.py [--quick] [--threads 2] [--steps N]``.
+Run: ``python benchmarks/monitor_overhead.py [--quick] [--threads 2] [--steps N] [--models small,readme]``.
 """
 
 from __future__ import annotations
@@ -38,24 +43,46 @@ import _common as C
 import torch
 
 #: Targets of the issue: ratio of fit wall-clock with / without the monitor, and accuracy of each estimate.
-TARGETS = {"h0 / 10": 1.5, "h0 / 50": 1.1}
+TARGETS = {"h0 / 10": 1.5, "h0 / 50": 1.1, "h0 / 10, fixed": 1.5, "h0 / 50, fixed": 1.1,
+           "λ window 1 / 10": 1.15, "λ continuous": 2.5, "λ continuous, finite diff.": 2.0}
 ACCURACY = 1e-2
 LR = 0.1
 
+#: ``name -> description`` of the models.
+MODELS = {
+    "small": "MLP 64-256-256-10 (85,002 params), 8×8 digits, batch 64",
+    "readme": "MLP 3072-512-512-2 (1,841,162 params), synthetic CIFAR stand-in, batch 128",
+}
 
-def _datamodule(seed: int):
+
+def _data(which: str, seed: int):
+    """``(datamodule or None, train loader or None)`` of the model ``which``."""
+    if which == "small":
+        return None, C.digits_8x8_loader(64, seed)
     from lyapunov_callbacks.datamodules import CIFAR10DataModule
 
     # 10000 images over ten classes -> ~2000 of the two kept classes: ~16 batches per epoch.
     return CIFAR10DataModule(synthetic=True, classes=[0, 1], batch_size=128, seed=seed,
-                             synthetic_train_size=10000, synthetic_val_size=200)
+                             synthetic_train_size=10000, synthetic_val_size=200), None
 
 
-def _model(seed: int):
+def _model(which: str, seed: int):
+    if which == "small":
+        return C.small_mlp_module(seed, lr=LR)
     from lyapunov_callbacks.models import MLP
 
     torch.manual_seed(seed)
     return MLP(num_classes=2, hidden_sizes=[512, 512])
+
+
+def _fit(trainer, which: str, seed: int, model) -> float:
+    dm, loader = _data(which, seed)
+    start = time.perf_counter()
+    if dm is not None:
+        trainer.fit(model, datamodule=dm)
+    else:
+        trainer.fit(model, train_dataloaders=loader)
+    return time.perf_counter() - start
 
 
 def _trainer(steps: int, callbacks: list):
@@ -81,31 +108,23 @@ def _variants() -> dict:
         "baseline": (lambda: [], None, {}),
         "h0 / 10": h0(10),
         "h0 / 50": h0(50),
-        "h0 / 10, fixed 128": h0(10, batch="fixed", probe_size=128),
-        "h0 / 50, fixed 128": h0(50, batch="fixed", probe_size=128),
-        "h0 / 10, tol 1e-3": h0(10, tol=1e-3),
-        "λ windows / 50": (lambda: [LyapunovExponentMonitor(window=20, every_n_steps=50)], None, {}),
+        "h0 / 10, fixed": h0(10, batch="fixed"),
+        "h0 / 50, fixed": h0(50, batch="fixed"),
+        "λ window 1 / 10": (lambda: [LyapunovExponentMonitor(window=1, every_n_steps=10)], None, {}),
         "λ continuous": (lambda: [LyapunovExponentMonitor(window=20)], None, {}),
         # the paper's perturbed trajectory: finite differences reusing the training step's gradient
-        "λ windows / 50, finite diff.": (
-            lambda: [LyapunovExponentMonitor(window=20, every_n_steps=50, hvp="finite_difference")], None, {}
-        ),
         "λ continuous, finite diff.": (
             lambda: [LyapunovExponentMonitor(window=20, hvp="finite_difference")], None, {}
         ),
     }
 
 
-def _fit_seconds(steps: int, callbacks: list, seed: int) -> float:
-    dm = _datamodule(seed)
-    model = _model(seed)
-    trainer = _trainer(steps, callbacks)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    return time.perf_counter() - start
+def _fit_seconds(which: str, steps: int, callbacks: list, seed: int) -> float:
+    model = _model(which, seed)
+    return _fit(_trainer(steps, callbacks), which, seed, model)
 
 
-def _accuracy_run(steps: int, every: int, seed: int, monitor_kwargs: dict, references: dict) -> dict:
+def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs: dict, references: dict) -> dict:
     """Untimed fit with capture callbacks: max relative error of the logged h0 and the monitor's cost split."""
     from lightning.pytorch.callbacks import Callback
 
@@ -124,8 +143,9 @@ def _accuracy_run(steps: int, every: int, seed: int, monitor_kwargs: dict, refer
                 }
 
     class After(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            step = trainer.global_step
+        # The monitor measures in on_before_optimizer_step; global_step has advanced by batch end.
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step - 1
             if step in captured and "h0" not in captured[step]:
                 captured[step]["h0"] = monitor.last_metrics["hessian/h0"]
                 captured[step]["hvps"] = monitor.last_metrics["hessian/num_hvps"]
@@ -175,17 +195,14 @@ def _accuracy_run(steps: int, every: int, seed: int, monitor_kwargs: dict, refer
     Op.__init__, Op.matmat, Op.matvec = init, matmat, matvec
     hm.log_measurements = log
     try:
-        dm, model = _datamodule(seed), _model(seed)
         trainer = _trainer(steps, [Before(), monitor, After()])
-        t0 = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
-        fit_seconds = time.perf_counter() - t0
+        fit_seconds = _fit(trainer, which, seed, _model(which, seed))
     finally:
         Op.__init__, Op.matmat, Op.matvec = orig_init, orig_matmat, orig_matvec
         hm.log_measurements = orig_log
 
     errors, hvps = [], []
-    ref_model = _model(seed)
+    ref_model = _model(which, seed)
     fixed = monitor._probe is not None
     for step, rec in sorted(captured.items()):
         # Measurement is side-effect free, so every variant trains along the same trajectory: the reference
@@ -204,6 +221,7 @@ def _accuracy_run(steps: int, every: int, seed: int, monitor_kwargs: dict, refer
     n = len(errors)
     return {
         "max_err": max(e[1] for e in errors),
+        "median_err": statistics.median(e[1] for e in errors),
         "worst": max(errors, key=lambda e: e[1]),
         "n": n,
         "hvps_first": hvps[0],
@@ -214,46 +232,57 @@ def _accuracy_run(steps: int, every: int, seed: int, monitor_kwargs: dict, refer
 
 
 def main(argv=None) -> dict:
-    args = C.parse_args(
-        "Monitor overhead on trainer.fit and accuracy of logged h0.", argv,
-        extra=lambda p: p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit"),
-    )
+    def extra(p):
+        p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit")
+        p.add_argument("--models", default="small,readme", help="comma-separated: small, readme")
+
+    args = C.parse_args("Monitor overhead on trainer.fit and accuracy of logged h0.", argv, extra=extra)
     steps = args.steps or (60 if args.quick else 200)
     repeats = args.repeats or (2 if args.quick else 3)
-    C.header(f"Monitor overhead: trainer.fit of MLP 3072-512-512-2, batch 128, {steps} steps", args)
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    out = {}
+    for which in args.models.split(","):
+        C.header(f"Monitor overhead: trainer.fit of {MODELS[which]}, {steps} steps", args)
+        out[which] = _one_model(which, steps, repeats, args.seed)
+    return out
+
+
+def _one_model(which: str, steps: int, repeats: int, seed: int) -> dict:
     variants = _variants()
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    _fit_seconds(min(steps, 20), [], args.seed)  # warm-up: imports, allocator, first-call costs
+    _fit_seconds(which, min(steps, 20), [], seed)  # warm-up: imports, allocator, first-call costs
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            C.progress(f"monitor_overhead: repetition {r + 1}/{repeats}, {name}")
-            times[name].append(_fit_seconds(steps, variants[name][0](), args.seed))
+            C.progress(f"monitor_overhead {which}: repetition {r + 1}/{repeats}, {name}")
+            times[name].append(_fit_seconds(which, steps, variants[name][0](), seed))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    references: dict[int, float] = {}
-    C.progress("monitor_overhead: accuracy runs")
-    acc = {name: _accuracy_run(steps, every, args.seed, kw, references)
+    references: dict = {}
+    C.progress(f"monitor_overhead {which}: accuracy runs")
+    acc = {name: _accuracy_run(which, steps, every, seed, kw, references)
            for name, (_, every, kw) in variants.items() if every is not None}
     rows = []
     for name in names:
         ratio = med[name] / med["baseline"]
         every = variants[name][1]
-        target = TARGETS.get(f"h0 / {every}")
+        target = TARGETS.get(name)
         rows.append([
             name, med[name], ratio,
             (C.met(ratio, target) + f" (≤ {target}×)") if target else "—",
-            (acc[name]["max_err"] if every else "—"),
-            ((C.met(acc[name]["max_err"], ACCURACY) + f" (≤ {ACCURACY:g})") if every else "—"),
             (f"{acc[name]['hvps_first']:.0f} / {acc[name]['hvps_mean_warm']:.1f}" if every else "—"),
+            (acc[name]["max_err"] if every else "—"),
+            (acc[name]["median_err"] if every else "—"),
+            ((C.met(acc[name]["max_err"], ACCURACY) + f" (≤ {ACCURACY:g})") if every else "—"),
         ])
     print(C.table(["variant", "fit seconds (median)", "ratio to baseline", "overhead target met",
-                   "max rel. error of logged h0", "accuracy target met", "HVPs first / mean warm"], rows))
+                   "HVPs first / mean warm", "max rel. error of logged h0 (vs cold Lanczos)", "median rel. error",
+                   "accuracy target met"], rows))
     base_step_ms = 1e3 * med["baseline"] / steps
-    print(f"\nMedians of {repeats} interleaved repetitions; baseline {base_step_ms:.1f} ms per training step.")
+    print(f"\nModel: {MODELS[which]}. Medians of {repeats} interleaved repetitions; baseline "
+          f"{base_step_ms:.1f} ms per training step.")
     for name, a in acc.items():
         p = a["per_estimate_ms"]
         print(

@@ -293,6 +293,11 @@ class EigenTracker:
         seed: seed of the solver's random start vector (used while there is no warm start).
         warm_start: reuse the last eigenvectors as ``init``.
         dtype: dtype of the estimate (``None``: the parameters' dtype, float32 under mixed precision).
+        stop: stopping rule of ``method="lanczos"`` once warm-started: ``"gap"`` (default: the rigorous residual
+            bound or the error estimate ``residual²/gap`` with a 10× safety factor, see
+            :func:`lyapunov_callbacks.eigen.lanczos`; fewer HVPs on a moving mini-batch Hessian) or
+            ``"residual"``. The first (cold) estimate always uses the residual rule: from a random start the
+            second Ritz value is far from h1, so the gap it shows means little.
     """
 
     def __init__(
@@ -305,7 +310,10 @@ class EigenTracker:
         seed: int = 0,
         warm_start: bool = True,
         dtype: torch.dtype | None = None,
+        stop: str = "gap",
     ) -> None:
+        check_choice("stop", stop, ("residual", "gap"))
+        self.stop = stop
         self.method = method
         self.hvp = hvp
         self.k = k
@@ -332,11 +340,12 @@ class EigenTracker:
                 choice ≈ 1/h0 from a warm start); ignored by the other methods.
         """
         init = self.eigenvectors if (self.warm_start and self.eigenvectors is not None) else None
+        stop = self.stop if (self.method == "lanczos" and init is not None) else "residual"
         with torch.enable_grad():
             result = top_hessian_eigenvalues(
                 model, loss_fn, batch, k=self.k, method=self.method, hvp=self.hvp, tol=self.tol,
                 max_iter=self.max_iter, init=init, seed=self.seed, dtype=self.dtype,
-                alpha=alpha if self.method == "lyapunov" else None,
+                alpha=alpha if self.method == "lyapunov" else None, stop=stop,
             )
         self.num_estimates += 1
         self.total_hvps += int(result.num_hvps)

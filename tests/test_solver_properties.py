@@ -16,7 +16,12 @@ from torch import nn
 
 from lyapunov_callbacks import HessianOperator, MatrixOperator, lanczos, lyapunov_iteration, power_iteration
 
-SOLVERS = {"lanczos": lanczos, "power": power_iteration, "lyapunov": lyapunov_iteration}
+SOLVERS = {
+    "lanczos": lanczos,
+    "lanczos_gap": lambda op, **kw: lanczos(op, stop="gap", **kw),  # the residual²/gap stopping rule
+    "power": power_iteration,
+    "lyapunov": lyapunov_iteration,
+}
 KINDS = ("dominant_negative", "clustered", "repeated", "zeros", "all_zero", "tiny", "separated")
 TOL = 1e-9
 MAX_ITER = 400
@@ -120,12 +125,13 @@ def check_solver(name: str, backend: str, problem: tuple[str, int, int, int]) ->
     rayleigh = ((A @ V) * V).sum(dim=0)
     assert float((rayleigh - values).abs().max()) <= 1e-8 * scale + floor, case
     # Lanczos with dim <= max_iter terminates exactly; on a well separated spectrum every solver converges.
-    if name == "lanczos" or kind in ("separated", "all_zero"):
+    lanczos_like = name.startswith("lanczos")
+    if lanczos_like or kind in ("separated", "all_zero"):
         assert res.converged, case
     # Converged means the top-k (algebraically largest) eigenvalues, within the tolerance.
-    if res.converged and not (name == "lanczos" and kind == "repeated"):
+    if res.converged and not (lanczos_like and kind == "repeated"):
         assert float((values - exact).abs().max()) <= CHECK * scale + floor, case
-    if res.converged and name == "lanczos" and kind == "repeated":
+    if res.converged and lanczos_like and kind == "repeated":
         # Single-vector Lanczos finds one copy of a repeated eigenvalue unless its Krylov space breaks down
         # first (documented); each value is still an eigenvalue, and the top one is h0.
         assert abs(float(values[0] - exact[0])) <= CHECK * scale + floor, case
@@ -193,3 +199,15 @@ def test_lyapunov_properties_autograd(problem):
 @given(problem=problems)
 def test_lyapunov_properties_finite_difference(problem):
     check_solver("lyapunov", "finite_difference", problem)
+
+
+@SETTINGS
+@given(problem=problems)
+def test_lanczos_gap_rule_properties_matrix(problem):
+    check_solver("lanczos_gap", "matrix", problem)
+
+
+@SETTINGS
+@given(problem=problems)
+def test_lanczos_gap_rule_properties_autograd(problem):
+    check_solver("lanczos_gap", "autograd", problem)
