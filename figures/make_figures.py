@@ -531,6 +531,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", default=None, help="folder of the runs' logs (default figures/logs/)")
     p.add_argument("--summary-dir", default=None, help="folder of summary_<data>.* (default docs/results/)")
     p.add_argument("--page", default=None, help="the results page to regenerate (default docs/results.md)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="cap every run at N optimiser steps (a smoke test of the scale's settings; not for results)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="train only the first N seeds of every run")
     p.add_argument("--plan", action="store_true",
                    help="print the predicted CPU and wall time of every run from figures/rates.json; train nothing")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -691,6 +694,9 @@ def _summarise(runs: list[Run], args: argparse.Namespace, timings: dict[str, dic
                 r.stats.get("n_h0_probe") for r in records) else "not measured in these logs"}
     if wall is not None:
         meta["training wall time (s)"] = round(wall, 1)
+        meta["training CPU time (s)"] = round(sum(t["cpu_seconds"] for t in timings.values()), 1)
+        meta["runs at a time"] = args.jobs
+        meta["load average at the end (1 min)"] = round(os.getloadavg()[0], 2)
     if timings:
         meta["steps/s (first seed's arch)"] = json.dumps(_steps_per_arch(runs, timings))
     paths = summary.write_summary(records, args.summary_dir, args.data, figure_of=figure_of(runs), meta=meta)
@@ -724,10 +730,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"make_figures.py: error: {err}", file=sys.stderr)
         return 2
+    for run in runs:
+        if args.max_steps is not None:
+            run.scale = {**run.scale, "max_steps": min(run.scale["max_steps"], args.max_steps)}
+            if run.max_epochs is not None:  # an epoch-long run: N batches of one epoch
+                run.scale["epoch_batches"] = min(run.scale["epoch_batches"] or args.max_steps, args.max_steps)
+        if args.seeds is not None:
+            run.scale = {**run.scale, "seeds": min(int(run.scale["seeds"]), args.seeds)}
     for note in skipped_figures(spec, figures).values():
         print(f"note: {note}", file=sys.stderr, flush=True)
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
-        print("make_figures.py: error: --jobs and --threads must be >= 1", file=sys.stderr)
+    if any(v is not None and v < 1 for v in (args.threads, args.max_steps, args.seeds)) or args.jobs < 1:
+        print("make_figures.py: error: --jobs, --threads, --max-steps and --seeds must be >= 1", file=sys.stderr)
         return 2
     if args.list:
         _print_plan(spec, figures, runs, args)
