@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                        "batch": args.batch, "probe": args.probe, "threads": args.threads,
                        "load_1min": round(load, 2), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(arch, json.dumps(rates[arch]), flush=True)
-    Path(args.out).write_text(json.dumps({"archs": rates}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"archs": rates}, indent=1) + "\n")  # after each: keep what is done
     return 0
 
 

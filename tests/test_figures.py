@@ -107,10 +107,10 @@ def test_command_lines(spec):
     assert _flag(mlp, "trainer.logger.init_args.name") == "constant/mlp_ce_lr0.1/synthetic"
     assert _flag(mlp, "trainer.logger.init_args.version") == "seed2"
     assert _callbacks(mlp) == [
-        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 10, "k": 1}},
-        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 50}},
+        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 20, "k": 1}},
+        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 100}},
         {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor",
-         "init_args": {"every_n_steps": 50, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
+         "init_args": {"every_n_steps": 100, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
         {"class_path": "figures.epoch_loss.FullTrainLoss", "init_args": {"max_batches": None}},
     ]
     no_probe = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "synthetic", "data", logs,
