@@ -772,12 +772,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lyapunov_callbacks.summary import render_results_page
 
     page = render_results_page(args.summary_dir, defaults["figures_root"] if args.out == os.path.relpath(
-        defaults["out"]) else Path(args.out).parent, args.page, intro=RESULTS_INTRO)
+        defaults["out"]) else Path(args.out).parent, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec))
     print(f"results page: {page}")
     if failed_runs or failed_figs:
         print(f"failed runs: {failed_runs or 'none'}; failed figures: {failed_figs or 'none'}", file=sys.stderr)
         return 1
     return 0
+
+
+def scale_text(spec: dict[str, Any]) -> str:
+    """The full scale of the plan in one paragraph of the results page (read from figures.yaml, not typed)."""
+    parts = [f"{arch} {s['max_steps']:,} steps at batch {s['batch_size']}, {s['seeds']} seed(s), probe batch "
+             f"{s['probe_size']:,}" for arch, s in spec["scales"]["full"].items()]
+    return ("Full scale (`figures/figures.yaml`, sized to the 60-minute budget of `make figures` on 2 CPU cores "
+            "with measured per-step costs; see its cost note for what did not fit): " + "; ".join(parts) + ". "
+            "Every figure title states its data set, steps, batch and seeds.")
 
 
 #: The fixed text at the top of the results page (how it is made; no result is asserted here).
@@ -788,7 +797,8 @@ typed by hand. The figures are numbered and paneled as the paper's captions; `fi
 run plan (steps, batch, seeds, monitors) and the choice made for the garbled caption of figure 7 (the cyclic
 schedule, completing the constant-LR series 4-6). `analysis_*.png` are not paper figures: late-training 1/h0
 against α (with the lines 1/h0 = α and 1/h0 = α/2), the distribution of λ per run, and the quasi-Newton loss
-beside the constant-LR runs.
+beside the constant-LR runs; `adamw.png` (not a paper figure) shows AdamW's preconditioned stability ratio
+α·λ1(P⁻¹H)·(1−β1)/(1+β1) against its edge 2, and λ, per LR, once its run files exist.
 
     make figures DATA=synthetic      # or DATA=digits, DATA=cifar; QUICK=1 for the short development scale
 """
