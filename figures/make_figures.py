@@ -427,8 +427,12 @@ def predict_seconds(run: Run, data: str, rates: dict[str, dict[str, float]], spe
     probe = min(s["probe_size"], n_train) / r["probe"]
     out["probe"] = (math.ceil(steps / s["probe_every"]) * cost["hvps_per_probe_estimate"] * r["hvp_probe_cpu_s"]
                     * probe if with_probe and s["probe_every"] else 0.0)
-    out["lyapunov"] = (math.ceil(steps / s["lyapunov_every"]) * s["lyapunov_window"] * hvp
-                       if s["lyapunov_window"] else 0.0)
+    if not s["lyapunov_window"]:
+        out["lyapunov"] = 0.0
+    elif s["lyapunov_every"] is None:  # back-to-back windows: one HVP every step
+        out["lyapunov"] = steps * hvp
+    else:
+        out["lyapunov"] = math.ceil(steps / s["lyapunov_every"]) * s["lyapunov_window"] * hvp
     full = n_train if s["full_loss_batches"] is None else min(n_train, 512 * s["full_loss_batches"])
     val = n_val if s["val_batches"] is None else min(n_val, s["val_batches"] * s["batch_size"])
     out["full_loss"] = (epochs + 1) * full * fwd
