@@ -33,17 +33,19 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The paper's figures 1-10, the analysis figures and the summary every quoted number comes from, retrained from
-# scratch: figures/make_figures.py runs the plan of figures/figures.yaml. DATA=synthetic (offline CIFAR-shaped
-# stand-in), DATA=digits (scikit-learn's real 8x8 digits), DATA=cifar ($(DATA_DIR)/cifar-10-batches-py).
-# Full scale (default): >= 1,000 steps at batch 128, 3 seeds for the claim-deciding runs; writes docs/figures/$(DATA)/,
-# docs/results/summary_$(DATA).{md,json,csv} and regenerates docs/results.md.
-# QUICK=1: the same runs and figures, one seed, a few dozen steps; writes under figures/quick/ (not committed).
-# FIGURES_ARGS e.g. --only fig2, --list, --plot-only.
+# The paper's figures 1-10, the AdamW figure, the analysis figures and the summary every quoted number comes from,
+# retrained from scratch: figures/make_figures.py runs the plan of figures/figures.yaml. DATA=synthetic (offline
+# CIFAR-shaped stand-in), DATA=digits (scikit-learn's real 8x8 digits), DATA=cifar ($(DATA_DIR)/cifar-10-batches-py).
+# Full scale (default): writes docs/figures/$(DATA)/, docs/results/summary_$(DATA).{md,json,csv} and regenerates
+# docs/results.md. QUICK=1: the same runs and figures, one seed, a few dozen steps; writes under figures/quick/
+# (not committed). Runs train JOBS at a time (default: one single-threaded process per core).
+# FIGURES_ARGS e.g. --only fig2, --list, --plan (predicted time from figures/rates.json), --plot-only.
 QUICK ?=
+JOBS ?=
 FIGURES_ARGS ?=
 figures: install
-	$(BIN)/python figures/make_figures.py --data $(DATA) --data-dir $(DATA_DIR) $(if $(QUICK),--quick,) $(FIGURES_ARGS)
+	$(BIN)/python figures/make_figures.py --data $(DATA) --data-dir $(DATA_DIR) $(if $(QUICK),--quick,) \
+		$(if $(JOBS),--jobs $(JOBS),) $(FIGURES_ARGS)
 
 # The competitors of the benchmarks (PyHessian, Prodigy, D-Adaptation, schedule-free) are the `bench` extra.
 bench: install

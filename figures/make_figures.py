@@ -53,10 +53,12 @@ MODES = ("full", "quick")
 SCALE_KEYS = ("batch_size", "max_steps", "epoch_batches", "val_batches", "log_every", "hessian_every",
               "probe_every", "probe_size", "lyapunov_window", "lyapunov_every", "seeds", "cyclic_half",
               "full_loss_batches")
+#: The constants of the time prediction (``cost:`` in figures.yaml), see :func:`predict_seconds`.
+COST_KEYS = ("hvps_per_estimate", "hvps_per_probe_estimate", "hvps_top_k", "run_overhead_s", "epoch_overhead_s")
 #: Optional scale key: QuasiNewtonLR.every_n_steps, for runs too short for their config's re-estimate period.
 QN_EVERY = "quasi_newton_every"
 RUN_KEYS = {"config", "hessian_k", "max_epochs", "quick", QN_EVERY, *SCALE_KEYS}
-FIGURE_KEYS = {"title", "caption", "rows", "cols", "runs", "kind", "k", "first_epoch_steps"}
+FIGURE_KEYS = {"title", "caption", "rows", "cols", "runs", "kind", "k", "first_epoch_steps", "optional"}
 #: Short class names of the curvature callbacks as they appear in the configs' ``class_path``.
 QUASI_NEWTON = "QuasiNewtonLR"
 HESSIAN = "HessianEigenvalueMonitor"
@@ -138,6 +140,14 @@ def load_spec(path: str | Path = SPEC_PATH) -> dict[str, Any]:
     missing_data = sorted(set(DATA_CHOICES) - set(spec["datasets"]))
     if missing_data:
         raise ValueError(f"{path}: datasets lacks {missing_data}.")
+    for data, ds in spec["datasets"].items():
+        sizes = ds.get("sizes") or {}
+        if any(not isinstance(sizes.get(w), list) or len(sizes[w]) != 2 for w in ("two_class", "ten_class")):
+            raise ValueError(f"{path}: datasets.{data}.sizes must give [training, validation] images for "
+                             f"two_class and ten_class, e.g. {{two_class: [10000, 2000], ten_class: [50000, 10000]}}.")
+    missing_cost = sorted(set(COST_KEYS) - set(spec.get("cost") or {}))
+    if missing_cost:
+        raise ValueError(f"{path}: cost lacks {missing_cost} (the constants of the time prediction).")
     for name, run in spec["runs"].items():
         unknown = sorted(set(run) - RUN_KEYS)
         if unknown or "config" not in run:
@@ -151,7 +161,7 @@ def load_spec(path: str | Path = SPEC_PATH) -> dict[str, Any]:
             raise ValueError(f"{path}: figures.{fig}.runs must be len(rows) x len(cols) = {len(rows or [])} x "
                              f"{len(cols or [])}.")
     for mode in MODES:
-        for run in plan_runs(spec, list(spec["figures"]), mode):
+        for run in plan_runs(spec, list(spec["figures"]), mode):  # optional figures lacking run files are left out
             if not run.config_path.is_file():
                 raise ValueError(f"{path}: run {run.name!r} needs {run.config_path.relative_to(ROOT)}, which does not exist.")
     return spec
@@ -168,13 +178,37 @@ def selected_figures(spec: dict[str, Any], only: Sequence[str] | None) -> list[s
     return names
 
 
+def _config_of(spec: dict[str, Any], name: str) -> Path:
+    return CONFIG_DIR / f"{(spec['runs'].get(name) or {}).get('config', name)}.yaml"
+
+
+def skipped_figures(spec: dict[str, Any], figures: Sequence[str]) -> dict[str, str]:
+    """The ``optional`` figures among ``figures`` whose run files are not all in this checkout, each with the
+    note saying why it is skipped (they are left out of the plan rather than failing it)."""
+    notes = {}
+    for fig in figures:
+        fspec = spec["figures"][fig]
+        if not fspec.get("optional"):
+            continue
+        missing = [_config_of(spec, n) for row in fspec["runs"] for n in row if n is not None]
+        missing = [p for p in missing if not p.is_file()]
+        if missing:
+            notes[fig] = (f"{fig}: skipped: {fspec['optional']} are not in this checkout (missing: "
+                          f"{', '.join(os.path.relpath(p, ROOT) for p in missing)}); it is drawn once they exist.")
+    return notes
+
+
 def plan_runs(spec: dict[str, Any], figures: Sequence[str], mode: str = "full") -> list[Run]:
-    """The distinct runs the figures need, in first-use order, each with its scale in ``mode``."""
+    """The distinct runs the figures need, in first-use order, each with its scale in ``mode``; the figures of
+    :func:`skipped_figures` contribute none."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}.")
     scales = spec["scales"][mode]
     runs: dict[str, Run] = {}
+    skipped = skipped_figures(spec, figures)
     for fig in figures:
+        if fig in skipped:
+            continue
         for row in spec["figures"][fig]["runs"]:
             for name in row:
                 if name is None:
@@ -339,6 +373,121 @@ def _uses_cyclic(path: Path) -> bool:
     return isinstance(value, dict) and str(value.get("class_path", "")).endswith("CyclicLR")
 
 
+# ------------------------------------------------------------------------------------------------ cost
+
+
+RATES_PATH = Path(__file__).resolve().parent / "rates.json"
+#: What figures/rates.py measures per architecture (CPU seconds, one thread).
+RATE_KEYS = ("batch", "probe", "step_cpu_s", "fwd_sample_cpu_s", "hvp_batch_cpu_s", "hvp_probe_cpu_s")
+
+
+def load_rates(path: str | Path = RATES_PATH) -> dict[str, dict[str, float]]:
+    """The measured per-architecture costs of ``figures/rates.py`` (``{}`` when not measured yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()).get("archs", {}) if path.is_file() else {}
+
+
+def _qn_every(run: Run) -> int | None:
+    """QuasiNewtonLR.every_n_steps of a run (the scale's override, else its config's), None without QuasiNewtonLR."""
+    for cb in config_callbacks(run.config_path):
+        if _short(cb["class_path"]) == QUASI_NEWTON:
+            return int(run.scale.get(QN_EVERY) or (cb.get("init_args") or {}).get("every_n_steps", 10))
+    return None
+
+
+def predict_seconds(run: Run, data: str, rates: dict[str, dict[str, float]], spec: dict[str, Any] | None = None,
+                    with_probe: bool = True) -> dict[str, float]:
+    """Predicted single-threaded CPU seconds of one seed of ``run`` on ``data``, by part, from measured rates.
+
+    The parts: training steps (``step_cpu_s``, scaled by batch / measured batch); mini-batch h0 estimates (every
+    ``hessian_every`` steps, or QuasiNewtonLR's period, ``cost.hvps_per_estimate`` HVPs each; ``cost.hvps_top_k``
+    for a top-14 spectrum); probe h0 estimates (``cost.hvps_per_probe_estimate`` HVPs on the probe batch);
+    Lyapunov windows (one HVP per step of a window); the per-epoch full-training-set loss and validation (forward
+    passes); ``cost.run_overhead_s`` per run and ``cost.epoch_overhead_s`` per epoch. Returns ``{}`` for an
+    architecture without measured rates, else the parts and their sum ``cpu_s``.
+    """
+    spec = spec or load_spec()
+    r = rates.get(run.arch)
+    if not r or any(k not in r for k in RATE_KEYS):
+        return {}
+    cost, s = spec["cost"], run.scale
+    sizes = spec["datasets"][data]["sizes"]["ten_class" if run.arch in TEN_CLASS_ARCHS else "two_class"]
+    n_train, n_val = int(sizes[0]), int(sizes[1])
+    per_epoch = s["epoch_batches"] or math.ceil(n_train / s["batch_size"])
+    steps = per_epoch * run.max_epochs if run.max_epochs else s["max_steps"]
+    epochs = math.ceil(steps / per_epoch)
+    b = s["batch_size"] / r["batch"]
+    hvp, fwd = r["hvp_batch_cpu_s"] * b, r["fwd_sample_cpu_s"]
+    qn = _qn_every(run)
+    est_every = qn if qn is not None else s["hessian_every"]
+    hvps = cost["hvps_top_k"] if run.hessian_k > 1 else cost["hvps_per_estimate"]
+    out = {"steps": steps, "epochs": epochs,
+           "train": steps * r["step_cpu_s"] * b,
+           "hessian": math.ceil(steps / est_every) * hvps * hvp}
+    probe = min(s["probe_size"], n_train) / r["probe"]
+    out["probe"] = (math.ceil(steps / s["probe_every"]) * cost["hvps_per_probe_estimate"] * r["hvp_probe_cpu_s"]
+                    * probe if with_probe and s["probe_every"] else 0.0)
+    if not s["lyapunov_window"]:
+        out["lyapunov"] = 0.0
+    elif s["lyapunov_every"] is None:  # back-to-back windows: one HVP every step
+        out["lyapunov"] = steps * hvp
+    else:
+        out["lyapunov"] = math.ceil(steps / s["lyapunov_every"]) * s["lyapunov_window"] * hvp
+    full = n_train if s["full_loss_batches"] is None else min(n_train, 512 * s["full_loss_batches"])
+    val = n_val if s["val_batches"] is None else min(n_val, s["val_batches"] * s["batch_size"])
+    out["full_loss"] = (epochs + 1) * full * fwd
+    out["validation"] = epochs * val * fwd
+    out["overhead"] = cost["run_overhead_s"] + epochs * cost["epoch_overhead_s"]
+    out["cpu_s"] = sum(v for k, v in out.items() if k not in ("steps", "epochs"))
+    return out
+
+
+def predict_plan(runs: Sequence[Run], data: str, rates: dict[str, dict[str, float]], spec: dict[str, Any],
+                 jobs: int) -> dict[str, Any]:
+    """Predicted CPU seconds per run (all seeds) and wall seconds of the plan with ``jobs`` single-threaded
+    workers: the longest-first greedy packing of the seeded runs on ``jobs`` workers (no slow-down from sharing
+    memory bandwidth is assumed). Runs of architectures without measured rates are listed in ``unmeasured``."""
+    per_run, unmeasured, tasks = {}, [], []
+    for run in runs:
+        p = predict_seconds(run, data, rates, spec)
+        if not p:
+            unmeasured.append(run.name)
+            continue
+        per_run[run.name] = {**p, "seeds": len(run.seeds), "cpu_all_seeds": p["cpu_s"] * len(run.seeds)}
+        tasks += [p["cpu_s"]] * len(run.seeds)
+    workers = [0.0] * max(1, jobs)
+    for t in sorted(tasks, reverse=True):
+        workers[workers.index(min(workers))] += t
+    return {"runs": per_run, "unmeasured": unmeasured, "cpu_s": sum(tasks), "wall_s": max(workers),
+            "jobs": max(1, jobs)}
+
+
+def _print_prediction(runs: Sequence[Run], args: argparse.Namespace, spec: dict[str, Any]) -> None:
+    rates = load_rates()
+    plan = predict_plan(runs, args.data, rates, spec, args.jobs)
+    by_arch: dict[str, list[float]] = {}
+    print(f"predicted cost, data={args.data}, mode={'quick' if args.quick else 'full'} "
+          f"(rates: {os.path.relpath(RATES_PATH)}, single-threaded CPU seconds):")
+    print(f"  {'run':40s} seeds  steps  train  h0-mb  probe    λ  fullL  val  other   CPU s/seed")
+    for name, p in plan["runs"].items():
+        run = next(r for r in runs if r.name == name)
+        by_arch.setdefault(run.arch, [0.0, 0])
+        by_arch[run.arch][0] += p["cpu_all_seeds"]
+        by_arch[run.arch][1] += p["seeds"]
+        print(f"  {name:40s} {p['seeds']:5d} {p['steps']:6d} {p['train']:6.0f} {p['hessian']:6.0f} "
+              f"{p['probe']:6.0f} {p['lyapunov']:4.0f} {p['full_loss']:6.0f} {p['validation']:4.0f} "
+              f"{p['overhead']:5.0f} {p['cpu_s']:9.0f}")
+    for arch, (cpu, n) in by_arch.items():
+        r = rates[arch]
+        print(f"  {arch}: {n} seeded runs, {cpu:.0f} CPU s (rates measured {r.get('measured')}, load "
+              f"{r.get('load_1min')}: step {1e3 * r['step_cpu_s']:.1f} ms, HVP {1e3 * r['hvp_batch_cpu_s']:.1f} ms "
+              f"at batch {r['batch']}, {1e3 * r['hvp_probe_cpu_s']:.0f} ms at {r['probe']})")
+    if plan["unmeasured"]:
+        print(f"  no rates for: {', '.join(plan['unmeasured'])} (run figures/rates.py)")
+    print(f"predicted total: {plan['cpu_s'] / 60:.1f} CPU min; wall {plan['wall_s'] / 60:.1f} min with "
+          f"--jobs {plan['jobs']} (budget of `make figures`: 60 min)")
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 
 
@@ -386,6 +535,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", default=None, help="folder of the runs' logs (default figures/logs/)")
     p.add_argument("--summary-dir", default=None, help="folder of summary_<data>.* (default docs/results/)")
     p.add_argument("--page", default=None, help="the results page to regenerate (default docs/results.md)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="cap every run at N optimiser steps (a smoke test of the scale's settings; not for results)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="train only the first N seeds of every run")
+    p.add_argument("--plan", action="store_true",
+                   help="print the predicted CPU and wall time of every run from figures/rates.json; train nothing")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs trained at a time (default: the number of cores), each in its own process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default 1 with --jobs > 1, torch's default with --jobs 1)")
     p.add_argument("--dpi", type=float, default=80.0)
     p.add_argument("--spec", default=os.path.relpath(SPEC_PATH), help="the plan (default figures/figures.yaml)")
     return p
@@ -421,15 +579,17 @@ def _prepare_cifar(data_dir: str) -> None:
 
 
 def _train(runs: list[Run], spec: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
-    """Train every seed of every run; returns per run ``{seconds, steps, steps_per_s}`` and the failed runs."""
-    import logging
+    """Train every seed of every run; returns per run ``{seconds, cpu_seconds, seeds, steps_per_s}`` and the
+    failed runs.
 
+    ``args.jobs`` runs at a time: 1 trains in this process (``args.threads`` torch threads); more use a pool of
+    spawned workers (:mod:`figures._worker`), each with ``args.threads`` threads, fed the most expensive runs
+    first (predicted by :func:`predict_seconds`) so that the pool finishes together.
+    """
     import torch
 
-    from lyapunov_callbacks.cli import main as cli_main
+    from figures import _worker
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     with_probe = probe_supported()
     if not with_probe:
         print("note: HessianEigenvalueMonitor has no `prefix` argument in this checkout: the probe-batch h0 "
@@ -440,30 +600,54 @@ def _train(runs: list[Run], spec: dict[str, Any], args: argparse.Namespace) -> t
     failed: list[str] = []
     total = time.perf_counter()
     jobs = [(run, seed) for run in runs for seed in run.seeds]
-    for i, (run, seed) in enumerate(jobs, 1):
+    if args.jobs > 1:
+        rates = load_rates()
+        jobs.sort(key=lambda j: -predict_seconds(j[0], args.data, rates, spec).get("cpu_s", 0.0))
+    for run, seed in jobs:
         target = run_dir(run, args.data, logs, seed)
         if target.exists():  # a rerun replaces the old logs rather than merging event files
             shutil.rmtree(target)
-        start = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # per-run Lightning chatter (e.g. few batches per epoch)
-                cli_main(fit_args(run, args.data, args.data_dir, logs, seed, datasets=spec["datasets"],
-                                  with_probe=with_probe))
-        except (Exception, SystemExit) as err:  # one broken run must not lose the others
+    commands = [fit_args(run, args.data, args.data_dir, logs, seed, datasets=spec["datasets"],
+                         with_probe=with_probe) for run, seed in jobs]
+
+    def record(i: int, run: Run, seed: int, result: tuple[float, float, str | None]) -> None:
+        seconds, cpu, error = result
+        if error is not None:
             failed.append(f"{run.name}/seed{seed}")
-            print(f"[{i:3d}/{len(jobs)}] {run.name} seed {seed}: FAILED ({type(err).__name__}: {err})", flush=True)
-            continue
-        finally:
-            torch.set_grad_enabled(True)
-        seconds = time.perf_counter() - start
-        t = timings.setdefault(run.name, {"seconds": 0.0, "seeds": 0})
+            print(f"[{i:3d}/{len(jobs)}] {run.name} seed {seed}: FAILED ({error})", flush=True)
+            return
+        t = timings.setdefault(run.name, {"seconds": 0.0, "cpu_seconds": 0.0, "seeds": 0})
         t["seconds"] += seconds
+        t["cpu_seconds"] += cpu
         t["seeds"] += 1
         steps = run.scale["max_steps"] if not run.max_epochs else None
-        t["steps_per_s"] = round(steps / seconds, 2) if steps else None
-        print(f"[{i:3d}/{len(jobs)}] {run.name} seed {seed}: {seconds:.1f} s", flush=True)
-    print(f"trained {len(jobs) - len(failed)}/{len(jobs)} runs in {time.perf_counter() - total:.1f} s", flush=True)
+        t["steps_per_s"] = round(steps * t["seeds"] / t["seconds"], 2) if steps else None
+        print(f"[{i:3d}/{len(jobs)}] {run.name} seed {seed}: {seconds:.1f} s (CPU {cpu:.1f} s)", flush=True)
+
+    if args.jobs <= 1:
+        threads = torch.get_num_threads()
+        _worker.init(args.threads or threads)
+        try:
+            for i, ((run, seed), command) in enumerate(zip(jobs, commands), 1):
+                record(i, run, seed, _worker.fit(command))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker.init, initargs=(args.threads or 1,)) as pool:
+            futures = {pool.submit(_worker.fit, command): job for job, command in zip(jobs, commands)}
+            for i, future in enumerate(as_completed(futures), 1):
+                run, seed = futures[future]
+                try:
+                    result = future.result()
+                except Exception as err:  # a worker that died (e.g. out of memory)
+                    result = (0.0, 0.0, f"worker died: {type(err).__name__}: {err}")
+                record(i, run, seed, result)
+    print(f"trained {len(jobs) - len(failed)}/{len(jobs)} runs in {time.perf_counter() - total:.1f} s "
+          f"({args.jobs} at a time)", flush=True)
     return timings, failed
 
 
@@ -472,8 +656,11 @@ def _plot(spec: dict[str, Any], figures: list[str], runs: list[Run], args: argpa
 
     logs, out = Path(args.logs), Path(args.out)
     failed = []
+    skipped = skipped_figures(spec, figures)
     for fig in figures:
-        fspec = {k: v for k, v in spec["figures"][fig].items() if k != "caption"}
+        if fig in skipped:
+            continue
+        fspec = {k: v for k, v in spec["figures"][fig].items() if k not in ("caption", "optional")}
         fspec["title"] = figure_title(spec, fig, runs, args.data)
         cells = [[None if name is None else logs / name / args.data for name in row] for row in fspec["runs"]]
         absent = [str(c) for row in cells for c in row if c is not None and not c.is_dir()]
@@ -511,6 +698,9 @@ def _summarise(runs: list[Run], args: argparse.Namespace, timings: dict[str, dic
                 r.stats.get("n_h0_probe") for r in records) else "not measured in these logs"}
     if wall is not None:
         meta["training wall time (s)"] = round(wall, 1)
+        meta["training CPU time (s)"] = round(sum(t["cpu_seconds"] for t in timings.values()), 1)
+        meta["runs at a time"] = args.jobs
+        meta["load average at the end (1 min)"] = round(os.getloadavg()[0], 2)
     if timings:
         meta["steps/s (first seed's arch)"] = json.dumps(_steps_per_arch(runs, timings))
     paths = summary.write_summary(records, args.summary_dir, args.data, figure_of=figure_of(runs), meta=meta)
@@ -544,8 +734,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"make_figures.py: error: {err}", file=sys.stderr)
         return 2
+    for run in runs:
+        if args.max_steps is not None:
+            run.scale = {**run.scale, "max_steps": min(run.scale["max_steps"], args.max_steps)}
+            if run.max_epochs is not None:  # an epoch-long run: N batches of one epoch
+                run.scale["epoch_batches"] = min(run.scale["epoch_batches"] or args.max_steps, args.max_steps)
+        if args.seeds is not None:
+            run.scale = {**run.scale, "seeds": min(int(run.scale["seeds"]), args.seeds)}
+    for note in skipped_figures(spec, figures).values():
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    if any(v is not None and v < 1 for v in (args.threads, args.max_steps, args.seeds)) or args.jobs < 1:
+        print("make_figures.py: error: --jobs, --threads, --max-steps and --seeds must be >= 1", file=sys.stderr)
+        return 2
     if args.list:
         _print_plan(spec, figures, runs, args)
+        return 0
+    if args.plan:
+        _print_prediction(runs, args, spec)
         return 0
     timings: dict[str, dict] = {}
     failed_runs: list[str] = []
@@ -571,12 +776,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lyapunov_callbacks.summary import render_results_page
 
     page = render_results_page(args.summary_dir, defaults["figures_root"] if args.out == os.path.relpath(
-        defaults["out"]) else Path(args.out).parent, args.page, intro=RESULTS_INTRO)
+        defaults["out"]) else Path(args.out).parent, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec))
     print(f"results page: {page}")
     if failed_runs or failed_figs:
         print(f"failed runs: {failed_runs or 'none'}; failed figures: {failed_figs or 'none'}", file=sys.stderr)
         return 1
     return 0
+
+
+def scale_text(spec: dict[str, Any]) -> str:
+    """The full scale of the plan in one paragraph of the results page (read from figures.yaml, not typed)."""
+    parts = [f"{arch} {s['max_steps']:,} steps at batch {s['batch_size']}, {s['seeds']} seed(s), probe batch "
+             f"{s['probe_size']:,}" for arch, s in spec["scales"]["full"].items()]
+    return ("Full scale (`figures/figures.yaml`, sized to the 60-minute budget of `make figures` on 2 CPU cores "
+            "with measured per-step costs; see its cost note for what did not fit): " + "; ".join(parts) + ". "
+            "Every figure title states its data set, steps, batch and seeds.")
 
 
 #: The fixed text at the top of the results page (how it is made; no result is asserted here).
@@ -587,7 +801,8 @@ typed by hand. The figures are numbered and paneled as the paper's captions; `fi
 run plan (steps, batch, seeds, monitors) and the choice made for the garbled caption of figure 7 (the cyclic
 schedule, completing the constant-LR series 4-6). `analysis_*.png` are not paper figures: late-training 1/h0
 against α (with the lines 1/h0 = α and 1/h0 = α/2), the distribution of λ per run, and the quasi-Newton loss
-beside the constant-LR runs.
+beside the constant-LR runs; `adamw.png` (not a paper figure) shows AdamW's preconditioned stability ratio
+α·λ1(P⁻¹H)·(1−β1)/(1+β1) against its edge 2, and λ, per LR, once its run files exist.
 
     make figures DATA=synthetic      # or DATA=digits, DATA=cifar; QUICK=1 for the short development scale
 """

@@ -84,6 +84,20 @@ SERIES: tuple[Series, ...] = (
 )
 
 
+#: The curves of the AdamW chart (``kind="preconditioned"``): λ, the preconditioned stability ratio
+#: α·λ1(P⁻¹H)·(1−β1)/(1+β1) that AdamW is stable below (edge at :data:`PRECONDITIONED_EDGE`), and the loss.
+PRECONDITIONED_SERIES: tuple[Series, ...] = (
+    SERIES[0],
+    Series("pre_stability", "α·λ1(P⁻¹H)·(1−β1)/(1+β1)", ("hessian/pre_stability",), "tab:purple", positive=True,
+           linewidth=1.6),
+    SERIES[-1],
+)
+#: The edge of stability of the preconditioned ratio (drawn as a dashed line).
+PRECONDITIONED_EDGE = 2.0
+#: Chart kinds of :func:`plot_grid`: the curves each draws.
+KIND_SERIES: dict[str, tuple[Series, ...]] = {"run": SERIES, "preconditioned": PRECONDITIONED_SERIES}
+
+
 class MissingTagsWarning(UserWarning):
     """A run lacks some of the chart's tags; the others are plotted."""
 
@@ -309,6 +323,8 @@ def plot_run(
     legend: bool = True,
     axis_labels: bool = True,
     figsize: tuple[float, float] = (7.0, 4.5),
+    series: Sequence[Series] = SERIES,
+    edge: float | None = None,
 ) -> RunPlot:
     """Draw λ (blue), 1/h0 (orange), α (red) and the training loss (green) of one run against the global step.
 
@@ -329,6 +345,9 @@ def plot_run(
         legend: draw a legend on the chart.
         axis_labels: label the y axes (grids switch this off and label rows instead).
         figsize: size in inches of a new figure.
+        series: the curves (default :data:`SERIES`; :data:`PRECONDITIONED_SERIES` for the AdamW chart).
+        edge: draw a dashed horizontal line at this value of the left axis, labelled "edge" (e.g. 2 for the
+            preconditioned stability ratio); ``None`` (default) draws none.
 
     Raises:
         FileNotFoundError: no such directory, or no event files in it.
@@ -347,17 +366,19 @@ def plot_run(
     all_scalars = [read_scalars(d) for d in run_dirs]
     run_dir = run_dirs[0] if len(run_dirs) == 1 else Path(run_dir)
 
+    series = tuple(series)
+    by_key = {s.key: s for s in series}
     tags = {}
-    for s in SERIES:
+    for s in series:
         found = [t for sc in all_scalars if (t := _select_tag(s, sc)) is not None]
         if found:
             tags[s.key] = found[0]
-    missing = [s.tags[0] if s.key != "lr" else "optim/lr" for s in SERIES
+    missing = [s.tags[0] if s.key != "lr" else "optim/lr" for s in series
                if s.key not in tags and s.key != "inv_h0_probe"]
     if not tags:
         raise ValueError(
             f"Run {str(run_dir)!r} logged none of the chart's tags "
-            f"({', '.join(t for s in SERIES for t in s.tags)}); it has: {', '.join(sorted(all_scalars[0]))}."
+            f"({', '.join(t for s in series for t in s.tags)}); it has: {', '.join(sorted(all_scalars[0]))}."
         )
     _warn_missing(run_dir, missing)
 
@@ -368,10 +389,10 @@ def plot_run(
         title = run_title(run_dirs[0]) + (f" · {len(run_dirs)} seeds" if len(run_dirs) > 1 else "")
 
     diverged = [_divergence(sc) for sc in all_scalars]
-    agg = {key: _aggregate([_clipped(_series_of(sc, SERIES_BY_KEY[key]), d) for sc, d in zip(all_scalars, diverged)])
+    agg = {key: _aggregate([_clipped(_series_of(sc, by_key[key]), d) for sc, d in zip(all_scalars, diverged)])
            for key in tags}
     lines: dict[str, Line2D] = {}
-    positive = [s for s in SERIES if s.positive and s.key in tags]
+    positive = [s for s in series if s.positive and s.key in tags]
     log_scale = _wants_log([agg[s.key][1] for s in positive])
     for s in positive:
         steps, mid, lo, hi = agg[s.key]
@@ -388,7 +409,7 @@ def plot_run(
 
     lambda_ax = None
     if "lambda" in tags:
-        lam = SERIES_BY_KEY["lambda"]
+        lam = by_key["lambda"]
         steps, mid, lo, hi = agg["lambda"]
         lambda_ax = ax.twinx()
         (lines["lambda"],) = lambda_ax.plot(steps, mid, color=lam.color, label=lam.label, linewidth=1.2,
@@ -399,6 +420,11 @@ def plot_run(
         if axis_labels:
             lambda_ax.set_ylabel("λ", color=lam.color)
         lambda_ax.tick_params(axis="y", colors=lam.color)
+
+    if edge is not None:
+        ax.axhline(edge, color="k", linestyle="--", linewidth=1.0)
+        ax.text(0.98, edge, f" edge {edge:g}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                fontsize="small")
 
     marks = sorted({d for d in diverged if d is not None})
     if marks:
@@ -413,7 +439,7 @@ def plot_run(
     if title:
         ax.set_title(title, fontsize="medium")
     if legend:
-        order = [s.key for s in SERIES if s.key in lines]
+        order = [s.key for s in series if s.key in lines]
         # the legend lives on the top-most axes so the λ curve does not cover it
         (lambda_ax or ax).legend([lines[k] for k in order], [lines[k].get_label() for k in order], fontsize="small")
     paths = _save(fig, out, formats, dpi)
@@ -567,7 +593,7 @@ def plot_grid(
     out: str | os.PathLike | None = None,
     *,
     title: str | None = None,
-    kind: Literal["run", "spectrum"] = "run",
+    kind: Literal["run", "spectrum", "preconditioned"] = "run",
     k: int | None = None,
     first_epoch_steps: int | None = None,
     formats: Sequence[str] | None = ("png",),
@@ -586,7 +612,8 @@ def plot_grid(
         col_labels: one label per column, or ``None``.
         out, formats, dpi: as in :func:`plot_run`.
         title: the figure's title.
-        kind: ``"run"`` for the λ / 1/h0 / α / loss chart, ``"spectrum"`` for the eigenvalue bars.
+        kind: ``"run"`` for the λ / 1/h0 / α / loss chart, ``"spectrum"`` for the eigenvalue bars,
+            ``"preconditioned"`` for the AdamW chart (λ, the preconditioned stability ratio with its edge at 2, loss).
         k, first_epoch_steps: passed to :func:`plot_spectrum` when ``kind="spectrum"``.
         cell_size: inches per cell (width, height).
 
@@ -601,8 +628,9 @@ def plot_grid(
         plot_grid([["logs/mlp_const", "logs/mlp_qn"], ["logs/lenet_const", None]],
                   row_labels=["MLP", "LeNet1"], col_labels=["constant", "quasi-Newton"], out="figures/fig1.png")
     """
-    if kind not in ("run", "spectrum"):
-        raise ValueError(f"kind={kind!r} must be 'run' or 'spectrum'.")
+    if kind not in ("run", "spectrum", "preconditioned"):
+        raise ValueError(f"kind={kind!r} must be 'run', 'spectrum' or 'preconditioned'.")
+    curves = KIND_SERIES.get(kind, SERIES)
     if isinstance(runs, (str, os.PathLike)) or not all(
         isinstance(row, Sequence) and not isinstance(row, str) for row in runs
     ):
@@ -638,6 +666,9 @@ def plot_grid(
             cell_title = None if not labelled else ""
             if kind == "run":
                 cell = plot_run(run, ax, title=cell_title, legend=False, axis_labels=False)
+            elif kind == "preconditioned":
+                cell = plot_run(run, ax, title=cell_title, legend=False, axis_labels=False, series=curves,
+                                edge=PRECONDITIONED_EDGE)
             else:
                 cell = plot_spectrum(run, k, first_epoch_steps, ax=ax, title=cell_title, axis_labels=False)
             if cell.title:
@@ -655,8 +686,8 @@ def plot_grid(
         drawn = [cell for cell in row_cells if cell is not None]
         if not drawn:
             continue
-        if kind == "run":
-            positive = [s for s in SERIES if s.positive and any(s.key in cell.lines for cell in drawn)]
+        if kind != "spectrum":
+            positive = [s for s in curves if s.positive and any(s.key in cell.lines for cell in drawn)]
             quantity = _left_label(positive, any(cell.log_scale for cell in drawn))
         else:
             quantity = "mean h_i, first epoch" + (" (log)" if any(cell.log_scale for cell in drawn) else "")
@@ -674,13 +705,16 @@ def plot_grid(
             axes[r, 0].set_yticks([])
             for spine in axes[r, 0].spines.values():
                 spine.set_visible(False)
-    if kind == "run":
+    if kind != "spectrum":
         seen = {key for row in cells for cell in row if cell is not None for key in cell.lines}
         handles = [
             Line2D([], [], color=s.color, label=s.label, linestyle=s.linestyle, linewidth=s.linewidth)
-            for s in SERIES
+            for s in curves
             if s.key in seen
         ]
+        if kind == "preconditioned":
+            handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1.0,
+                                  label=f"edge {PRECONDITIONED_EDGE:g}"))
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
     if title:
         fig.suptitle(title)
@@ -725,7 +759,7 @@ def plot_figure(
     Args:
         spec: ``title`` (str, optional), ``rows`` (row labels), ``cols`` (column labels), ``runs`` (a
             ``len(rows) x len(cols)`` list of run directories or ``None``), optionally ``kind``
-            (``"run"``/``"spectrum"``), ``k`` and ``first_epoch_steps`` for spectra.
+            (``"run"``/``"spectrum"``/``"preconditioned"``), ``k`` and ``first_epoch_steps`` for spectra.
         out: the output path; its suffix picks the format when ``formats`` is ``None`` (default PNG).
         formats, dpi: as in :func:`plot_run`.
         base_dir: relative run paths are taken relative to this directory (default: the working directory).
@@ -918,10 +952,11 @@ _ARCH_COLOR = {"linear": "tab:gray", "mlp": "tab:blue", "lenet1": "tab:green", "
 
 
 def _record_groups(payload: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(run row, seed record) pairs of a summary payload, spectrum runs left out."""
+    """(run row, seed record) pairs of a summary payload, spectrum runs left out, and the AdamW runs (their α·h0
+    is not the SGD stability ratio; they have their own figure against the preconditioned edge)."""
     rows = {r["name"]: r for r in payload["runs"]}
     return [(rows[rec["name"]], rec) for rec in payload["records"]
-            if rec["name"] in rows and rows[rec["name"]]["schedule"] != "spectrum"]
+            if rec["name"] in rows and rows[rec["name"]]["schedule"] not in ("spectrum", "adamw")]
 
 
 def _steps_text(payload: dict[str, Any]) -> str:

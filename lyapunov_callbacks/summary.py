@@ -54,7 +54,7 @@ THRESHOLDS: dict[str, float] = {
     "diverge_factor": 10.0,
 }
 
-SCHEDULES = ("constant", "cyclic", "quasi_newton", "spectrum")
+SCHEDULES = ("constant", "cyclic", "quasi_newton", "spectrum", "adamw")
 PREFIXES = {"minibatch": "hessian", "probe": "hessian_probe"}
 
 

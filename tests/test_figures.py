@@ -40,7 +40,7 @@ def _grid(spec, fig):
 
 def test_figures_are_numbered_and_paneled_as_the_captions(spec):
     figs = spec["figures"]
-    assert list(figs) == [f"fig{i}" for i in range(1, 11)]
+    assert list(figs) == [f"fig{i}" for i in range(1, 11)] + ["adamw"]
     # fig 1: MLP-CE (top), TinyResNet-CE (middle), MLP-MSE (bottom) x constant 0.1, 0.3, cyclic
     assert _grid(spec, "fig1") == [[f"constant/{m}_lr0.1", f"constant/{m}_lr0.3", f"cyclic/{m}"]
                                    for m in ("mlp_ce", "tinyresnet_ce", "mlp_mse")]
@@ -75,8 +75,10 @@ def test_shared_runs_are_trained_once(spec):
     assert by["constant/mlp_ce_lr0.1"].figures == ["fig1", "fig5"]
     assert by["resnet18_comparison/quasi_newton"].figures == ["fig2", "fig8", "fig10"]
     assert by["cyclic/tinyresnet_ce"].figures == ["fig1", "fig7"]
-    # 24 constant + 8 cyclic + 7 two-class quasi-Newton + ResNet18 (QN CE, QN MSE, cyclic, 0.05) + 6 spectrum
-    assert len(runs) == 24 + 8 + 7 + 4 + 6
+    # 24 constant + 8 cyclic + 7 two-class quasi-Newton + ResNet18 (QN CE, QN MSE, cyclic, 0.05) + 6 spectrum,
+    # + the 6 AdamW runs once their run files exist
+    adamw = 6 if not make_figures.skipped_figures(spec, ["adamw"]) else 0
+    assert len(runs) == 24 + 8 + 7 + 4 + 6 + adamw
     for run in runs:
         assert run.config_path.is_file(), run.name
 
@@ -84,8 +86,14 @@ def test_shared_runs_are_trained_once(spec):
 def test_full_scale_meets_the_length_and_seed_requirements(spec):
     full = spec["scales"]["full"]
     for arch in ("linear", "mlp", "lenet1", "tinyresnet"):
-        assert full[arch]["batch_size"] == 128 and full[arch]["max_steps"] >= 1000
-        assert full[arch]["probe_size"] >= 1024 and full[arch]["probe_every"] is not None
+        assert full[arch]["batch_size"] == 128 and full[arch]["probe_size"] >= 1024
+        assert full[arch]["probe_every"] is not None and full[arch]["probe_every"] < full[arch]["max_steps"]
+    for arch in ("linear", "mlp", "lenet1"):
+        assert full[arch]["max_steps"] >= 1000
+    # a TinyResNet cut below 1,000 steps is never silent: the plan's cost note states it and by how much
+    if full["tinyresnet"]["max_steps"] < 1000:
+        text = (ROOT / "figures" / "figures.yaml").read_text()
+        assert "1,000 TinyResNet steps do not fit" in text and f"TinyResNet {full['tinyresnet']['max_steps']} steps" in text
     for arch in ("linear", "mlp", "lenet1"):  # the runs deciding the claims: 3 seeds
         assert full[arch]["seeds"] == 3
     quick = make_figures.plan_runs(spec, list(spec["figures"]), "quick")
@@ -105,10 +113,10 @@ def test_command_lines(spec):
     assert _flag(mlp, "trainer.logger.init_args.name") == "constant/mlp_ce_lr0.1/synthetic"
     assert _flag(mlp, "trainer.logger.init_args.version") == "seed2"
     assert _callbacks(mlp) == [
-        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 10, "k": 1}},
-        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 50}},
+        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 20, "k": 1}},
+        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 100}},
         {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor",
-         "init_args": {"every_n_steps": 50, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
+         "init_args": {"every_n_steps": 100, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
         {"class_path": "figures.epoch_loss.FullTrainLoss", "init_args": {"max_batches": None}},
     ]
     no_probe = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "synthetic", "data", logs,
@@ -166,6 +174,74 @@ def test_bad_arguments_and_specs(tmp_path, capsys):
     assert make_figures.main(["--spec", str(path), "--list"]) == 2
 
 
+ADAMW_RUNS = [[f"adamw/{a}_ce_lr{lr}" for lr in ("0.0003", "0.001", "0.003")] for a in ("mlp", "tinyresnet")]
+
+
+def test_adamw_figure_is_planned_and_skipped_with_a_note_while_its_run_files_are_missing(tmp_path, capsys):
+    spec = yaml.safe_load((ROOT / "figures" / "figures.yaml").read_text())
+    fig = spec["figures"]["adamw"]
+    assert fig["runs"] == ADAMW_RUNS and fig["kind"] == "preconditioned" and fig["optional"]
+    # a checkout without (some of) the run files: a note naming them, no runs, no crash, exit 0
+    fake = {"adamw/mlp_ce_lr0.0003": {"config": "adamw/does_not_exist"}}
+    spec["runs"].update(fake)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    loaded = make_figures.load_spec(path)
+    notes = make_figures.skipped_figures(loaded, ["adamw", "fig1"])
+    assert list(notes) == ["adamw"] and "configs/adamw/does_not_exist.yaml" in notes["adamw"]
+    assert make_figures.plan_runs(loaded, ["adamw"]) == []
+    assert make_figures.main(["--spec", str(path), "--list", "--only", "adamw", "fig10"]) == 0
+    captured = capsys.readouterr()
+    assert "note: adamw: skipped:" in captured.err and "does_not_exist" in captured.err
+    assert captured.out.startswith("3 runs (3 with seeds)")
+    # drawing from logs: the skipped figure is neither drawn nor counted as failed
+    assert make_figures._plot(loaded, ["adamw"], [], make_figures._parser().parse_args(
+        ["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "out")])) == []
+    # once the files exist the figure's six runs are planned at the MLP / TinyResNet scales
+    for row in ADAMW_RUNS:
+        for name in row:
+            spec["runs"][name] = {"config": "constant/mlp_ce_lr0.1"}
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    loaded = make_figures.load_spec(path)
+    assert make_figures.skipped_figures(loaded, ["adamw"]) == {}
+    runs = make_figures.plan_runs(loaded, ["adamw"])
+    assert [r.name for r in runs] == [n for row in ADAMW_RUNS for n in row]
+    assert all(r.figures == ["adamw"] for r in runs)
+
+
+def test_predicted_cost_adds_up_the_measured_rates(spec):
+    """predict_seconds on made-up rates, checked against the arithmetic of its docstring by hand."""
+    rates = {"mlp": {"batch": 128, "probe": 1024, "step_cpu_s": 0.05, "fwd_sample_cpu_s": 1e-4,
+                     "hvp_batch_cpu_s": 0.1, "hvp_probe_cpu_s": 0.5}}
+    runs = {r.name: r for r in make_figures.plan_runs(spec, list(spec["figures"]))}
+    run = runs["constant/mlp_ce_lr0.1"]
+    s, cost = run.scale, spec["cost"]
+    p = make_figures.predict_seconds(run, "synthetic", rates, spec)
+    n_train, n_val = spec["datasets"]["synthetic"]["sizes"]["two_class"]
+    per_epoch = s["epoch_batches"] or -(-n_train // s["batch_size"])
+    epochs = -(-s["max_steps"] // per_epoch)
+    b = s["batch_size"] / 128
+    assert p["steps"] == s["max_steps"] and p["epochs"] == epochs
+    assert p["train"] == pytest.approx(s["max_steps"] * 0.05 * b)
+    assert p["hessian"] == pytest.approx(-(-s["max_steps"] // s["hessian_every"]) * cost["hvps_per_estimate"] * 0.1 * b)
+    assert p["probe"] == pytest.approx(-(-s["max_steps"] // s["probe_every"]) * cost["hvps_per_probe_estimate"] * 0.5
+                                       * min(s["probe_size"], n_train) / 1024)
+    assert p["lyapunov"] == pytest.approx(-(-s["max_steps"] // s["lyapunov_every"]) * s["lyapunov_window"] * 0.1 * b)
+    full = n_train if s["full_loss_batches"] is None else min(n_train, 512 * s["full_loss_batches"])
+    val = n_val if s["val_batches"] is None else min(n_val, s["val_batches"] * s["batch_size"])
+    assert p["full_loss"] == pytest.approx((epochs + 1) * full * 1e-4)
+    assert p["validation"] == pytest.approx(epochs * val * 1e-4)
+    assert p["cpu_s"] == pytest.approx(sum(p[k] for k in ("train", "hessian", "probe", "lyapunov", "full_loss",
+                                                           "validation", "overhead")))
+    # an architecture without rates is reported, not guessed; the plan packs the seeds on the workers
+    assert make_figures.predict_seconds(runs["constant/lenet1_ce_lr0.1"], "synthetic", rates, spec) == {}
+    plan = make_figures.predict_plan([run, runs["constant/lenet1_ce_lr0.1"]], "synthetic", rates, spec, jobs=2)
+    assert plan["unmeasured"] == ["constant/lenet1_ce_lr0.1"]
+    seeds = len(run.seeds)
+    assert plan["cpu_s"] == pytest.approx(seeds * p["cpu_s"])
+    assert plan["wall_s"] == pytest.approx(-(-seeds // 2) * p["cpu_s"])
+
+
 def test_config_callbacks_follow_includes_and_files(tmp_path):
     (tmp_path / "cbs.yaml").write_text("- class_path: lyapunov_callbacks.QuasiNewtonLR\n  init_args: {every_n_steps: 7}\n")
     (tmp_path / "base.yaml").write_text("trainer.callbacks: cbs.yaml\n")
@@ -184,17 +260,21 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     lin = {"batch_size": 16, "max_steps": 6, "epoch_batches": 3, "val_batches": 1, "log_every": 1,
            "hessian_every": 1, "probe_every": None, "probe_size": 16, "lyapunov_window": 2, "lyapunov_every": None,
            "seeds": 2, "cyclic_half": 3, "full_loss_batches": 1}
-    tiny = {"datasets": spec["datasets"], "scales": {"full": {"linear": lin}, "quick": {"linear": lin}},
+    tiny = {"datasets": spec["datasets"], "cost": spec["cost"], "scales": {"full": {"linear": lin}, "quick": {"linear": lin}},
             "figures": {"tiny": {"title": "tiny", "rows": ["linear"], "cols": ["cyclic", "quasi-Newton"],
                                  "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]}}}
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny))
     logs, out, page = tmp_path / "logs", tmp_path / "figs" / "synthetic", tmp_path / "results.md"
-    code = make_figures.main(["--spec", str(spec_path), "--logs", str(logs), "--out", str(out),
+    # --jobs 2: the pool of spawned single-threaded workers that `make figures` uses by default
+    code = make_figures.main(["--spec", str(spec_path), "--logs", str(logs), "--out", str(out), "--jobs", "2",
                               "--summary-dir", str(tmp_path / "summary"), "--page", str(page)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    assert "[  1/4] cyclic/linear_ce seed 0:" in stdout and "trained 4/4 runs" in stdout
+    for run in ("cyclic/linear_ce", "quasi_newton/linear_mse"):
+        for seed in (0, 1):
+            assert f"{run} seed {seed}: " in stdout
+    assert "trained 4/4 runs" in stdout and "(2 at a time)" in stdout
     assert (out / "tiny.png").stat().st_size > 10_000
 
     from lyapunov_callbacks._tb_reader import read_scalars

@@ -518,3 +518,31 @@ def test_seeds_drawn_as_median_and_band(tmp_path):
     assert len(bands) == 2  # α, then the loss (series order)
     lows = bands[1].get_paths()[0].vertices[:, 1]
     assert lows.min() == pytest.approx(0.5, rel=1e-6) and lows.max() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_preconditioned_grid_draws_the_ratio_against_the_edge_and_lambda(tmp_path):
+    """The AdamW chart: hessian/pre_stability on the left axis with a dashed line at 2, λ on the right axis."""
+    steps = np.arange(20)
+    ratio = np.linspace(0.5, 2.5, 20)
+    lam = 0.1 * np.cos(steps / 3.0)
+    run = write_run(tmp_path / "adamw" / "version_0", {"hessian/pre_stability": (steps, ratio),
+                                                        "lyapunov/lambda": (steps, lam),
+                                                        "train/loss": (steps, np.linspace(0.7, 0.5, 20))},
+                    config=None)
+    grid = plotting.plot_grid([[run, None]], ["MLP · CE"], ["α = 1e-3", "α = 3e-3"], tmp_path / "adamw.png",
+                              kind="preconditioned", dpi=40)
+    cell = grid.cells[0][0]
+    assert set(cell.lines) == {"pre_stability", "lambda", "loss"} and cell.missing == []
+    np.testing.assert_allclose(cell.lines["pre_stability"].get_ydata(), f32(ratio))
+    np.testing.assert_allclose(cell.lines["lambda"].get_ydata(), f32(lam))
+    edges = [ln for ln in cell.ax.get_lines() if ln.get_linestyle() == "--" and ln is not cell.lines.get("loss")]
+    assert [tuple(ln.get_ydata()) for ln in edges] == [(2.0, 2.0)]
+    legend = [t.get_text() for t in grid.figure.legends[0].get_texts()]
+    assert legend == ["λ (Lyapunov exponent)", "α·λ1(P⁻¹H)·(1−β1)/(1+β1)", "training loss", "edge 2"]
+    assert (tmp_path / "adamw.png").is_file()
+    # a run without the AdamW tags is named in a warning, not drawn as something else
+    sgd = write_run(tmp_path / "sgd" / "version_0", {"train/loss": (steps, np.ones(20))}, config=None)
+    with pytest.warns(plotting.MissingTagsWarning, match="hessian/pre_stability"):
+        plotting.plot_grid([[sgd]], kind="preconditioned", dpi=40)
+    with pytest.raises(ValueError, match="'run', 'spectrum' or 'preconditioned'"):
+        plotting.plot_grid([[sgd]], kind="adam")
