@@ -784,7 +784,7 @@ def top_hessian_eigenvalues(
         warnings.warn(
             f"hvp='finite_difference' on a non-smooth model ({', '.join(nonsmooth[:3])}"
             f"{', ...' if len(nonsmooth) > 3 else ''}): finite-difference steps cross the kinks, so the "
-            "eigenvalues can be far from the Hessian's (21 % on a ReLU Transformer layer) and are reported "
+            "eigenvalues can be far from the Hessian's and are reported "
             "converged=False. Use hvp='autograd', or a smooth activation (GELU, SiLU).",
             stacklevel=2,
         )
