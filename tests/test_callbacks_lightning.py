@@ -8,37 +8,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
 from lyapunov_callbacks.tangent import TangentDynamics
-
-
-class RecordingLogger(Logger):
-    """In-memory logger: ``records`` is the list of ``(step, metrics)`` it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def series(self, tag: str) -> dict[int, float]:
-        return {step: m[tag] for step, m in self.records if tag in m}
+from recording_logger import RecordingLogger
 
 
 class RecordingSGD(torch.optim.SGD):

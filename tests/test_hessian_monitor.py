@@ -8,7 +8,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,34 +16,10 @@ from lyapunov_callbacks._lightning import resolve_loss_fn
 from lyapunov_callbacks.eigen import top_hessian_eigenvalues
 from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor
 from lyapunov_callbacks.tensorboard_layout import PAPER_LAYOUT
+from recording_logger import RecordingLogger
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-class RecordingLogger(Logger):
-    """In-memory logger: ``records`` is the list of ``(step, metrics)`` it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def series(self, tag: str) -> dict[int, float]:
-        return {step: m[tag] for step, m in self.records if tag in m}
-
-
 class DropoutMLP(L.LightningModule):
     """Tanh MLP with Dropout, float64, mean cross-entropy; ``training_loss`` is the documented hook."""
 
@@ -331,7 +307,6 @@ class TinyRegressor32(TinyRegressor):
     def __init__(self) -> None:
         super().__init__()
         self.net = self.net.float()
-
 
 
 def test_dtype_float64_estimates_in_double_precision_under_mixed_precision():

@@ -9,29 +9,11 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor
-
-
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    name = "recording"
-    version = 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def at(self, step: int) -> dict[str, float]:
-        return next(m for s, m in self.records if s == step)
+from recording_logger import RecordingLogger
 
 
 OPTIMIZERS = {

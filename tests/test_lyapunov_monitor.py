@@ -8,34 +8,14 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lyapunov_callbacks.lyapunov_monitor as lyap_mod
 from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor
+from recording_logger import RecordingLogger
 
 A_SPECTRUM = torch.tensor([1.0, 3.0, 7.0], dtype=torch.float64)
-
-
-class RecordingLogger(Logger):
-    """In-memory logger: ``records`` is the list of ``(step, metrics)`` it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    name = "recording"
-    version = 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def series(self, tag: str) -> dict[int, float]:
-        return {step: m[tag] for step, m in self.records if tag in m}
 
 
 def _rotation() -> torch.Tensor:

@@ -9,33 +9,15 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lyapunov_callbacks import HessianOperator
 from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor
 from lyapunov_callbacks.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
+from recording_logger import RecordingLogger
 
 EPS = 1e-7  # finite-difference perturbation (float64)
-
-
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    name = "recording"
-    version = 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def series(self, tag: str) -> dict[int, float]:
-        return {step: m[tag] for step, m in self.records if tag in m}
 
 
 def _net() -> nn.Module:

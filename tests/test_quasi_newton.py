@@ -7,11 +7,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lyapunov_callbacks.quasi_newton import QuasiNewtonLR, momentum_stability_factor
+from recording_logger import RecordingLogger
 
 # Spectrum of the quadratic test problem: a_max = 5 with a clear gap to the rest.
 SPECTRUM = torch.tensor([5.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
@@ -87,31 +87,6 @@ class LRRecorder(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.lrs[trainer.global_step] = [g["lr"] for g in optimizer.param_groups]
         self.params[trainer.global_step] = torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone()
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.records: list[tuple[int, dict]] = []
-
-    @property
-    def name(self):
-        return "memory"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.records.append((step, dict(metrics)))
-
-    def values(self, tag):
-        return {step: m[tag] for step, m in self.records if tag in m}
 
 
 # ------------------------------------------------------------------------------------------------ the QN step
@@ -298,7 +273,7 @@ def test_rejected_warm_up_falls_back_to_configured_lr_clamped():
 
 # ------------------------------------------------------------------------------------------------ logging
 def test_logged_lr_matches_optimizer_and_learning_rate_monitor():
-    logger = MemoryLogger()
+    logger = RecordingLogger()
     rec = LRRecorder()
     # The LearningRateMonitor is listed first on purpose: the callback moves itself in front of it.
     lr_monitor = LearningRateMonitor(logging_interval="step")
@@ -309,8 +284,8 @@ def test_logged_lr_matches_optimizer_and_learning_rate_monitor():
     # Mini-batches of 8: h0, hence the LR, differs from one estimate to the next.
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     assert trainer.callbacks.index(qn) < trainer.callbacks.index(lr_monitor)
-    monitor_lr = logger.values("lr-SGD")
-    qn_lr = logger.values("quasi_newton/lr")
+    monitor_lr = logger.series("lr-SGD")
+    qn_lr = logger.series("quasi_newton/lr")
     assert sorted(qn_lr) == [0, 2, 4]
     assert len(set(qn_lr.values())) == 3
     assert sorted(monitor_lr) == sorted(rec.lrs) == list(range(6))
@@ -318,10 +293,10 @@ def test_logged_lr_matches_optimizer_and_learning_rate_monitor():
         assert monitor_lr[step] == lrs[0]  # what the LearningRateMonitor shows is what the step used
         assert lrs[0] == qn_lr[step - step % 2]  # the LR set at the last estimate
     for step, value in qn_lr.items():
-        assert logger.values("optim/lr")[step] == value
-        assert logger.values("quasi_newton/h0")[step] == pytest.approx(1.0 / value, rel=1e-12)  # 1/h0 in [min, max]
-        assert logger.values("hessian/inv_h0")[step] == pytest.approx(value, rel=1e-12)  # the figure's curve
-        assert logger.values("hessian/h0")[step] == logger.values("quasi_newton/h0")[step]
+        assert logger.series("optim/lr")[step] == value
+        assert logger.series("quasi_newton/h0")[step] == pytest.approx(1.0 / value, rel=1e-12)  # 1/h0 in [min, max]
+        assert logger.series("hessian/inv_h0")[step] == pytest.approx(value, rel=1e-12)  # the figure's curve
+        assert logger.series("hessian/h0")[step] == logger.series("quasi_newton/h0")[step]
 
 
 # ------------------------------------------------------------------------------------------------ resume

@@ -10,13 +10,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lyapunov_callbacks.quasi_newton import QuasiNewtonLR
 from lyapunov_callbacks.stability import adam_stability_factor
+from recording_logger import RecordingLogger
 from test_quasi_newton import (
     A,
     Q,
     SPECTRUM,
     THETA0,
     LRRecorder,
-    MemoryLogger,
     Quadratic,
     _least_squares_data,
     _loader,
@@ -98,11 +98,11 @@ def test_a_collapsing_h0_raises_the_lr_by_at_most_max_lr_growth_per_estimate():
 
 
 def test_clamped_estimates_are_counted_and_logged():
-    logger = MemoryLogger()
+    logger = RecordingLogger()
     qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, max_lr=0.1)   # 1/h0 = 0.2 > max_lr
     _trainer([qn], max_steps=3, logger=logger).fit(Quadratic(), _loader())
     assert qn.lr == 0.1 and qn.clamped_estimates == qn.num_estimates
-    assert logger.values("quasi_newton/clamped_estimates")[2] == float(qn.num_estimates)
+    assert logger.series("quasi_newton/clamped_estimates")[2] == float(qn.num_estimates)
 
 
 # ------------------------------------------------------------------------------------------------ weight decay
@@ -148,7 +148,7 @@ def _design(x):
 
 def test_accumulated_step_is_estimated_on_the_mean_loss_of_its_micro_batches():
     x, y = _least_squares_data(n=16)
-    logger = MemoryLogger()
+    logger = RecordingLogger()
     qn = QuasiNewtonLR(every_n_steps=1, tol=1e-10, warmup_tol=1e-10, max_iter=100)
     trainer = _trainer([qn], max_steps=1, logger=logger, accumulate_grad_batches=2)
     trainer.fit(LeastSquares(x.shape[1]), DataLoader(TensorDataset(x, y), batch_size=8))
@@ -157,7 +157,7 @@ def test_accumulated_step_is_estimated_on_the_mean_loss_of_its_micro_batches():
     mean_top = float(torch.linalg.eigvalsh((h[0] + h[1]) / 2)[-1])
     first_top = float(torch.linalg.eigvalsh(h[0])[-1])
     assert abs(first_top - mean_top) > 1e-3 * mean_top                  # the two operators differ
-    assert logger.values("quasi_newton/h0")[0] == pytest.approx(mean_top, rel=1e-8)
+    assert logger.series("quasi_newton/h0")[0] == pytest.approx(mean_top, rel=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ Adam / AdamW
@@ -209,7 +209,7 @@ def test_adam_lr_is_half_the_frozen_preconditioner_limit_and_pre_h0_is_exact(opt
     qn = QuasiNewtonLR(every_n_steps=1, tol=1e-10, warmup_tol=1e-10, max_iter=100, max_lr=1e3, loss_rise=None,
                        max_lr_growth=math.inf)
     rec = AdamRecorder()
-    logger = MemoryLogger()
+    logger = RecordingLogger()
     _trainer([qn, rec], max_steps=3, logger=logger).fit(AdamQuadratic(optimizer), _loader())
     c = adam_stability_factor(0.9)
     for step in range(3):
@@ -222,7 +222,7 @@ def test_adam_lr_is_half_the_frozen_preconditioner_limit_and_pre_h0_is_exact(opt
             p_diag = (v / (1 - 0.999**t)).sqrt() + 1e-8
         pre_h0 = _pre_h0(p_diag)
         lr = rec.lrs[step][0]
-        assert logger.values("quasi_newton/pre_h0")[step] == pytest.approx(pre_h0, rel=1e-6), step
+        assert logger.series("quasi_newton/pre_h0")[step] == pytest.approx(pre_h0, rel=1e-6), step
         assert lr * pre_h0 == pytest.approx(c, rel=1e-6), step                 # α·λ1(P⁻¹H) = (1+β1)/(1−β1)
         # Half the limit: the frozen-P map is stable at α and at just under 2α, unstable just over it.
         assert _frozen_adam_radius(lr, p_diag) < 1.0

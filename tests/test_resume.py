@@ -12,37 +12,17 @@ import math
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 
 from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
 from lyapunov_callbacks.datamodules import DigitsDataModule
 from lyapunov_callbacks.models import LinearModel
+from recording_logger import RecordingLogger
 
 TAGS = ("hessian/h0", "hessian/stability", "lyapunov/lambda", "quasi_newton/lr", "optim/lr")
 
 
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``{(tag, step): value}``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.values: dict[tuple[str, int], float] = {}
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        for tag, value in metrics.items():
-            if tag in TAGS:
-                self.values[(tag, int(step))] = float(value)
+def _by_tag_and_step(logger: RecordingLogger) -> dict[tuple[str, int], float]:
+    return {(tag, int(step)): float(value) for tag in TAGS for step, value in logger.series(tag).items()}
 
 
 def _callbacks():
@@ -81,26 +61,26 @@ def _data():
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
 @pytest.mark.filterwarnings("ignore:.*smaller than the logging interval")
 def test_resumed_run_logs_the_uninterrupted_values_at_the_same_steps(tmp_path):
-    whole = MemoryLogger()
+    whole = RecordingLogger()
     _trainer(tmp_path / "whole", 3, whole).fit(_model(), datamodule=_data())
 
-    first = MemoryLogger()
+    first = RecordingLogger()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
     _trainer(tmp_path / "first", 1, first, checkpoint).fit(_model(), datamodule=_data())
-    resumed = MemoryLogger()
+    resumed = RecordingLogger()
     # A fresh model with other initial weights: everything must come from the checkpoint.
     L.seed_everything(123, verbose=False)
     other = LinearModel(num_classes=2, loss="mse")
     _trainer(tmp_path / "resumed", 3, resumed).fit(other, datamodule=_data(), ckpt_path=checkpoint.last_model_path)
 
-    split = max(step for _, step in first.values) + 1
+    whole, first, resumed = (_by_tag_and_step(log) for log in (whole, first, resumed))
+    split = max(step for _, step in first) + 1
     assert split > 3  # the first epoch measured something of each callback
-    combined = dict(first.values)
-    combined.update(resumed.values)
-    later = {key for key in whole.values if key[1] >= split}
-    assert later and {key for key in resumed.values} >= later
-    assert set(combined) == set(whole.values)
-    for key, value in whole.values.items():
+    combined = {**first, **resumed}
+    later = {key for key in whole if key[1] >= split}
+    assert later and set(resumed) >= later
+    assert set(combined) == set(whole)
+    for key, value in whole.items():
         assert math.isclose(combined[key], value, rel_tol=1e-6, abs_tol=1e-9), (key, combined[key], value)
     for tag in TAGS:
-        assert any(t == tag and step >= split for t, step in whole.values), tag
+        assert any(t == tag and step >= split for t, step in whole), tag
