@@ -20,6 +20,7 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lyapunov_callbacks._state import rng_snapshot
 from lyapunov_callbacks.eigen import EigenResult, top_hessian_eigenvalues
 
 __all__ = [
@@ -181,6 +182,37 @@ def _all_rng_preserved(devices: Sequence[torch.device] = ()) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------------
 # The fixed probe batch
 # --------------------------------------------------------------------------------------------------------------
+class StepMicroBatches:
+    """The micro-batches of the optimiser step being trained, each with the RNG state right before its forward.
+
+    A callback that measures the Hessian of the loss an optimiser step optimises adds every micro-batch in
+    ``on_train_batch_start`` and takes them in ``on_before_optimizer_step``, where the replayed RNG states give
+    the HVPs the training forward's dropout masks (with ``accumulate_grad_batches = k`` there are k of them).
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.batches: list[tuple[Any, dict]] = []
+        self.step: int | None = None
+
+    def add(self, step: int, batch: Any) -> bool:
+        """Record ``batch`` of optimiser step ``step``; True when it is the first micro-batch of that step."""
+        first = self.step != step
+        if first:
+            self.batches, self.step = [], step
+        self.batches.append((batch, rng_snapshot()))
+        return first
+
+    def take(self, step: int) -> list[tuple[Any, dict]] | None:
+        """The ``(batch, rng)`` pairs of ``step`` (then forgotten), or None when none were recorded for it."""
+        if not self.batches or self.step != step:
+            return None
+        batches, self.batches = self.batches, []
+        return batches
+
+
 class ProbeBatch:
     """A fixed batch drawn once from the training set, for measurements comparable across steps.
 

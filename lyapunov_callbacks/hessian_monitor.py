@@ -15,6 +15,7 @@ from lyapunov_callbacks._lightning import (
     EigenTracker,
     MeanLoss,
     ProbeBatch,
+    StepMicroBatches,
     check_choice,
     check_int,
     check_positive,
@@ -27,7 +28,7 @@ from lyapunov_callbacks._lightning import (
     resolve_dtype,
     resolve_loss_fn,
 )
-from lyapunov_callbacks._state import preserved_state, restore_rng, rng_snapshot
+from lyapunov_callbacks._state import preserved_state, restore_rng
 from lyapunov_callbacks.eigen import METHODS, EigenResult, lanczos, lyapunov_iteration, power_iteration
 from lyapunov_callbacks.hessian import BACKENDS, HessianOperator, trainable_parameters
 from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioner_diagonal
@@ -230,20 +231,17 @@ class HessianEigenvalueMonitor(Callback):
     ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps != 0 or step == self._last_step:
-            self._micro = []
+            self._micro.clear()
             return
-        if self._micro_step != step:
-            self._micro, self._micro_step = [], step
-        # The RNG state right before the training forward: replayed so the HVPs see its dropout masks.
-        self._micro.append((batch, rng_snapshot()))
+        self._micro.add(step, batch)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if not self._micro or self._micro_step != step:
+        micro = self._micro.take(step)
+        if micro is None:
             return
-        micro, self._micro = self._micro, []
         self._last_step = step
         self._measure(trainer, pl_module, micro, step)
 
@@ -256,8 +254,7 @@ class HessianEigenvalueMonitor(Callback):
         )
         self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
         self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)
-        self._micro: list[tuple[Any, dict]] = []  # (batch, rng) of the micro-batches of the step to measure
-        self._micro_step: int | None = None
+        self._micro = StepMicroBatches()  # the micro-batches of the step to measure
         self._pre_vector: torch.Tensor | None = None  # warm start of the pre_h0 solve (eigenvector of P^-½HP^-½)
         self._pre_on = False
 

@@ -21,6 +21,7 @@ from lyapunov_callbacks._lightning import (
     EigenTracker,
     MeanLoss,
     ProbeBatch,
+    StepMicroBatches,
     check_choice,
     check_int,
     check_positive,
@@ -32,7 +33,7 @@ from lyapunov_callbacks._lightning import (
     resolve_dtype,
     resolve_loss_fn,
 )
-from lyapunov_callbacks._state import preserved_state, restore_rng, rng_snapshot
+from lyapunov_callbacks._state import preserved_state, restore_rng
 from lyapunov_callbacks.eigen import METHODS, EigenResult, lanczos, lyapunov_iteration, power_iteration
 from lyapunov_callbacks.hessian import BACKENDS, HessianOperator
 from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioned_operator
@@ -287,8 +288,7 @@ class QuasiNewtonLR(Callback):
         )
         self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
         self._warned_rejection = False
-        self._micro: list[tuple[Any, dict]] = []  # (batch, rng) of the micro-batches of the current step
-        self._micro_step: Optional[int] = None
+        self._micro = StepMicroBatches()  # the micro-batches of the current step
         self._loss_sum: Optional[torch.Tensor] = None
 
     # The rule's state, under the names this callback has always had.
@@ -405,17 +405,14 @@ class QuasiNewtonLR(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if self._micro_step != step:
-            self._micro, self._micro_step, self._loss_sum = [], step, None
-        # The RNG state right before the training forward: replayed so the HVPs see its dropout masks.
-        self._micro.append((batch, rng_snapshot()))
+        if self._micro.add(trainer.global_step, batch):
+            self._loss_sum = None
         if self.rule.warmup_done and self.lr is not None:
             self._apply_lr(trainer)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # Lightning passes each micro-batch loss divided by accumulate_grad_batches: the sum is the step's mean.
-        if self.rule.loss_rise is None or self._micro_step != trainer.global_step:
+        if self.rule.loss_rise is None or self._micro.step != trainer.global_step:
             return
         value = loss.detach().float()
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
@@ -424,9 +421,9 @@ class QuasiNewtonLR(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if not self._micro or self._micro_step != step:
+        micro = self._micro.take(step)
+        if micro is None:
             return
-        micro, self._micro = self._micro, []
         loss = self._step_loss(trainer)
         rule = self.rule
         before = rule.lr
