@@ -786,11 +786,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def scale_text(spec: dict[str, Any]) -> str:
     """The full scale of the plan in one paragraph of the results page (read from figures.yaml, not typed)."""
-    parts = [f"{arch} {s['max_steps']:,} steps at batch {s['batch_size']}, {s['seeds']} seed(s), probe batch "
-             f"{s['probe_size']:,}" for arch, s in spec["scales"]["full"].items()]
-    return ("Full scale (`figures/figures.yaml`, sized to the 60-minute budget of `make figures` on 2 CPU cores "
-            "with measured per-step costs; see its cost note for what did not fit): " + "; ".join(parts) + ". "
-            "Every figure title states its data set, steps, batch and seeds.")
+    parts = [f"{arch} {s['max_steps']:,} steps at batch {s['batch_size']}, {s['seeds']} seed(s), "
+             + (f"probe batch {s['probe_size']:,}" if s.get("probe_every") else "no probe h0")
+             for arch, s in spec["scales"]["full"].items()]
+    fewer = sorted(name for name, run in spec.get("runs", {}).items()
+                   if "seeds" in run and run["seeds"] < spec["scales"]["full"][arch_of(run["config"])]["seeds"])
+    text = ("Full scale (`figures/figures.yaml`, sized to the 60-minute budget of `make figures` on 2 CPU cores "
+            "with measured per-step costs; see its cost note for what did not fit): " + "; ".join(parts) + ".")
+    if fewer:
+        text += " One seed only (the plan's `runs:` overrides): " + ", ".join(f"`{n}`" for n in fewer) + "."
+    return text + " Every figure title states its data set, steps, batch and seeds."
 
 
 #: The fixed text at the top of the results page (how it is made; no result is asserted here).

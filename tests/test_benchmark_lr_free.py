@@ -26,7 +26,8 @@ def test_quick_run_prints_every_row_with_finite_numbers(tmp_path):
     out = tmp_path / "table.md"
     text = lr_free.main(["--quick", "--out", str(out)])
     assert out.read_text().endswith(text)
-    rows = [line for line in text.splitlines() if line.startswith("| synthetic linear ce |")]
+    every = text.split("## Every row")[1]
+    rows = [line for line in every.splitlines() if line.startswith("| synthetic linear ce |")]
     assert [r.split(" | ")[1].split(" (")[0] for r in rows] == list(lr_free.ROWS)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -56,3 +57,30 @@ def test_qn_rule_settings_and_batch_sequence_are_reproducible():
     # Every epoch (2 full batches of 4 from 10 images) draws distinct images.
     first_epoch = torch.cat([a[0][1], a[1][1]])
     assert len(set(first_epoch.tolist())) == 8
+
+
+def test_summary_counts_targets_from_the_fits():
+    lr_free = _load()
+    Fit = lr_free.Fit
+
+    def fits(loss, diverged=False, seconds=1.0):
+        return [Fit(loss, loss, 0.5, diverged, seconds, {}) for _ in range(2)]
+
+    def task(qn_loss, prodigy_loss, qn_div=False):
+        res = {r: fits(1.0) for r in lr_free.ROWS}
+        res["Prodigy"] = fits(prodigy_loss)
+        for r in lr_free.ROWS:
+            if r.startswith("QN"):
+                res[r] = fits(float("nan") if qn_div else qn_loss, diverged=qn_div, seconds=2.0)
+        return res
+
+    tasks = [("synthetic mlp ce", 0.1, task(1.4, 1.2)),      # within 1.5x, loses to Prodigy
+             ("synthetic mlp mse", 0.1, task(1.6, 1.7)),     # over 1.5x, beats Prodigy
+             ("digits mlp ce", 0.1, task(0.9, 0.8, qn_div=True))]  # diverged: fails both
+    text = "\n".join(lr_free.summary_lines(tasks))
+    row = [line for line in text.splitlines() if line.startswith("| QN newton |")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1/3" and cells[2] == "1/3"
+    assert cells[3] == "0/3"  # D-Adapt SGD's loss 1.0 is below both of QN's finite losses
+    assert cells[5].startswith("2.00×")
+    assert "**2/2 div.**" in text
