@@ -452,13 +452,18 @@ def main(argv: Optional[list[str]] = None) -> str:
         "|---|---|---|---|---|---|",
     ]
     notes, finished = [], []
-    done, total = 0, len(data_sets) * len(models) * len(losses)
+    done = 0
+    loaded = {}
     for data_name in data_sets:
         data = load_data(data_name, train_size, val_size)
         if data is None:
             notes.append(f"{data_name}: skipped (lyapunov_callbacks.datamodules.digits.DigitsDataModule not available).")
-            continue
-        for model_name in models:
+        else:
+            loaded[data_name] = data
+    total = len(loaded) * len(models) * len(losses)
+    # Model by model (the cheapest first), each on every data set: an interrupted run has whole models.
+    for model_name in models:
+        for data_name, data in loaded.items():
             for loss in losses:
                 task = f"{data_name} {model_name} {loss}"
                 progress(task)
@@ -467,7 +472,8 @@ def main(argv: Optional[list[str]] = None) -> str:
                 finished.append((task, best_lr, results))
                 done += 1
                 if out and done < total:  # a partial table survives an interrupted run
-                    _write(out, argv, f"Partial: {done} of {total} tasks done.\n\n" + "\n".join(lines) + "\n")
+                    _write(out, argv, f"Partial: {done} of {total} tasks done.\n\n"
+                           + "\n".join([*summary_lines(finished), "", "## Every row", "", *lines]) + "\n")
     seconds = time.perf_counter() - wall
     header = (
         f"{steps} steps at batch {batch_size}, {train_size} training / {val_size} validation images, "
