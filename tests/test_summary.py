@@ -142,7 +142,7 @@ def test_run_stats_from_a_real_fit(fits):
     assert stats["lambda_n"] == lam.values.size and stats["lambda_values"] == pytest.approx(lam.values.tolist())
 
 
-def test_diverging_fit_and_verdicts(fits, tmp_path):
+def test_diverging_fit_and_verdicts(fits, tmp_path, monkeypatch):
     root, h0, runs = fits
     div = summary.run_stats(read_scalars(runs[2.5][0]))
     # α·h0 = 2.5 on a quadratic: the error grows by |1 - 2.5| = 1.5 a step, the loss by 2.25: > 10x at step 3
@@ -171,6 +171,14 @@ def test_diverging_fit_and_verdicts(fits, tmp_path):
     text = page.read_text()
     assert "## Data set: synthetic" in text and "| A: α·h0 ≈ 1 (paper) [minibatch] | 0 | 1 | 0 | 0 |" in text
     assert summary.PLACEHOLDER.format(data="digits") in text and summary.PLACEHOLDER.format(data="cifar") in text
+
+    # make_figures passes the page as a relative path and the figures root as an absolute one: the image links
+    # must still be relative to the page (an absolute /home/... link is broken everywhere else).
+    (tmp_path / "figures" / "synthetic").mkdir(parents=True)
+    (tmp_path / "figures" / "synthetic" / "fig1.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    text = summary.render_results_page("results", tmp_path / "figures", "results.md").read_text()
+    assert "![fig1](figures/synthetic/fig1.png)" in text
 
 
 def test_full_train_loss_rejects_bad_arguments():
