@@ -41,8 +41,8 @@ batches are pre-drawn tensors, evaluation is outside; h0 estimates are inside). 
 standard deviation for the loss).
 
 Default size: 100 steps at batch 32 (1.6 epochs of the subset), 2,048 training and 1,000 validation images per
-data set (digits has 1,797 images in all, so fewer), 3 seeds, both data sets: 16 tasks × 30 fits (7 grid fits on
-seed 0, 2 more SGD fits, 3 × 7 other rows). Estimated wall time on this project's idle 2-core machine: about 20
+data set (digits has 1,797 images in all, so fewer), 3 seeds, both data sets: 16 tasks × 33 fits (7 grid fits on
+seed 0, 2 more SGD fits, 3 × 8 other rows). Estimated wall time on this project's idle 2-core machine: about 20
 minutes, about 70 % of it TinyResNet (per-step costs of MLP/LeNet1 from ``quasi_newton_training.py``'s measured
 67 s, TinyResNet's from its size; not yet timed end to end: the machine was shared by five jobs when the script
 was written). The table's header states the measured wall time of the run that produced it. Cut it with
@@ -338,9 +338,8 @@ def task_rows(task: str, best_lr: float, results: dict[str, list[Fit]]) -> list[
     base = results["SGD best"]
     lines = []
     for row, fits in results.items():
-        losses = [f.train_loss for f in fits]
-        finite = [v for v in losses if v == v]
-        mean = statistics.fmean(finite) if finite else float("nan")
+        finite = [f.train_loss for f in fits if f.train_loss == f.train_loss]
+        mean = _mean_loss(fits)
         spread = statistics.pstdev(finite) if len(finite) > 1 else 0.0
         acc = statistics.fmean(f.val_acc for f in fits)
         div = sum(f.diverged for f in fits)
@@ -453,6 +452,10 @@ def main(argv: Optional[list[str]] = None) -> str:
     ]
     notes, finished = [], []
     done = 0
+
+    def body() -> list[str]:
+        return [*summary_lines(finished), "", "## Every row", "", *lines]
+
     loaded = {}
     for data_name in data_sets:
         data = load_data(data_name, train_size, val_size)
@@ -472,16 +475,14 @@ def main(argv: Optional[list[str]] = None) -> str:
                 finished.append((task, best_lr, results))
                 done += 1
                 if out and done < total:  # a partial table survives an interrupted run
-                    _write(out, argv, f"Partial: {done} of {total} tasks done.\n\n"
-                           + "\n".join([*summary_lines(finished), "", "## Every row", "", *lines]) + "\n")
+                    _write(out, argv, f"Partial: {done} of {total} tasks done.\n\n" + "\n".join(body()) + "\n")
     seconds = time.perf_counter() - wall
     header = (
         f"{steps} steps at batch {batch_size}, {train_size} training / {val_size} validation images, "
         f"{seeds} seed(s), SGD grid {list(grid)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs. Wall time of the whole run: {seconds / 60:.1f} min."
     )
-    text = "\n".join([header, "", *summary_lines(finished), "", "## Every row", "", *lines,
-                      *([""] + notes if notes else [])]) + "\n"
+    text = "\n".join([header, "", *body(), *([""] + notes if notes else [])]) + "\n"
     print(text)
     if out:
         _write(out, argv, text)
