@@ -84,3 +84,36 @@ def test_summary_counts_targets_from_the_fits():
     assert cells[3] == "0/3"  # D-Adapt SGD's loss 1.0 is below both of QN's finite losses
     assert cells[5].startswith("2.00×")
     assert "**2/2 div.**" in text
+
+
+def test_divergence_is_a_non_finite_or_tenfold_loss_not_a_fit_that_learned_nothing():
+    """A fit that ends a little above its initial loss (TinyResNet at a tiny LR in 100 steps) is not a
+    divergence; a non-finite loss, or one above 10x the initial loss (the results page's criterion), is."""
+    import torch
+    from torch import nn
+
+    lr_free = _load()
+
+    class Quadratic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0]))
+
+        def training_loss(self, batch):
+            return 0.5 * 4.0 * (self.w ** 2).sum()  # h0 = 4: SGD diverges for lr > 0.5
+
+    def evaluate(model, data):
+        loss = float(model.training_loss(None))
+        return loss, 0.5
+
+    lr_free.evaluate = evaluate
+    data = {"train": None, "val": None}
+    steps = [None] * 5
+    calm = lr_free.fit("SGD", Quadratic(), data, steps, lr=0.25, initial_loss=2.0)
+    assert not calm.diverged and calm.train_loss < 2.0
+    # lr 0.55: |1 - 0.55*4| = 1.2 per step, loss x1.44 per step: 2 -> 12.4 after 5 steps (6.2x, not 10x).
+    slow = lr_free.fit("SGD", Quadratic(), data, steps, lr=0.55, initial_loss=2.0)
+    assert not slow.diverged and 2.0 < slow.train_loss < 20.0
+    # lr 1: |1 - 4| = 3 per step, loss x9 per step: far above 10x after 5 steps.
+    blown = lr_free.fit("SGD", Quadratic(), data, steps, lr=1.0, initial_loss=2.0)
+    assert blown.diverged
