@@ -415,13 +415,14 @@ def summary_markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLACEHOLDER = "**[placeholder: not yet run — `make figures DATA={data}` writes this section]**"
+NOT_RUN = ("**Not run: no `docs/results/summary_{data}.json`. `make figures DATA={data}` trains the runs and "
+           "writes this section.**")
 
 
 def render_results_page(summary_dir: str | Path, figures_dir: str | Path, out: str | Path,
                         datasets: Sequence[str] = ("synthetic", "digits", "cifar"), intro: str = "") -> Path:
     """Write the results page from the committed summaries: per data set the verdict table, the run table and
-    the figures, or a placeholder where a data set has no summary yet. Only computed text: every sentence that
+    the figures, or a line saying it was not run where a data set has no summary yet. Only computed text: every sentence that
     states a result is generated from a summary row."""
     # Resolved, so that a relative page path and an absolute figures path still give a relative image link.
     summary_dir, figures_dir, out = Path(summary_dir).resolve(), Path(figures_dir).resolve(), Path(out).resolve()
@@ -433,7 +434,10 @@ def render_results_page(summary_dir: str | Path, figures_dir: str | Path, out: s
               f"- **B (edge of stability)**: the same within a factor {t['ratio_factor']:g} of 2.",
               f"- **C (edge of chaos)**: |median λ| ≤ {t['lambda_zero']:g} per step.",
               "- **D (quasi-Newton monotone)**: no divergence and the full-training-set loss never rises between "
-              "epochs; *singles QN out* compares its fraction of rising mini-batch losses with the constant-LR runs.",
+              "epochs; *singles QN out* compares its fraction of rising mini-batch losses with the constant-LR runs. "
+              "How low QN's final loss is, against tuned constant SGD and learning-rate-free optimisers, is not "
+              "this claim: `benchmarks/lr_free.py` measures it (`benchmarks/results/lr_free.md`, README "
+              "'Benchmarks').",
               f"- late window: the last {100 * t['late_fraction']:.0f} % of logged steps; a run diverged where its "
               f"loss is non-finite or above {t['diverge_factor']:g} × its first logged value.",
               "- per architecture/loss: *agrees* (every run), *partly* (some), *disagrees* (none), *no data*.", ""]
@@ -441,7 +445,7 @@ def render_results_page(summary_dir: str | Path, figures_dir: str | Path, out: s
         path = summary_dir / f"summary_{data}.json"
         lines += [f"## Data set: {data}", ""]
         if not path.is_file():
-            lines += [PLACEHOLDER.format(data=data), ""]
+            lines += [NOT_RUN.format(data=data), ""]
             continue
         payload = json.loads(path.read_text())
         meta = payload.get("meta", {})

@@ -298,4 +298,4 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     rows = {r["name"]: r for r in summary["runs"]}
     assert rows["cyclic/linear_ce"]["seeds"] == 2 and rows["quasi_newton/linear_mse"]["seeds"] == 2
     text = page.read_text()
-    assert "## Data set: synthetic" in text and "placeholder" in text  # digits and cifar not run
+    assert "## Data set: synthetic" in text and "Not run: no `docs/results/summary_cifar.json`" in text

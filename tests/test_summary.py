@@ -170,7 +170,7 @@ def test_diverging_fit_and_verdicts(fits, tmp_path, monkeypatch):
     page = summary.render_results_page(tmp_path / "results", tmp_path / "figures", tmp_path / "results.md")
     text = page.read_text()
     assert "## Data set: synthetic" in text and "| A: α·h0 ≈ 1 (paper) [minibatch] | 0 | 1 | 0 | 0 |" in text
-    assert summary.PLACEHOLDER.format(data="digits") in text and summary.PLACEHOLDER.format(data="cifar") in text
+    assert summary.NOT_RUN.format(data="digits") in text and summary.NOT_RUN.format(data="cifar") in text
 
     # make_figures passes the page as a relative path and the figures root as an absolute one: the image links
     # must still be relative to the page (an absolute /home/... link is broken everywhere else).
