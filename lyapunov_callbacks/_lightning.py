@@ -533,24 +533,42 @@ def log_measurements(
 ) -> None:
     """Publish measured values: to ``trainer.callback_metrics`` on every rank and to every logger at ``step``.
 
-    ``pl_module.log(..., on_step=True, logger=False, sync_dist=False)`` puts the values in
-    ``callback_metrics`` (the values are already identical on every rank: no sync needed). The loggers are
-    written directly with ``logger.log_metrics(metrics, step=step)`` on global rank zero, because Lightning
-    only flushes step metrics every ``log_every_n_steps`` and a measurement at another step would be lost.
-    Call it only at measurement steps: each ``LightningModule.log`` call costs about a millisecond.
+    The values are written straight into the dictionaries behind ``trainer.callback_metrics`` (as 0-dim CPU
+    tensors, what ``LightningModule.log`` leaves there) and, for the ``prog_bar`` tags, ``trainer.progress_bar_metrics``
+    (as floats): what ``pl_module.log(..., on_step=True, logger=False, sync_dist=False)`` would do, without its
+    result-collection bookkeeping, which costs about 0.7 ms per value on a CPU (on a small model, where an
+    estimate takes ~20 ms, five such calls were a fifth of a monitor's cost). No sync is needed: the values
+    are identical on every rank. ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` and the progress bar read
+    those dictionaries. Should a Lightning version return a copy instead (the public properties return the
+    dictionaries themselves in Lightning 2.x), ``pl_module.log`` is used. The loggers are written directly with
+    ``logger.log_metrics(metrics, step=step)`` on global rank zero, because Lightning only flushes step metrics
+    every ``log_every_n_steps`` and a measurement at another step would be lost.
 
     Args:
         trainer: the trainer.
-        pl_module: the module (its ``log`` is used for ``callback_metrics``).
+        pl_module: the module (its ``log`` is the fallback for ``callback_metrics``).
         metrics: tag → value; non-finite values are published as they are.
         step: the step the values were measured at (``trainer.global_step`` at measurement time).
         prog_bar: tags also shown in the progress bar (the callbacks' opt-in ``prog_bar=True``).
     """
     values = {name: float(value) for name, value in metrics.items()}
-    for name, value in values.items():
-        pl_module.log(
-            name, value, on_step=True, on_epoch=False, logger=False, sync_dist=False, prog_bar=name in prog_bar
-        )
+    callback_metrics = trainer.callback_metrics
+    pbar_metrics = trainer.progress_bar_metrics if prog_bar else {}
+    direct = (
+        isinstance(callback_metrics, dict)
+        and callback_metrics is trainer.callback_metrics
+        and (not prog_bar or pbar_metrics is trainer.progress_bar_metrics)
+    )
+    if direct:
+        for name, value in values.items():
+            callback_metrics[name] = torch.tensor(value)
+            if name in prog_bar:
+                pbar_metrics[name] = value
+    else:
+        for name, value in values.items():
+            pl_module.log(
+                name, value, on_step=True, on_epoch=False, logger=False, sync_dist=False, prog_bar=name in prog_bar
+            )
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
