@@ -537,7 +537,7 @@ class FiniteDifferenceHessian(HessianOperator):
         if eps == 0.0:  # v = 0: H v = 0; contribute the base gradient so the difference is exactly 0
             return self._gradient.clone()
         chunks = self._unflatten(v)
-        perturbed = [t + eps * c for t, c in zip(self._theta, chunks)]
+        perturbed = [torch.add(t, c, alpha=eps) for t, c in zip(self._theta, chunks)]
         return self._loss_and_gradient(perturbed)[1]
 
     def _fd_eps(self, v: torch.Tensor) -> float:

@@ -24,6 +24,13 @@ def _check_real(name: str, value: Any, low: float, high: float | None = None, lo
     return float(value)
 
 
+def _axpy(x: torch.Tensor, y: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
+    """``x − step·y`` as a new tensor: one fused kernel for a scalar step, element-wise for per-coordinate ones."""
+    if isinstance(step, torch.Tensor):
+        return x - step * y
+    return torch.add(x, y, alpha=-step)
+
+
 class _TangentBase:
     """What every tangent shares: the seeded unit start δθ, the log-growth bookkeeping and the window of λ."""
 
@@ -330,33 +337,37 @@ class TangentDynamics(_TangentBase):
         d_theta = self.delta_theta
         d_g = self._hv(hvp)
         if self.weight_decay:
-            d_g = d_g + self.weight_decay * d_theta
-        old_sq = d_theta.pow(2).sum()
+            d_g = torch.add(d_g, d_theta, alpha=self.weight_decay)
+        # Squared norms as dot products and the updates as single fused kernels: no temporaries of size
+        # dim beyond the new state (on a 1.8M-parameter MLP the per-step vector work is a few ms).
+        old_sq = torch.dot(d_theta, d_theta)
         if self.delta_m is None:
-            new_theta = d_theta - lr * d_g
+            new_theta = _axpy(d_theta, d_g, lr)
             new_m = None
-            new_sq = new_theta.pow(2).sum()
+            new_sq = torch.dot(new_theta, new_theta)
         else:
-            old_sq = old_sq + self.delta_m.pow(2).sum()
+            old_sq = old_sq + torch.dot(self.delta_m, self.delta_m)
             if self.momentum_initialized:
-                new_m = self.momentum * self.delta_m + (1.0 - self.dampening) * d_g
+                new_m = torch.add(self.delta_m.mul(self.momentum), d_g, alpha=1.0 - self.dampening)
             else:
                 new_m = d_g.clone()
-            d_d = d_g + self.momentum * new_m if self.nesterov else new_m
-            new_theta = d_theta - lr * d_d
-            new_sq = new_theta.pow(2).sum() + new_m.pow(2).sum()
-        if float(new_sq) == 0.0:
+            d_d = torch.add(d_g, new_m, alpha=self.momentum) if self.nesterov else new_m
+            new_theta = _axpy(d_theta, d_d, lr)
+            new_sq = torch.dot(new_theta, new_theta) + torch.dot(new_m, new_m)
+        new_sq_value = float(new_sq)
+        if new_sq_value == 0.0:
             # The step annihilated the perturbation (e.g. α = 1/h on a one-dimensional quadratic): the
             # growth is zero, log growth -inf; keep the old direction, there is no new one to normalise.
             log_growth = -math.inf
             if new_m is not None:
                 self.momentum_initialized = True
         else:
-            log_growth = 0.5 * (math.log(float(new_sq)) - math.log(float(old_sq)))
+            log_growth = 0.5 * (math.log(new_sq_value) - math.log(float(old_sq)))
             norm = torch.sqrt(new_sq)
-            self.delta_theta = new_theta / norm
+            # new_theta / new_m are fresh tensors of this step (never the stored state): normalised in place.
+            self.delta_theta = new_theta.div_(norm)
             if new_m is not None:
-                self.delta_m = new_m / norm
+                self.delta_m = new_m.div_(norm)
                 self.momentum_initialized = True
         return self._record(log_growth)
 
