@@ -330,6 +330,12 @@ class EigenTracker:
             :func:`lyapunov_callbacks.eigen.lanczos`; fewer HVPs on a moving mini-batch Hessian) or
             ``"residual"``. The first (cold) estimate always uses the residual rule: from a random start the
             second Ritz value is far from h1, so the gap it shows means little.
+        gap_safety: safety factor of the gap rule (default 10, see :func:`lyapunov_callbacks.eigen.lanczos`).
+        second_weight: ``k = 1`` with ``method="lanczos"``: the warm start is ``y0 + second_weight·y1``
+            (normalised), ``y0, y1`` the last estimate's top two Ritz vectors (default 0: ``y0`` alone). When
+            h0 and h1 swap between two estimates, the new top eigenvector lies near ``y1``; from ``y0`` alone
+            the Krylov space can miss it for many products and the solve stops on h1 (a few to 14 % low on
+            the small MLP of ``benchmarks/monitor_overhead.py``). A weight of 0.3 puts the direction in the start.
     """
 
     def __init__(
@@ -343,9 +349,17 @@ class EigenTracker:
         warm_start: bool = True,
         dtype: torch.dtype | None = None,
         stop: str = "gap",
+        gap_safety: float = 10.0,
+        second_weight: float = 0.0,
     ) -> None:
         check_choice("stop", stop, ("residual", "gap"))
+        if not is_number(second_weight) or not 0 <= second_weight <= 1:
+            raise ValueError(f"`second_weight` must be a number in [0, 1], got {second_weight!r}; use e.g. 0.3.")
         self.stop = stop
+        self.gap_safety = float(gap_safety)
+        self.second_weight = float(second_weight)
+        # The last estimate's top two Ritz vectors [dim, 2] (``second_weight > 0``): the next warm start.
+        self.start_basis: torch.Tensor | None = None
         self.method = method
         self.hvp = hvp
         self.k = k
@@ -372,12 +386,17 @@ class EigenTracker:
                 choice ≈ 1/h0 from a warm start); ignored by the other methods.
         """
         init = self.eigenvectors if (self.warm_start and self.eigenvectors is not None) else None
+        subspace = self.method == "lanczos" and self.k == 1 and self.second_weight > 0
+        if init is not None and subspace and self.start_basis is not None and self.start_basis.shape[1] > 1:
+            init = torch.add(self.start_basis[:, 0], self.start_basis[:, 1], alpha=self.second_weight)
+            init = init / torch.linalg.vector_norm(init)
         stop = self.stop if (self.method == "lanczos" and init is not None) else "residual"
         with torch.enable_grad():
             result = top_hessian_eigenvalues(
                 model, loss_fn, batch, k=self.k, method=self.method, hvp=self.hvp, tol=self.tol,
                 max_iter=self.max_iter, init=init, seed=self.seed, dtype=self.dtype,
-                alpha=alpha if self.method == "lyapunov" else None, stop=stop,
+                alpha=alpha if self.method == "lyapunov" else None, stop=stop, gap_safety=self.gap_safety,
+                ritz_vectors=2 if subspace else 0,
             )
         self.num_estimates += 1
         self.total_hvps += int(result.num_hvps)
@@ -386,6 +405,9 @@ class EigenTracker:
         if bool(torch.isfinite(result.eigenvalues).all()) and math.isfinite(float(result.eigenvectors.sum())):
             self.eigenvectors = result.eigenvectors.detach().clone()
             self.eigenvalues = result.eigenvalues.detach().clone()
+            if subspace:
+                basis = result.ritz_vectors if result.ritz_vectors is not None else result.eigenvectors
+                self.start_basis = basis.detach().clone()
         else:
             rank_zero_warn(
                 "Non-finite Hessian eigenvalue estimate; keeping the previous eigenvectors as warm start.",
@@ -398,6 +420,7 @@ class EigenTracker:
         return {
             "eigenvectors": None if self.eigenvectors is None else self.eigenvectors.detach().cpu().clone(),
             "eigenvalues": None if self.eigenvalues is None else self.eigenvalues.detach().cpu().clone(),
+            "start_basis": None if self.start_basis is None else self.start_basis.detach().cpu().clone(),
             "num_estimates": self.num_estimates,
             "total_hvps": self.total_hvps,
         }
@@ -408,6 +431,8 @@ class EigenTracker:
         vals = state.get("eigenvalues")
         self.eigenvectors = None if vecs is None else vecs.to(device) if device is not None else vecs.clone()
         self.eigenvalues = None if vals is None else vals.to(device) if device is not None else vals.clone()
+        basis = state.get("start_basis")
+        self.start_basis = None if basis is None else basis.to(device) if device is not None else basis.clone()
         self.num_estimates = int(state.get("num_estimates", 0))
         self.total_hvps = int(state.get("total_hvps", 0))
 

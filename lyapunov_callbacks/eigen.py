@@ -84,6 +84,9 @@ class EigenResult:
             non-smooth model (see :class:`~lyapunov_callbacks.hessian.FiniteDifferenceHessian`).
         lyapunov_exponents: ``[k]`` growth rates ``log|1 + αh|`` per step of the tangent vectors
             (:func:`lyapunov_iteration` only, descending; ``None`` otherwise).
+        ritz_values: ``[b]`` the top ``b`` Ritz values, descending, when :func:`lanczos` was asked for
+            ``ritz_vectors=b > k`` (``None`` otherwise).
+        ritz_vectors: ``[dim, b]`` their orthonormal Ritz vectors (``None`` otherwise).
     """
 
     eigenvalues: torch.Tensor
@@ -91,6 +94,8 @@ class EigenResult:
     num_hvps: int
     converged: bool
     lyapunov_exponents: torch.Tensor | None = None
+    ritz_values: torch.Tensor | None = None
+    ritz_vectors: torch.Tensor | None = None
 
 
 class MatrixOperator:
@@ -248,6 +253,8 @@ def lanczos(
     init: torch.Tensor | None = None,
     seed: int = 0,
     stop: str = "residual",
+    gap_safety: float = _GAP_SAFETY,
+    ritz_vectors: int = 0,
 ) -> EigenResult:
     r"""Top-``k`` (algebraically largest) eigenpairs by Lanczos with full re-orthogonalisation.
 
@@ -273,11 +280,11 @@ def lanczos(
     ``lyapunov`` and deflated ``power`` solvers resolve multiplicities).
 
     Gap rule (``stop="gap"``): a pair also stops when the error estimate ``r²/gap`` is at most
-    ``tol·|θ_i| / 10`` (safety factor ``_GAP_SAFETY = 10``), ``r`` its residual bound and ``gap`` the
+    ``tol·|θ_i| / gap_safety`` (default safety factor 10), ``r`` its residual bound and ``gap`` the
     distance from ``θ_i`` to the nearest other Ritz value's interval ``θ_l ± r_l`` (Kato–Temple: when no
     eigenvalue other than the one θ approximates lies within ``gap`` of θ, ``|θ − h| ≤ r²/gap``). Ritz
     values only approach the spectrum from inside, so an eigenvalue the Krylov space has not resolved
-    yet can lie closer than the gap seen; the factor 10 covers a gap overestimated up to 10×. It is a
+    yet can lie closer than the gap seen; a factor 10 covers a gap overestimated up to 10×. It is a
     rule for a moving mini-batch Hessian from a warm start, where it saves products (the residual falls
     only linearly while the error falls as its square); the rigorous residual rule is always checked
     too, and ``converged`` means either rule held. It needs two Ritz values (a second HVP).
@@ -297,12 +304,18 @@ def lanczos(
         seed: seed of the random start (CPU generator; the global RNG is never used).
         stop: ``"residual"`` (default: the rigorous residual bound) or ``"gap"`` (also the gap estimate
             above, fewer HVPs on a moving mini-batch Hessian).
+        gap_safety: safety factor of the gap rule (default 10, ``>= 1``): the estimate ``r²/gap`` must be at
+            most ``tol·|θ| / gap_safety``.
+        ritz_vectors: also return the top ``ritz_vectors`` Ritz pairs of the final Krylov space (when more
+            than ``k``) in :attr:`EigenResult.ritz_values` / :attr:`EigenResult.ritz_vectors`, descending,
+            at no HVP cost: the subspace a warm start of the next solve can be built from (default 0:
+            none). Fewer are returned when the Krylov space has fewer dimensions.
 
     Returns:
         :class:`EigenResult`.
 
     Raises:
-        ValueError: ``k``, ``tol``, ``max_iter``, ``stop`` or ``init`` invalid.
+        ValueError: ``k``, ``tol``, ``max_iter``, ``stop``, ``gap_safety``, ``ritz_vectors`` or ``init`` invalid.
 
     Example::
 
@@ -311,6 +324,7 @@ def lanczos(
     """
     _check_common(op, k, tol, max_iter)
     check_choice("stop", stop, STOPPING)
+    _check_lanczos_extras(gap_safety, ritz_vectors)
     use_gap = stop == "gap"
     start_hvps = op.num_hvps
     n = op.dim
@@ -370,7 +384,7 @@ def lanczos(
             top = slice(len(alphas) - k, len(alphas))
             ok = bounds[top] <= tol * theta[top].abs()
             if use_gap and not bool(ok.all()) and j >= 1:
-                ok |= _gap_estimate(theta, bounds, top) <= (tol / _GAP_SAFETY) * theta[top].abs()
+                ok |= _gap_estimate(theta, bounds, top) <= (tol / gap_safety) * theta[top].abs()
             if bool(ok.all()):
                 converged = True
                 break
@@ -389,12 +403,28 @@ def lanczos(
             betas.append(beta)
             beta_prev = beta
     S = S.to(device=op.device, dtype=op.dtype)
-    top = slice(len(alphas) - k, len(alphas))
+    m = len(alphas)
+    top = slice(m - k, m)
+    wide = slice(m - max(k, min(ritz_vectors, m)), m)  # the top k, and more Ritz pairs when asked for
     values = theta[top].to(device=op.device, dtype=op.dtype)
-    vectors = torch.zeros(n, k, dtype=op.dtype, device=op.device)
-    for i, q in enumerate(Q[: len(alphas)]):  # Ritz vectors: Q_m S, one pass over the basis
-        vectors.addr_(q, S[i, top])
-    return _result(op, values, vectors, start_hvps, converged)
+    vectors = torch.zeros(n, wide.stop - wide.start, dtype=op.dtype, device=op.device)
+    for i, q in enumerate(Q[:m]):  # Ritz vectors: Q_m S, one pass over the basis
+        vectors.addr_(q, S[i, wide])
+    result = _result(op, values, vectors[:, -k:].contiguous(), start_hvps, converged)
+    if ritz_vectors > k:
+        order = torch.argsort(theta[wide], descending=True)
+        result.ritz_values = theta[wide][order].to(device=op.device, dtype=op.dtype)
+        result.ritz_vectors = vectors[:, order.to(op.device)]
+    return result
+
+
+def _check_lanczos_extras(gap_safety: Any, ritz_vectors: Any) -> None:
+    check_positive("gap_safety", gap_safety, "gap_safety=10")
+    if gap_safety < 1:
+        raise ValueError(
+            f"gap_safety={gap_safety!r} must be >= 1 (it divides the tolerance of the gap estimate); use gap_safety=10."
+        )
+    check_int("ritz_vectors", ritz_vectors, "ritz_vectors=0 (none beyond the top k)", minimum=0)
 
 
 def _gap_estimate(theta: torch.Tensor, bounds: torch.Tensor, top: slice) -> torch.Tensor:
@@ -707,6 +737,8 @@ def top_hessian_eigenvalues(
     process_group: Any = None,
     dtype: torch.dtype | None = None,
     stop: str = "residual",
+    gap_safety: float = _GAP_SAFETY,
+    ritz_vectors: int = 0,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model, batch)``, leaving the model untouched.
 
@@ -732,6 +764,9 @@ def top_hessian_eigenvalues(
             parameters); ``init`` is cast to it.
         stop: stopping rule of ``method="lanczos"``: ``"residual"`` (default) or ``"gap"`` (see
             :func:`lanczos`); the other methods take only ``"residual"``.
+        gap_safety: safety factor of ``stop="gap"`` (default 10; see :func:`lanczos`).
+        ritz_vectors: ``method="lanczos"``: also return the top ``ritz_vectors`` Ritz pairs (see
+            :func:`lanczos`); ignored by the other methods (their ``eigenvectors`` are all they have).
 
     Returns:
         :class:`EigenResult`: ``eigenvalues`` ``[k]`` descending (``eigenvalues[0]`` is ``h0``),
@@ -754,6 +789,7 @@ def top_hessian_eigenvalues(
         raise UnknownChoiceError(
             f"stop={stop!r} is a rule of method='lanczos' (got method={method!r}); use stop='residual'."
         )
+    _check_lanczos_extras(gap_safety, ritz_vectors)
     check_int("k", k, "k=1")
     dim = num_trainable_parameters(model)
     if k > dim:
@@ -772,7 +808,8 @@ def top_hessian_eigenvalues(
         if init is not None:
             init = init.to(device=op.device, dtype=op.dtype)
         if method == "lanczos":
-            res = lanczos(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed, stop=stop)
+            res = lanczos(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed, stop=stop,
+                          gap_safety=gap_safety, ritz_vectors=ritz_vectors)
         elif method == "power":
             res = power_iteration(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed)
         else:

