@@ -137,9 +137,11 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
     class Before(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step % every == 0 and trainer.global_step not in captured:
+                warm = monitor._tracker.eigenvectors
                 captured[trainer.global_step] = {
                     "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
                     "batch": [t.clone() for t in batch],
+                    "init": None if warm is None else warm.detach().clone(),
                 }
 
     class After(Callback):
@@ -201,7 +203,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         Op.__init__, Op.matmat, Op.matvec = orig_init, orig_matmat, orig_matvec
         hm.log_measurements = orig_log
 
-    errors, hvps = [], []
+    errors, hvps, oracle = [], [], []
     ref_model = _model(which, seed)
     fixed = monitor._probe is not None
     for step, rec in sorted(captured.items()):
@@ -218,6 +220,10 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         ref = references[key]
         errors.append((step, abs(rec["h0"] - ref) / abs(ref), rec["h0"], ref))
         hvps.append(rec["hvps"])
+        if rec["init"] is not None:
+            ref_model.load_state_dict(rec["state"])
+            batch = monitor._probe._batch if fixed else tuple(rec["batch"])
+            oracle.append((_oracle_hvps(ref_model, batch, rec["init"], ref, int(rec["hvps"])), rec["hvps"]))
     n = len(errors)
     return {
         "max_err": max(e[1] for e in errors),
@@ -227,8 +233,30 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         "hvps_first": hvps[0],
         "hvps_mean_warm": statistics.mean(hvps[1:]) if n > 1 else float("nan"),
         "per_estimate_ms": {k: 1e3 * v / n for k, v in parts.items()},
+        # (HVPs an oracle stopping rule needs from the same warm start, HVPs the monitor's rule took) per warm estimate
+        "oracle": oracle,
         "fit_seconds": fit_seconds,
     }
+
+
+def _oracle_hvps(model, batch, init: torch.Tensor, reference: float, cap: int) -> int | None:
+    """HVPs an oracle stopping rule needs: the fewest Lanczos steps from ``init`` whose Ritz value is within
+    ``ACCURACY`` (relative) of ``reference``, looked for up to ``cap + 4``; ``None`` if none is.
+
+    Lanczos is deterministic, so the solve with ``max_iter=m`` and a tolerance it cannot meet gives the Ritz
+    value after ``m`` products: the value any stopping rule would return there. No rule can stop earlier and
+    be within ``ACCURACY``; the gap between this count and the monitor's is what a better rule could save.
+    """
+    from lyapunov_callbacks.eigen import lanczos
+    from lyapunov_callbacks.hessian import HessianOperator
+
+    model.train()
+    with torch.enable_grad(), HessianOperator(model, C.loss_fn, batch) as op:
+        for m in range(1, cap + 5):
+            theta = float(lanczos(op, k=1, tol=1e-12, max_iter=m, init=init).eigenvalues[0])
+            if abs(theta - reference) <= ACCURACY * abs(reference):
+                return m
+    return None
 
 
 def main(argv=None) -> dict:
@@ -293,6 +321,14 @@ def _one_model(which: str, steps: int, repeats: int, seed: int) -> dict:
             f"{p['log']:.1f} ms + solver vector work and the rest {p['measure'] - p['build'] - p['hvp'] - p['log']:.0f} ms "
             f"(= {p['measure'] / base_step_ms:.1f} training steps)."
         )
+        found = [o for o, _ in a["oracle"] if o is not None]
+        if a["oracle"]:
+            print(
+                f"  Oracle stopping rule (the first Lanczos step within {ACCURACY:g} of the reference, same warm "
+                f"start): {statistics.mean(found) if found else float('nan'):.1f} HVPs on average over "
+                f"{len(found)} of {len(a['oracle'])} warm estimates (none within {ACCURACY:g} in "
+                f"{len(a['oracle']) - len(found)}), against {statistics.mean(h for _, h in a['oracle']):.1f} taken."
+            )
     print()
     return {"medians": med, "accuracy": acc, "steps": steps}
 
