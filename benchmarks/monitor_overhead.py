@@ -137,7 +137,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
     class Before(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step % every == 0 and trainer.global_step not in captured:
-                warm = monitor._tracker.eigenvectors
+                warm = monitor._tracker.start_vectors()  # the start the monitor's solve will use
                 captured[trainer.global_step] = {
                     "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
                     "batch": [t.clone() for t in batch],
@@ -223,7 +223,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         if rec["init"] is not None:
             ref_model.load_state_dict(rec["state"])
             batch = monitor._probe._batch if fixed else tuple(rec["batch"])
-            oracle.append((_oracle_hvps(ref_model, batch, rec["init"], ref, int(rec["hvps"])), rec["hvps"]))
+            oracle.append((_oracle_hvps(ref_model, batch, rec["init"], ref, int(rec["hvps"])), rec["hvps"], step))
     n = len(errors)
     return {
         "max_err": max(e[1] for e in errors),
@@ -321,13 +321,17 @@ def _one_model(which: str, steps: int, repeats: int, seed: int) -> dict:
             f"{p['log']:.1f} ms + solver vector work and the rest {p['measure'] - p['build'] - p['hvp'] - p['log']:.0f} ms "
             f"(= {p['measure'] / base_step_ms:.1f} training steps)."
         )
-        found = [o for o, _ in a["oracle"] if o is not None]
+        found = [o for o, _, _ in a["oracle"] if o is not None]
+        at_worst = [(o, h) for o, h, st in a["oracle"] if st == a["worst"][0]]
         if a["oracle"]:
             print(
                 f"  Oracle stopping rule (the first Lanczos step within {ACCURACY:g} of the reference, same warm "
                 f"start): {statistics.mean(found) if found else float('nan'):.1f} HVPs on average over "
                 f"{len(found)} of {len(a['oracle'])} warm estimates (none within {ACCURACY:g} in "
-                f"{len(a['oracle']) - len(found)}), against {statistics.mean(h for _, h in a['oracle']):.1f} taken."
+                f"{len(a['oracle']) - len(found)}), against {statistics.mean(h for _, h, _ in a['oracle']):.1f} taken"
+                + (f"; at the worst step {at_worst[0][1]:.0f} taken, oracle "
+                   f"{'none within ' + str(int(at_worst[0][1]) + 4) if at_worst[0][0] is None else at_worst[0][0]}."
+                   if at_worst else ".")
             )
     print()
     return {"medians": med, "accuracy": acc, "steps": steps}

@@ -385,11 +385,8 @@ class EigenTracker:
             alpha: step of the ascent map of ``method="lyapunov"`` (``None``: the solver's automatic, well-scaled
                 choice ≈ 1/h0 from a warm start); ignored by the other methods.
         """
-        init = self.eigenvectors if (self.warm_start and self.eigenvectors is not None) else None
+        init = self.start_vectors()
         subspace = self.method == "lanczos" and self.k == 1 and self.second_weight > 0
-        if init is not None and subspace and self.start_basis is not None and self.start_basis.shape[1] > 1:
-            init = torch.add(self.start_basis[:, 0], self.start_basis[:, 1], alpha=self.second_weight)
-            init = init / torch.linalg.vector_norm(init)
         stop = self.stop if (self.method == "lanczos" and init is not None) else "residual"
         with torch.enable_grad():
             result = top_hessian_eigenvalues(
@@ -414,6 +411,16 @@ class EigenTracker:
                 category=RuntimeWarning,
             )
         return result
+
+    def start_vectors(self) -> torch.Tensor | None:
+        """The ``init`` of the next estimate: ``None`` (cold), the last eigenvectors, or ``y0 + second_weight·y1``."""
+        if not self.warm_start or self.eigenvectors is None:
+            return None
+        basis = self.start_basis
+        if self.method == "lanczos" and self.k == 1 and self.second_weight > 0 and basis is not None and basis.shape[1] > 1:
+            init = torch.add(basis[:, 0], basis[:, 1], alpha=self.second_weight)
+            return init / torch.linalg.vector_norm(init)
+        return self.eigenvectors
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-start vectors/values (on CPU) and counters."""
