@@ -25,7 +25,10 @@ Accuracy: one more (untimed) fit per ``h0`` variant with two small callbacks aro
 ``hessian/h0`` — then a cold Lanczos (``tol=1e-6``, ``max_iter=150``, random start) at those weights and on the
 batch the monitor measured (the step's batch, or the probe batch for ``batch="fixed"``) is the reference; the
 table prints the largest relative error and the HVPs per estimate. The same run times the monitor's own hook
-and splits the overhead into its parts (graph build, HVPs, solver bookkeeping, logging).
+and splits the overhead into its parts (graph build, HVPs, solver bookkeeping, logging). The "before" callback
+also stores the vector the monitor's solve will start from (``EigenTracker.start_vectors()``); from it, an
+oracle count (:func:`_oracle_hvps`) gives the fewest Lanczos steps whose Ritz value is within 1e-2 of the
+reference: what a perfect stopping rule would spend.
 
 Targets from the issue: ``h0`` ≤ 1.5× at every 10 steps, ≤ 1.1× at every 50 steps, each estimate within 1e-2;
 ``λ window 1 / 10`` ≤ 1.15×; continuous ≤ 2× with finite differences, ≤ 2.5× exact.
