@@ -334,8 +334,10 @@ class EigenTracker:
         second_weight: ``k = 1`` with ``method="lanczos"``: the warm start is ``y0 + second_weight·y1``
             (normalised), ``y0, y1`` the last estimate's top two Ritz vectors (default 0: ``y0`` alone). When
             h0 and h1 swap between two estimates, the new top eigenvector lies near ``y1``; from ``y0`` alone
-            the Krylov space can miss it for many products and the solve stops on h1 (a few to 14 % low on
-            the small MLP of ``benchmarks/monitor_overhead.py``). A weight of 0.3 puts the direction in the start.
+            the Krylov space can miss it for many products and the solve stops on h1 (7.4 % low at one step
+            of the small MLP's fixed probe in ``benchmarks/monitor_overhead.py``; 6.1e-4 with 0.3). A weight of
+            0.3 puts the direction in the start; where the top eigenvector barely moves it costs a few more
+            products (``tests/test_gap_stopping.py``).
     """
 
     def __init__(
