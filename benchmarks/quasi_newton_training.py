@@ -6,19 +6,25 @@ constant LR 0.05, 0.1, 0.3 and with :class:`~lyapunov_callbacks.quasi_newton.Qua
 re-estimated on the current batch every 10 steps as in the configs, or every 2 steps), all in one process, one
 after the other. Reports the full training-set loss at the end, the last LR, the fit wall-clock time and its
 ratio to the constant-LR 0.1 fit of the same model (the quasi-Newton overhead: warm-up plus a few HVPs per
-re-estimate). Prints a markdown table. About 2-3 minutes on a 2-core CPU with the defaults.
+re-estimate). Prints a markdown table and, for a full run, writes it to ``--out`` (default
+``benchmarks/results/quasi_newton_training.md``, the file the READMEs quote). About 1-3 minutes on a 2-core CPU
+with the defaults.
 
 Usage::
 
     python benchmarks/quasi_newton_training.py [--quick] [--threads N] [--steps 150] [--batch-size 128] [--loss ce]
+        [--out FILE]
 
-``--quick``: 30 steps, constant LR 0.1 and quasi-Newton every 10 steps only (a smoke run of a minute).
+``--quick``: 30 steps, constant LR 0.1 and quasi-Newton every 10 steps only (a smoke run of a minute; no file
+unless ``--out`` is given).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 import warnings
 
@@ -83,7 +89,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--loss", choices=("ce", "mse"), default="ce", help="loss of both models (default ce)")
     parser.add_argument("--quick", action="store_true", help="30 steps, LR 0.1 and quasi-Newton every 10 only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
+    parser.add_argument("--out", default=None,
+                        help="also write the table here (default for a full run: benchmarks/results/quasi_newton_training.md)")
     args = parser.parse_args(argv)
+    out = args.out or (None if args.quick else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                            "quasi_newton_training.md"))
+    started = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     steps = 30 if args.quick and args.steps == 150 else args.steps
@@ -117,9 +128,16 @@ def main(argv: list[str] | None = None) -> str:
                 f"| {name} | {rule} | {loss_text} | {last_lr:.4g} | {elapsed:.1f} | {elapsed / reference_time:.2f} |"
             )
     table = "\n".join(rows)
-    print(f"Synthetic two-class CIFAR (classes [3, 5]), loss {args.loss}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch threads.\n")
+    header = (f"Synthetic two-class CIFAR (classes [3, 5]), loss {args.loss}, batch {args.batch_size}, "
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}.")
+    print(header + "\n")
     print(table)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        command = " ".join(["python benchmarks/quasi_newton_training.py", *(argv if argv is not None else sys.argv[1:])])
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(f"# Quasi-Newton LR against constant LRs\n\nProduced by `{command}` "
+                     f"({time.perf_counter() - started:.0f} s).\n\n{header}\n\n{table}\n")
     return table
 
 
