@@ -50,25 +50,22 @@ def _models(quick: bool) -> dict:
 
 
 def _compiled_hvp(model: torch.nn.Module):
-    """``f(params, v, batch) -> (gradient dict, Hv dict)``: torch.compile of jvp(grad(loss))."""
+    """``f(params, v, batch) -> (gradient dict, Hv dict)``: torch.compile of jvp(grad(loss)).
+
+    The loss is ``model.training_loss(batch)`` evaluated functionally the way ``HessianOperator`` does it
+    (``functional_call`` of the module wrapping ``loss_fn(model, batch)``, parameters named ``model.<name>``).
+    """
     from torch.func import functional_call, grad, jvp
 
+    from lyapunov_callbacks.hessian import _LossModule
+
+    module = _LossModule(model, C.loss_fn)
+
     def loss(params, batch):
-        return model.training_loss.__func__(_Bound(model, params), batch)
+        return functional_call(module, {f"model.{k}": t for k, t in params.items()}, (batch,))
 
     def grad_and_hvp(params, v, batch):
         return jvp(lambda p: grad(loss)(p, batch), (params,), (v,))
-
-    class _Bound(torch.nn.Module):
-        """``model`` called with ``params`` (functional_call) wherever ``training_loss`` calls ``self(...)``."""
-
-        def __init__(self, module, params):
-            super().__init__()
-            object.__setattr__(self, "_m", module)
-            object.__setattr__(self, "_p", params)
-
-        def __call__(self, *a):
-            return functional_call(self._m, self._p, a)
 
     return torch.compile(grad_and_hvp, dynamic=False)
 
