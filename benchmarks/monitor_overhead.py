@@ -236,7 +236,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         "hvps_first": hvps[0],
         "hvps_mean_warm": statistics.mean(hvps[1:]) if n > 1 else float("nan"),
         "per_estimate_ms": {k: 1e3 * v / n for k, v in parts.items()},
-        # (HVPs an oracle stopping rule needs from the same warm start, HVPs the monitor's rule took) per warm estimate
+        # (HVPs an oracle stopping rule needs from the same warm start, HVPs the monitor's rule took, step) per warm estimate
         "oracle": oracle,
         "fit_seconds": fit_seconds,
     }
