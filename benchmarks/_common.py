@@ -47,6 +47,20 @@ def header(title: str, args: argparse.Namespace) -> None:
     )
 
 
+def results_path(name: str) -> str:
+    """``benchmarks/results/<name>``: where a full run of a benchmark writes the file the READMEs quote."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+
+
+def write_results(out: str, script: str, argv: Sequence[str] | None, title: str, text: str, details: str = "") -> None:
+    """Write a benchmark's markdown to ``out``: ``# title``, the command that produced it (``script`` with
+    ``argv``, or this process's arguments) followed by ``details``, then ``text``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    command = " ".join([f"python benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write(f"# {title}\n\nProduced by `{command}`{details}.\n\n{text}")
+
+
 def progress(message: str) -> None:
     """A progress line on stderr (the tables go to stdout)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

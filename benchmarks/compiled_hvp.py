@@ -23,8 +23,6 @@ Run: ``python benchmarks/compiled_hvp.py [--quick] [--threads 1] [--repeats N] [
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import warnings
 
@@ -146,13 +144,11 @@ def main(argv=None) -> str:
             f"one recomputes the gradient with every product.\n\n{table}\n\n" + "\n".join(notes) + "\n")
     C.header("Compiled HVP (torch.compile of jvp(grad)) against HessianOperator's double backward", args)
     print(text)
-    out = args.out or (None if args.quick else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                            "compiled_hvp.md"))
+    out = args.out or (None if args.quick else C.results_path("compiled_hvp.md"))
     if out:
-        command = " ".join(["python benchmarks/compiled_hvp.py", *(argv if argv is not None else sys.argv[1:])])
-        with open(out, "w", encoding="utf-8") as fh:
-            fh.write(f"# Compiled HVP\n\nProduced by `{command}` ({time.perf_counter() - started:.0f} s), "
-                     f"torch {torch.__version__}, {torch.get_num_threads()} torch threads.\n\n{text}")
+        C.write_results(out, "compiled_hvp.py", argv, "Compiled HVP", text,
+                        f" ({time.perf_counter() - started:.0f} s), torch {torch.__version__}, "
+                        f"{torch.get_num_threads()} torch threads")
     return text
 
 

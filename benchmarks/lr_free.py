@@ -74,6 +74,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -91,7 +92,7 @@ CYCLIC = (0.05, 0.3)
 #: Re-estimate tolerance and cap, warm-up tolerance and cap: QuasiNewtonLR's defaults.
 QN_TOL, QN_MAX_ITER, QN_WARMUP_TOL, QN_WARMUP_HVPS = 1e-2, 50, 1e-3, 200
 DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE = 100, 32, 2048, 1000
-DEFAULT_OUT = os.path.join(_ROOT, "benchmarks", "results", "lr_free.md")
+DEFAULT_OUT = C.results_path("lr_free.md")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,15 +487,8 @@ def main(argv: Optional[list[str]] = None) -> str:
     text = "\n".join([header, "", *body(), *([""] + notes if notes else [])]) + "\n"
     print(text)
     if out:
-        _write(out, argv, text)
+        C.write_results(out, "lr_free.py", argv, "Learning-rate-free benchmark", text)
     return text
-
-
-def _write(out: str, argv: Optional[list[str]], text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
-        command = " ".join(["python benchmarks/lr_free.py", *(argv if argv is not None else sys.argv[1:])])
-        fh.write(f"# Learning-rate-free benchmark\n\nProduced by `{command}`.\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 import warnings
 
+import _common as C
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default=None,
                         help="also write the table here (default for a full run: benchmarks/results/quasi_newton_training.md)")
     args = parser.parse_args(argv)
-    out = args.out or (None if args.quick else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                            "quasi_newton_training.md"))
+    out = args.out or (None if args.quick else C.results_path("quasi_newton_training.md"))
     started = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -133,11 +131,8 @@ def main(argv: list[str] | None = None) -> str:
     print(header + "\n")
     print(table)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        command = " ".join(["python benchmarks/quasi_newton_training.py", *(argv if argv is not None else sys.argv[1:])])
-        with open(out, "w", encoding="utf-8") as fh:
-            fh.write(f"# Quasi-Newton LR against constant LRs\n\nProduced by `{command}` "
-                     f"({time.perf_counter() - started:.0f} s).\n\n{header}\n\n{table}\n")
+        C.write_results(out, "quasi_newton_training.py", argv, "Quasi-Newton LR against constant LRs",
+                        f"{header}\n\n{table}\n", f" ({time.perf_counter() - started:.0f} s)")
     return table
 
 

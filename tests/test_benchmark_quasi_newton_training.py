@@ -7,6 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def _load():
