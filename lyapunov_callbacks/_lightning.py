@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lyapunov_callbacks._state import rng_snapshot
-from lyapunov_callbacks.eigen import EigenResult, top_hessian_eigenvalues
+from lyapunov_callbacks.eigen import EigenResult, check_gap_safety, top_hessian_eigenvalues
 
 __all__ = [
     "BATCHES",
@@ -357,6 +357,7 @@ class EigenTracker:
         check_choice("stop", stop, ("residual", "gap"))
         if not is_number(second_weight) or not 0 <= second_weight <= 1:
             raise ValueError(f"`second_weight` must be a number in [0, 1], got {second_weight!r}; use e.g. 0.3.")
+        check_gap_safety(gap_safety)
         self.stop = stop
         self.gap_safety = float(gap_safety)
         self.second_weight = float(second_weight)
@@ -388,14 +389,13 @@ class EigenTracker:
                 choice ≈ 1/h0 from a warm start); ignored by the other methods.
         """
         init = self.start_vectors()
-        subspace = self.method == "lanczos" and self.k == 1 and self.second_weight > 0
         stop = self.stop if (self.method == "lanczos" and init is not None) else "residual"
         with torch.enable_grad():
             result = top_hessian_eigenvalues(
                 model, loss_fn, batch, k=self.k, method=self.method, hvp=self.hvp, tol=self.tol,
                 max_iter=self.max_iter, init=init, seed=self.seed, dtype=self.dtype,
                 alpha=alpha if self.method == "lyapunov" else None, stop=stop, gap_safety=self.gap_safety,
-                ritz_vectors=2 if subspace else 0,
+                ritz_vectors=2 if self._mixed_start else 0,
             )
         self.num_estimates += 1
         self.total_hvps += int(result.num_hvps)
@@ -404,7 +404,7 @@ class EigenTracker:
         if bool(torch.isfinite(result.eigenvalues).all()) and math.isfinite(float(result.eigenvectors.sum())):
             self.eigenvectors = result.eigenvectors.detach().clone()
             self.eigenvalues = result.eigenvalues.detach().clone()
-            if subspace:
+            if self._mixed_start:
                 basis = result.ritz_vectors if result.ritz_vectors is not None else result.eigenvectors
                 self.start_basis = basis.detach().clone()
         else:
@@ -414,12 +414,17 @@ class EigenTracker:
             )
         return result
 
+    @property
+    def _mixed_start(self) -> bool:
+        """Whether warm starts mix in the second Ritz vector (``k = 1``, Lanczos, ``second_weight > 0``)."""
+        return self.method == "lanczos" and self.k == 1 and self.second_weight > 0
+
     def start_vectors(self) -> torch.Tensor | None:
         """The ``init`` of the next estimate: ``None`` (cold), the last eigenvectors, or ``y0 + second_weight·y1``."""
         if not self.warm_start or self.eigenvectors is None:
             return None
         basis = self.start_basis
-        if self.method == "lanczos" and self.k == 1 and self.second_weight > 0 and basis is not None and basis.shape[1] > 1:
+        if self._mixed_start and basis is not None and basis.shape[1] > 1:
             init = torch.add(basis[:, 0], basis[:, 1], alpha=self.second_weight)
             return init / torch.linalg.vector_norm(init)
         return self.eigenvectors

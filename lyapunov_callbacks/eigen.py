@@ -425,12 +425,17 @@ def lanczos(
     return result
 
 
-def _check_lanczos_extras(gap_safety: Any, ritz_vectors: Any) -> None:
+def check_gap_safety(gap_safety: Any) -> None:
+    """Raise ``ValueError`` unless ``gap_safety`` (the gap rule's safety factor) is a finite number ``>= 1``."""
     check_positive("gap_safety", gap_safety, "gap_safety=10")
     if gap_safety < 1:
         raise ValueError(
             f"gap_safety={gap_safety!r} must be >= 1 (it divides the tolerance of the gap estimate); use gap_safety=10."
         )
+
+
+def _check_lanczos_extras(gap_safety: Any, ritz_vectors: Any) -> None:
+    check_gap_safety(gap_safety)
     check_int("ritz_vectors", ritz_vectors, "ritz_vectors=0 (none beyond the top k)", minimum=0)
 
 

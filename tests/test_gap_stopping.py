@@ -128,12 +128,15 @@ def test_a_two_vector_start_finds_h0_after_h0_and_h1_swap():
     assert abs(found[0.3] - 1.0) < 1e-3  # the mixed start: h0
 
 
-def test_eigen_tracker_rejects_a_bad_second_weight():
+def test_eigen_tracker_rejects_a_bad_second_weight_or_gap_safety():
     from lyapunov_callbacks._lightning import EigenTracker
 
     for bad in (-0.1, 1.5, float("nan"), "0.3"):
         with pytest.raises(ValueError, match="second_weight"):
             EigenTracker(second_weight=bad)
+    for bad in (0.5, float("inf"), None):  # checked at construction, not at the first estimate
+        with pytest.raises(ValueError, match="gap_safety"):
+            EigenTracker(gap_safety=bad)
 
 
 def test_lanczos_returns_the_top_ritz_pairs_on_request():
