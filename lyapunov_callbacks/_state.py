@@ -20,14 +20,22 @@ def rng_snapshot(cuda_devices: list[int] | None = None) -> dict:
     """
     state: dict = {"cpu": torch.get_rng_state(), "cuda": {}}
     if cuda_devices is None:
-        cuda_devices = (
-            list(range(torch.cuda.device_count()))
-            if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else []
-        )
+        # ``is_initialized`` first: it reads a flag, while ``is_available`` (and ``device_count``) re-query
+        # NVML (a dlopen, ~0.3 ms) on every call once Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1.
+        cuda_devices = list(range(_cuda_device_count())) if torch.cuda.is_initialized() else []
     for idx in cuda_devices:
         state["cuda"][idx] = torch.cuda.get_rng_state(idx)
     return state
+
+
+_CUDA_DEVICE_COUNT: list[int] = []
+
+
+def _cuda_device_count() -> int:
+    """``torch.cuda.device_count()`` of an initialised CUDA context, asked once per process (it cannot change then)."""
+    if not _CUDA_DEVICE_COUNT:
+        _CUDA_DEVICE_COUNT.append(torch.cuda.device_count())
+    return _CUDA_DEVICE_COUNT[0]
 
 
 def restore_rng(state: dict) -> None:

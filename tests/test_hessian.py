@@ -415,3 +415,23 @@ def test_usable_from_inference_and_no_grad_contexts():
                 with HessianOperator(model, make_loss_fn("ce"), inf_batch, backend=backend) as op:
                     hv = op.matvec(v.clone())
             assert float((hv - H @ v).norm() / (H @ v).norm()) < tol, (ctx, backend)
+
+
+def test_rng_snapshot_does_not_query_cuda_availability(monkeypatch):
+    # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, under which every torch.cuda.is_available() re-loads
+    # NVML; the per-step snapshots of the callbacks must not pay that when CUDA is not initialised.
+    from lyapunov_callbacks._state import restore_rng, rng_snapshot
+
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised in this process: its RNG streams are snapshotted")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("torch.cuda.is_available() called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", fail)
+    monkeypatch.setattr(torch.cuda, "device_count", fail)
+    state = rng_snapshot()
+    assert state["cuda"] == {}
+    expected = torch.rand(3)
+    restore_rng(state)
+    assert torch.equal(torch.rand(3), expected)
