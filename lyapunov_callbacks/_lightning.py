@@ -402,11 +402,14 @@ class EigenTracker:
         # The eigenvectors have unit columns, so their sum (|sum| <= k·sqrt(dim), no overflow) is finite
         # exactly when every entry is: one reduction instead of an element-wise mask of dim·k entries.
         if bool(torch.isfinite(result.eigenvalues).all()) and math.isfinite(float(result.eigenvectors.sum())):
-            self.eigenvectors = result.eigenvectors.detach().clone()
             self.eigenvalues = result.eigenvalues.detach().clone()
             if self._mixed_start:
                 basis = result.ritz_vectors if result.ritz_vectors is not None else result.eigenvectors
                 self.start_basis = basis.detach().clone()
+                # The top Ritz vectors lead the basis: a view of that copy, not a second (strided) copy.
+                self.eigenvectors = self.start_basis[:, : self.k]
+            else:
+                self.eigenvectors = result.eigenvectors.detach().clone()
         else:
             rank_zero_warn(
                 "Non-finite Hessian eigenvalue estimate; keeping the previous eigenvectors as warm start.",

@@ -413,14 +413,15 @@ def lanczos(
         return _result(op, values, vectors, start_hvps, converged)
     # More Ritz pairs: accumulated as rows (contiguous writes; an outer product into [dim, b] columns is
     # strided and cost ~7 ms per basis vector at dim 1.8M), the top k of them being the eigenvectors.
+    # Written in descending order of the Ritz values (theta ascends: its columns reversed), so no reordering
+    # copy of the rows is needed after.
     wide = slice(m - max(k, min(ritz_vectors, m)), m)
+    coefficients = S[:, wide].flip(1)
     rows = torch.zeros(wide.stop - wide.start, n, dtype=op.dtype, device=op.device)
     for i, q in enumerate(Q[:m]):
-        rows.addr_(S[i, wide], q)
-    order = torch.argsort(theta[wide], descending=True)
-    rows = rows[order.to(op.device)]
+        rows.addr_(coefficients[i], q)
     result = _result(op, values.flip(0), rows[:k].T, start_hvps, converged)  # values descending, like rows
-    result.ritz_values = theta[wide][order].to(device=op.device, dtype=op.dtype)
+    result.ritz_values = theta[wide].flip(0).to(device=op.device, dtype=op.dtype)
     result.ritz_vectors = rows.T
     return result
 
@@ -816,7 +817,10 @@ def top_hessian_eigenvalues(
         check_positive("alpha", alpha, "alpha=None (automatic)")
     if init is not None:
         check_shape("init", init, dim, matrix=True)
-    with HessianOperator(model, loss_fn, batch, backend=hvp, process_group=process_group, dtype=dtype) as op:
+    # snapshot=False: the operator lives only inside this call, where nothing else can write the parameters.
+    with HessianOperator(
+        model, loss_fn, batch, backend=hvp, process_group=process_group, dtype=dtype, snapshot=False
+    ) as op:
         if init is not None:
             init = init.to(device=op.device, dtype=op.dtype)
         if method == "lanczos":

@@ -135,7 +135,13 @@ class HessianOperator:
     of ``θ``; a second, in the parameters' own dtype, only when the working dtype differs) and
     every product first compares the model's parameters with it, bit for bit: a parameter moved by
     an optimiser step or written through ``.data`` (which version counters miss) raises
-    :class:`StaleOperatorError` (a ``RuntimeError``) instead of returning a stale product.
+    :class:`StaleOperatorError` (a ``RuntimeError``) instead of returning a stale product. With
+    ``snapshot=False`` the operator differentiates at the parameters' own storage instead (no copy of
+    ``θ`` where no cast is needed, and only the version counters are checked, so an optimiser step is still
+    caught but a ``.data`` write is not): for an operator whose whole life is inside one call during which
+    nothing writes the parameters, as in :func:`~lyapunov_callbacks.eigen.top_hessian_eigenvalues` and the
+    callbacks. Its products are bit for bit those of ``snapshot=True``; it saves a copy of the weights per
+    operator and a comparison of them per product.
 
     **One fixed matrix under dropout.** The CPU (and, on CUDA, the device's) RNG state is
     captured at construction; every loss evaluation inside the operator starts from that state
@@ -170,11 +176,13 @@ class HessianOperator:
         process_group: the group to average over; ``None`` = the default group.
         distributed: force (``True``) or disable (``False``) averaging over ranks; ``None`` = auto.
         gradient: ``∇L(θ)`` as a flat vector if already known (``finite_difference`` only; the
-            all-rank mean under DDP), saving one backward pass.
+            all-rank mean under DDP), saving one backward pass. Copied unless ``snapshot=False``.
+        snapshot: ``True`` (default): differentiate at a checked copy of the parameters (see *A snapshot,
+            checked*); ``False``: at the parameters themselves, for an operator used only inside one call.
 
     Raises:
         ValueError: unknown ``backend``, non-positive ``fd_rel_eps``, a non-floating ``dtype``,
-            a model without trainable parameters, a ``loss_fn`` that does not return a scalar,
+            a non-bool ``snapshot``, a model without trainable parameters, a ``loss_fn`` that does not return a scalar,
             a ``gradient`` of the wrong shape, or ``distributed=True`` without a process group
             (the :mod:`lyapunov_callbacks._checks` types, all ``ValueError`` subclasses).
         RuntimeError: ``matvec`` after :meth:`close`; :class:`StaleOperatorError` after the
@@ -212,6 +220,7 @@ class HessianOperator:
         process_group: Any = None,
         distributed: bool | None = None,
         gradient: torch.Tensor | None = None,
+        snapshot: bool = True,
     ) -> None:
         if backend is not None and backend != type(self).backend:
             check_choice("backend", backend, BACKENDS)
@@ -219,6 +228,8 @@ class HessianOperator:
         check_positive("fd_rel_eps", fd_rel_eps, "fd_rel_eps=1e-3")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn={loss_fn!r} must be callable as loss_fn(model, batch) -> scalar Tensor.")
+        if not isinstance(snapshot, bool):
+            raise ValueError(f"`snapshot` must be True or False, got {snapshot!r}.")
         named = trainable_parameters(model)
         if not named:
             raise NoTrainableParametersError(
@@ -254,15 +265,20 @@ class HessianOperator:
         self._cast = any(t.dtype != dtype for t in every) or any(
             b.is_floating_point() and b.dtype != dtype for b in model.buffers()
         )
-        # The snapshot θ the operator differentiates at: its own copies (never views of the parameters, so a
-        # `.data` write cannot reach into it), in the working dtype. Frozen parameters are constants of L.
+        # The point θ the operator differentiates at. snapshot=True: its own copies (never views of the
+        # parameters, so a `.data` write cannot reach into it), in the working dtype. snapshot=False: the
+        # parameters' own storage (detached) where no cast is needed. Frozen parameters are constants of L.
+        self._snapshot = snapshot
         with torch.no_grad(), torch.inference_mode(False):
-            self._theta = [p.detach().to(dtype, copy=True) for p in self._params]
-            self._frozen = {"model." + n: p.detach().to(dtype, copy=True) for n, p in frozen}
-        # What each product compares the model with: the copy itself when it has the parameter's dtype.
-        snapshot = [*self._theta, *self._frozen.values()]
+            copy = snapshot or any(t.is_inference() for t in every)
+            self._theta = [p.detach().to(dtype, copy=copy) for p in self._params]
+            self._frozen = {"model." + n: p.detach().to(dtype, copy=copy) for n, p in frozen}
+        # What each product compares the model with: the copy itself when it has the parameter's dtype
+        # (snapshot=False: the version counters alone).
+        points = [*self._theta, *self._frozen.values()]
         self._watch = [
-            (p, p._version, s if s.dtype == p.dtype else p.detach().clone()) for p, s in zip(every, snapshot)
+            (p, p._version, None if not snapshot else s if s.dtype == p.dtype else p.detach().clone())
+            for p, s in zip(every, points)
         ]
         with torch.inference_mode(False):
             self._batch = _prepare_batch(batch, dtype if self._cast else None)
@@ -451,7 +467,7 @@ class HessianOperator:
         if self._closed:
             raise RuntimeError("HessianOperator was closed; build a new one to compute more products.")
         if check_parameters and any(
-            p._version != ver or not bitwise_equal(p, saved) for p, ver, saved in self._watch
+            p._version != ver or (saved is not None and not bitwise_equal(p, saved)) for p, ver, saved in self._watch
         ):
             raise StaleOperatorError(
                 "The model's parameters were modified in place after this HessianOperator was built "
@@ -526,9 +542,11 @@ class FiniteDifferenceHessian(HessianOperator):
 
     def _build(self, gradient: torch.Tensor | None) -> tuple[torch.Tensor | None, Any]:
         self.nonsmooth: list[str] = nonsmooth_modules(self._model)
-        self._theta_norm = float(torch.linalg.vector_norm(self._flatten(self._theta)))
+        # ‖θ‖ from the per-parameter squared norms (no flat copy of θ).
+        self._theta_norm = math.sqrt(sum(float(torch.dot(t.reshape(-1), t.reshape(-1))) for t in self._theta))
         if gradient is not None:
-            return None, self._check_vector(gradient, "gradient").clone()
+            gradient = self._check_vector(gradient, "gradient")
+            return None, gradient.clone() if self._snapshot else gradient
         return self._loss_and_gradient(self._theta, flatten=False)
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:

@@ -369,7 +369,7 @@ class HessianEigenvalueMonitor(Callback):
     def _operator(self, pl_module: pl.LightningModule, loss_fn: Any, batch: Any, rng: dict) -> HessianOperator:
         restore_rng(rng)  # the operator captures the RNG: the training forward's dropout masks
         with torch.enable_grad():
-            return HessianOperator(pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype)
+            return HessianOperator(pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype, snapshot=False)
 
     def _solve_preconditioned(self, op: PreconditionedOperator) -> EigenResult:
         """Top eigenpair of P^-½HP^-½ by the monitor's method, warm-started from the last one."""

@@ -306,7 +306,8 @@ class LyapunovExponentMonitor(Callback):
             restore_rng(rng)  # the operator captures the RNG at construction: the training forward's state
             with torch.enable_grad():
                 op = HessianOperator(
-                    pl_module, loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype, gradient=gradient
+                    pl_module, loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype, gradient=gradient,
+                    snapshot=False,
                 )
         finally:
             restore_rng(current)

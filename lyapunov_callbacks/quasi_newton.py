@@ -583,7 +583,9 @@ class QuasiNewtonLR(Callback):
         """One warm-started estimate of λ1(P⁻¹H), kept in the tracker like its own estimates."""
         tracker = self._tracker
         init = tracker.eigenvectors
-        with torch.enable_grad(), HessianOperator(pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype) as op:
+        with torch.enable_grad(), HessianOperator(
+            pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype, snapshot=False
+        ) as op:
             pre = self._preconditioned(op, pl_module, optimizer)
             if init is not None:
                 init = init.to(device=op.device, dtype=op.dtype)
@@ -607,7 +609,7 @@ class QuasiNewtonLR(Callback):
         with preserved_state(pl_module, copy_tensors=False):
             restore_rng(rng)
             with torch.enable_grad(), HessianOperator(
-                pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype
+                pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype, snapshot=False
             ) as op:
                 target = self._preconditioned(op, pl_module, optimizer) if self._adam else op
                 v = vec[:, 0].to(device=op.device, dtype=op.dtype)

@@ -417,6 +417,51 @@ def test_usable_from_inference_and_no_grad_contexts():
             assert float((hv - H @ v).norm() / (H @ v).norm()) < tol, (ctx, backend)
 
 
+@pytest.mark.parametrize("backend", ["autograd", "finite_difference"])
+def test_snapshot_false_gives_the_same_bits_without_copying_the_parameters(backend):
+    # BatchNorm, dropout and an eval-mode submodule: the paths where a copy could have mattered.
+    model = _model_with_everything()
+    batch = data("cnn", "ce")
+    loss_fn = make_loss_fn("ce")
+    V = torch.randn(num_trainable_parameters(model), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(99)  # the operators capture the RNG: the same dropout masks for both
+    rng = torch.get_rng_state()
+    results = {}
+    for snap in (True, False):
+        torch.set_rng_state(rng)
+        before = snapshot(model)
+        with HessianOperator(model, loss_fn, batch, backend=backend, snapshot=snap) as op:
+            results[snap] = (op.matvec(V[:, 0]), op.matmat(V), op.gradient(), op.loss())
+            shares = {t.data_ptr() for t in op._theta} & {p.data_ptr() for p in model.parameters()}
+            # snapshot=False differentiates at the parameters' own storage, snapshot=True at copies.
+            assert bool(shares) is (not snap)
+        assert_bitwise_same(before, snapshot(model))
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
+def test_snapshot_false_still_catches_an_optimiser_step_but_not_a_data_write():
+    model = tanh_mlp()
+    batch = data("mlp", "ce")
+    loss_fn = make_loss_fn("ce")
+    v = torch.randn(num_trainable_parameters(model), dtype=torch.float64)
+    for snap in (True, False):
+        op = HessianOperator(model, loss_fn, batch, snapshot=snap)
+        with torch.no_grad():
+            model[0].bias.add_(1.0)  # an optimiser step: a version-counter bump
+        with pytest.raises(RuntimeError, match="modified in place"):
+            op.matvec(v)
+    # A `.data` write bumps no version counter: only the checked copy (snapshot=True) sees it.
+    checked = HessianOperator(model, loss_fn, batch)
+    unchecked = HessianOperator(model, loss_fn, batch, snapshot=False)
+    model[0].bias.data.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        checked.matvec(v)
+    assert torch.isfinite(unchecked.matvec(v)).all()
+    with pytest.raises(ValueError, match="snapshot"):
+        HessianOperator(model, loss_fn, batch, snapshot=1)
+
+
 def test_rng_snapshot_does_not_query_cuda_availability(monkeypatch):
     # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, under which every torch.cuda.is_available() re-loads
     # NVML; the per-step snapshots of the callbacks must not pay that when CUDA is not initialised.
