@@ -31,6 +31,7 @@ __all__ = [
     "preserved_state",
     "trainable_parameters",
     "num_trainable_parameters",
+    "graph_hvp",
 ]
 
 Backend = Literal["autograd", "finite_difference"]
@@ -103,6 +104,52 @@ def nonsmooth_modules(model: nn.Module) -> list[str]:
         ):
             found.append(name or type(m).__name__)
     return found
+
+
+def graph_hvp(loss: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """``H v`` of a scalar ``loss`` whose autograd graph already exists, leaving that graph usable.
+
+    The product of :class:`AutogradHessian` (a ``create_graph`` gradient, then one reverse pass over it with
+    ``v``'s pieces), taken on a graph someone else built, e.g. the training step's own loss before its
+    backward: no forward pass of its own. Both passes retain the graph, so the caller's ``loss.backward()``
+    still runs, and neither writes ``.grad``. It runs no forward, so there is no dropout RNG or BatchNorm
+    statistic to guard; hooks registered on the parameters (``Tensor.register_hook``) do run, so callers
+    check for them first.
+
+    Args:
+        loss: scalar tensor whose graph reaches ``params``.
+        params: the tensors ``H`` is taken with respect to, in the order of ``v``'s pieces.
+        v: flat vector of length ``sum(p.numel())`` in the parameters' dtype and device.
+
+    Returns:
+        ``H v`` as a new flat tensor (pieces the loss does not depend on twice are zero).
+
+    Raises:
+        ValueError: ``v`` of the wrong length, or ``loss`` not a scalar that requires grad.
+        RuntimeError: whatever autograd raises for a graph without a double backward (e.g. a fused attention
+            kernel, reentrant checkpointing); the graph is retained, so the caller can fall back.
+    """
+    numels = [p.numel() for p in params]
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise ValueError("loss must be a scalar tensor that requires grad (its graph is differentiated twice).")
+    check_shape("v", v, sum(numels))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
+        index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        out = torch.zeros_like(v)
+        if not index:  # the loss is (at most) linear in every parameter
+            return out
+        chunks = [c.view(p.shape) for c, p in zip(torch.split(v, numels), params)]
+        hv = torch.autograd.grad(
+            [grads[i] for i in index], params, grad_outputs=[chunks[i] for i in index], retain_graph=True,
+            allow_unused=True,
+        )
+    offset = 0
+    for t, n in zip(hv, numels):
+        if t is not None:
+            out[offset : offset + n].copy_(t.reshape(-1))
+        offset += n
+    return out
 
 
 class StaleOperatorError(RuntimeError):

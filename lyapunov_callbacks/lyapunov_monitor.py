@@ -9,7 +9,7 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lyapunov_callbacks._lightning import (
     MeanLoss,
@@ -25,7 +25,14 @@ from lyapunov_callbacks._lightning import (
     resolve_loss_fn,
 )
 from lyapunov_callbacks._state import restore_rng, rng_snapshot
-from lyapunov_callbacks.hessian import BACKENDS, HessianOperator, num_trainable_parameters, trainable_parameters
+from lyapunov_callbacks.distributed import is_distributed
+from lyapunov_callbacks.hessian import (
+    BACKENDS,
+    HessianOperator,
+    graph_hvp,
+    num_trainable_parameters,
+    trainable_parameters,
+)
 from lyapunov_callbacks.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
 from lyapunov_callbacks.tensorboard_layout import add_paper_layout
 
@@ -43,10 +50,12 @@ class LyapunovExponentMonitor(Callback):
     the tangent :math:`(\delta\theta, \delta m, \delta v)` goes through the exact linearisation of PyTorch's
     step (bias corrections, ε, coupled or decoupled weight decay, ``amsgrad``, ``maximize``, per-group
     hyper-parameters; see :class:`~lyapunov_callbacks.tangent.AdamTangentDynamics`), which reads the step's
-    gradient from ``.grad`` and m, v from the optimiser's state. Each step costs one Hessian-vector product (HVP),
-    computed in ``on_before_optimizer_step`` — after other callbacks and schedulers set the LR, before the
-    weights move, so α is the LR the step really uses — on the step's own batch and with the same dropout masks
-    as the training forward (the RNG state is captured in ``on_train_batch_start`` and replayed). With
+    gradient from ``.grad`` and m, v from the optimiser's state. Each step costs one Hessian-vector product (HVP)
+    on the step's own batch and with the same dropout masks as the training forward: taken on the training
+    step's graph before its backward (see *Products on the training graph*), or else in
+    ``on_before_optimizer_step`` by an operator that replays the RNG state captured in ``on_train_batch_start``.
+    δ moves in ``on_before_optimizer_step`` — after other callbacks and schedulers set the LR, before the
+    weights move, so α is the LR the step really uses. With
     ``accumulate_grad_batches = k`` one tangent step is taken per optimiser step, with the Hessian of the loss
     that step optimises: the mean of its ``k`` micro-batch losses (each with its own dropout masks). λ for a window is the mean log growth
     :math:`\frac1W\sum_t \log(\lVert\delta_{t+1}\rVert / \lVert\delta_t\rVert)` of its ``window`` consecutive
@@ -56,6 +65,16 @@ class LyapunovExponentMonitor(Callback):
     Logged at the last step of each window (to ``trainer.callback_metrics`` and every logger), ``{prefix}``
     being the ``prefix`` argument (default ``"lyapunov"``): ``{prefix}/lambda``, ``{prefix}/skipped_steps`` and
     ``optim/lr`` (the LR of that step, shared by all callbacks).
+
+    **Products on the training graph.** With ``reuse_training_graph=True`` (default) the product is taken in
+    ``on_before_backward`` on the training step's own autograd graph (:func:`~lyapunov_callbacks.hessian.graph_hvp`):
+    the same weights, batch, dropout masks and BatchNorm batch statistics, and no forward of its own; both
+    passes retain the graph, so Lightning's backward runs after it unchanged. The Hessian is then that of the
+    loss ``training_step`` returns (the loss the optimiser steps on; ``training_loss`` for a module that keeps
+    its contract), and the products are bit for bit the operator's (``tests/test_lyapunov_training_graph.py``).
+    This needs exact products (``hvp="autograd"``), full precision (``32-true`` / ``64-true``), one process, a
+    tangent in the parameters' dtype and no hook on a parameter's gradient; otherwise, and from the first step
+    whose graph has no double backward on (an info message says so), the products use the operator below.
 
     **Non-finite steps.** A step whose HVP is not finite (a diverged loss) or whose log growth is not finite
     (the step annihilated δ exactly) is skipped: δ keeps its direction, the step is left out of λ (of its window
@@ -82,10 +101,11 @@ class LyapunovExponentMonitor(Callback):
 
     Cost:
 
-    - ``every_n_steps=None`` (continuous): every step propagates δ, one HVP per step. An HVP costs about
-      1.6-2.2 forward+backward passes besides building the gradient graph, so training runs ~2-3× slower
-      (2.2× measured on an MLP); λ is logged every ``window`` steps. The Adam tangent adds a few element-wise
-      passes over (δθ, δm, δv) per step, small beside the HVP (``benchmarks/adam_overhead.py``).
+    - ``every_n_steps=None`` (continuous): every step propagates δ, one HVP per step: on the training graph a
+      ``create_graph`` backward plus one double backward (with the operator, a forward more). Measured ratios
+      to a plain fit are in ``benchmarks/results/monitor_overhead.md``; λ is logged every ``window`` steps.
+      The Adam tangent adds a few element-wise passes over (δθ, δm, δv) per step, small beside the HVP
+      (``benchmarks/adam_overhead.py``).
     - ``every_n_steps=N`` (N ≥ ``window``): a window of ``window`` steps starts at every step that is a
       multiple of N (cost ``window/N`` of the continuous cost). δ is kept between windows as a warm start: it is
       already aligned with the expanding direction, so each window measures λ rather than a transient.
@@ -108,9 +128,12 @@ class LyapunovExponentMonitor(Callback):
             ``"float64"``: dtype of the HVP and of the tangent vector.
         prefix: tag prefix of this monitor's values (default ``"lyapunov"``); ``optim/lr`` is not prefixed.
         prog_bar: also show ``{prefix}/lambda`` in the progress bar (default False).
+        reuse_training_graph: take the products on the training step's graph where possible (default True; see
+            *Products on the training graph*); False: always evaluate the loss again through the operator.
 
     Raises:
-        ValueError: ``window < 1``, ``every_n_steps < window``, unknown ``hvp`` or ``dtype``, a bad ``prefix``;
+        ValueError: ``window < 1``, ``every_n_steps < window``, unknown ``hvp`` or ``dtype``, a bad ``prefix``, a
+            non-bool ``reuse_training_graph``;
             at fit start, with an optimiser other than ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (a subclass
             included), ``SGD(maximize=True)``, SGD param groups that differ in momentum, dampening, Nesterov or
             weight decay, trainable parameters the optimiser does not update, manual optimisation, several
@@ -134,8 +157,12 @@ class LyapunovExponentMonitor(Callback):
         dtype: str | torch.dtype | None = None,
         prefix: str = "lyapunov",
         prog_bar: bool = False,
+        reuse_training_graph: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(reuse_training_graph, bool):
+            raise ValueError(f"`reuse_training_graph` must be True or False, got {reuse_training_graph!r}.")
+        self.reuse_training_graph = reuse_training_graph
         self.prefix = check_prefix(prefix)
         self.prog_bar = bool(prog_bar)
         check_int("window", window, "window=20")
@@ -201,6 +228,7 @@ class LyapunovExponentMonitor(Callback):
         if self._pending_state is not None:
             self.tangent.load_state_dict(self._pending_state)
             self._pending_state = None
+        self._graph_params = self._training_graph_parameters(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -212,11 +240,38 @@ class LyapunovExponentMonitor(Callback):
         if self._pending_step != step or not self._pending:
             # First micro-batch of this optimiser step.
             self._pending, self._pending_step = [], step
+            self._graph_hv, self._graph_parts = None, 0
             if self.every_n_steps is not None and step % self.every_n_steps == 0 and self._window_count():
                 self.tangent.flush_window()  # a partial window left over (e.g. an interrupted run) is discarded
                 self._window_skipped = 0
         # The RNG state right before the training forward: replayed so the HVP sees the same dropout masks.
         self._pending.append((batch, rng_snapshot()))
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # H_t δ on the training step's own graph (same weights, batch and dropout masks, no forward of its
+        # own); with accumulation, the products of the micro-batch losses (each divided by k) add up.
+        params = self._graph_params
+        if (
+            params is None
+            or self._pending_step != trainer.global_step
+            or len(self._pending) != self._graph_parts + 1  # one product per micro-batch, in order
+            or not isinstance(loss, torch.Tensor)
+            or not loss.requires_grad
+        ):
+            return
+        try:
+            hv = graph_hvp(loss, params, self.tangent.delta_theta)
+        except (RuntimeError, ValueError) as err:
+            # E.g. a kernel without a double backward: the graph is retained, the step falls back to the
+            # operator (own forward, math attention kernel), and so do the following ones.
+            self._graph_params, self._graph_hv, self._graph_parts = None, None, 0
+            rank_zero_info(
+                f"{type(self).__name__}: the training step's graph has no double backward ({err}); the "
+                "Hessian-vector products evaluate the loss again from now on."
+            )
+            return
+        self._graph_hv = hv if self._graph_hv is None else self._graph_hv.add_(hv)
+        self._graph_parts += 1
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -251,6 +306,10 @@ class LyapunovExponentMonitor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._pending: list[tuple[Any, dict]] = []  # (batch, rng) of the micro-batches of the step being taken
         self._pending_step: int | None = None
+        # Products on the training graph: the parameters (None: off), the summed product, micro-batches done.
+        self._graph_params: list[torch.Tensor] | None = None
+        self._graph_hv: torch.Tensor | None = None
+        self._graph_parts = 0
 
     def _active(self, step: int) -> bool:
         return self.every_n_steps is None or step % self.every_n_steps < self._window
@@ -277,6 +336,28 @@ class LyapunovExponentMonitor(Callback):
             dtype=self._tangent_dtype(pl_module),
         )
 
+    def _training_graph_parameters(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> list[torch.Tensor] | None:
+        """The trainable parameters when products can be taken on the training step's graph, else ``None``.
+
+        That needs the exact HVP in full precision on one process (under DDP the product must be averaged over
+        ranks and the graph belongs to DDP's reducer), a tangent in the parameters' dtype and device, and no
+        hook on a parameter's gradient (it would run during the extra passes).
+        """
+        if not self.reuse_training_graph or self.hvp != "autograd":
+            return None
+        if trainer.precision not in ("32-true", "64-true") or trainer.world_size > 1 or is_distributed():
+            return None
+        params = [p for _, p in trainable_parameters(pl_module)]
+        tangent = self.tangent
+        if any(
+            p.dtype != tangent.dtype or p.device != tangent.delta_theta.device or getattr(p, "_backward_hooks", None)
+            for p in params
+        ):
+            return None
+        return params
+
     def _training_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
         """∇L(θ) of this step as the training backward left it in ``.grad``, when it is exactly that gradient.
 
@@ -294,6 +375,19 @@ class LyapunovExponentMonitor(Callback):
 
     def _propagate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]]) -> float:
         """One linearised step of δ at the current (pre-step) weights; returns its log growth (NaN: skipped)."""
+        tangent = self.tangent
+        ready, self._graph_hv = self._graph_hv, None
+        if ready is not None and self._graph_parts == len(micro):
+            self._graph_parts = 0
+            delta = tangent.delta_theta
+
+            def product(v: torch.Tensor) -> torch.Tensor:
+                if v is not delta:  # the tangent asks for H δ, the product taken on the training graph
+                    raise RuntimeError("the tangent step asked for a product with a vector other than δ")
+                return ready
+
+            return self._tangent_step(trainer, product)
+        self._graph_parts = 0
         # Finite differences need ∇L(θ) and ∇L(θ+εv): the first is the training step's own gradient (with
         # accumulation, .grad holds the gradient of the mean micro-batch loss: the loss differentiated here).
         gradient = self._training_gradient(trainer, pl_module) if self.hvp == "finite_difference" else None
@@ -306,26 +400,30 @@ class LyapunovExponentMonitor(Callback):
             restore_rng(rng)  # the operator captures the RNG at construction: the training forward's state
             with torch.enable_grad():
                 op = HessianOperator(
-                    pl_module, loss_fn, batch, backend=self.hvp, dtype=self.tangent.dtype, gradient=gradient,
+                    pl_module, loss_fn, batch, backend=self.hvp, dtype=tangent.dtype, gradient=gradient,
                     snapshot=False,
                 )
         finally:
             restore_rng(current)
+        with op:
+            return self._tangent_step(trainer, op.matvec)
+
+    def _tangent_step(self, trainer: pl.Trainer, product: Any) -> float:
+        """``tangent.step`` with the products of ``product``; returns the log growth (NaN: the step is skipped)."""
         tangent = self.tangent
         saved = tangent.snapshot()
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
-            hv = op.matvec(v)
+            hv = product(v)
             if not math.isfinite(float(hv.sum())):
                 raise _NonFiniteStep
             return hv
 
-        with op:
-            try:
-                # lr=None: each group's own LR; the Adam tangent reads the step's gradient from .grad.
-                growth = tangent.step(matvec)
-            except _NonFiniteStep:
-                growth = float("nan")
+        try:
+            # lr=None: each group's own LR; the Adam tangent reads the step's gradient from .grad.
+            growth = tangent.step(matvec)
+        except _NonFiniteStep:
+            growth = float("nan")
         # A unit vector's sum is at most sqrt(dim) in size: it is finite exactly when every entry is (one
         # reduction instead of an element-wise mask of dim entries).
         if math.isfinite(growth) and math.isfinite(float(tangent.delta_theta.sum())):

@@ -217,7 +217,9 @@ def test_accumulated_step_hessian_and_lambda_against_exact_hessian_of_the_mean_l
 def test_a_non_finite_tangent_step_is_skipped_and_counted_not_poisoning_lambda():
     steps, lr, poison = 4, 0.3, 1
     recorder = StepRecorder()
-    lyap = LyapunovExponentMonitor(window=2, seed=5)
+    # Only training_loss is poisoned (training_step trains on the finite loss), so the products must come
+    # from the operator, which evaluates training_loss, not from the training step's graph.
+    lyap = LyapunovExponentMonitor(window=2, seed=5, reuse_training_graph=False)
     rec, model = RecordingLogger(), TanhMLP(lr=lr, poison_at=poison)
     with pytest.warns(RuntimeWarning, match="skipped_steps"):
         _trainer([recorder, lyap], logger=rec, max_steps=steps).fit(model, _loader())

@@ -168,7 +168,8 @@ def test_hvp_uses_the_training_steps_dropout_masks(monkeypatch):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(48, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (48,), generator=g))
     compare = CompareGrad()
-    monitor = LyapunovExponentMonitor(window=3)
+    # The operator path (products on the training graph need no replay; tests/test_lyapunov_training_graph.py).
+    monitor = LyapunovExponentMonitor(window=3, reuse_training_graph=False)
     _trainer([monitor, compare], max_steps=6).fit(DropoutNet(), DataLoader(data, batch_size=8, shuffle=True))
     assert len(compare.diffs) == 6 and len(grads) == 6  # one operator (one HVP) per step
     assert max(compare.diffs) < 1e-12
