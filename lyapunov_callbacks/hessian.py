@@ -360,12 +360,8 @@ class HessianOperator:
         raise NotImplementedError
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """This rank's contribution to ``H v`` for one contiguous flat ``v``."""
+        """This rank's ``H v`` for one contiguous flat ``v`` as a new tensor (the rank average is ``H v``)."""
         raise NotImplementedError
-
-    def _finish(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Turn the (rank-averaged) ``[dim, b]`` block of local products into ``H V`` (``rows[j]`` = column j)."""
-        return out
 
     # ------------------------------------------------------------------ public API
 
@@ -385,7 +381,6 @@ class HessianOperator:
             self.num_hvps += 1
             if self.distributed:
                 _dist.all_reduce_mean_(out, self.process_group)
-            out = self._finish(out.unsqueeze(1), v.unsqueeze(0))[:, 0]
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -406,7 +401,6 @@ class HessianOperator:
             self.num_hvps += V.shape[1]
             if self.distributed:
                 _dist.all_reduce_mean_(out, self.process_group)
-            out = self._finish(out, rows)
         return out
 
     __matmul__ = matmat
@@ -597,13 +591,27 @@ class FiniteDifferenceHessian(HessianOperator):
         return self._loss_and_gradient(self._theta, flatten=False)
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """``∇L_local(θ + εv)``; :meth:`_finish` turns it into the difference quotient."""
+        """This rank's ``(∇L_local(θ + εv) − ∇L(θ)) / ε``, written once into a new flat vector.
+
+        ``∇L(θ)`` is the same on every rank (the all-rank mean), so the rank average of these is the difference
+        quotient of the mean loss.
+        """
         eps = self._fd_eps(v)
-        if eps == 0.0:  # v = 0: H v = 0; contribute the base gradient so the difference is exactly 0
-            return self._gradient.clone()
+        if eps == 0.0:  # v = 0: H v = 0
+            return torch.zeros_like(v)
         chunks = self._unflatten(v)
         perturbed = [torch.add(t, c, alpha=eps) for t, c in zip(self._theta, chunks)]
-        return self._loss_and_gradient(perturbed)[1]
+        grads = self._loss_and_gradient(perturbed, flatten=False)[1]
+        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        offset = 0
+        for g, base, n in zip(grads, self._unflatten(self._gradient), self._numels):
+            piece, base = out[offset : offset + n], base.reshape(-1)
+            if g is None:  # no gradient at θ + εv: the difference is −∇L(θ)
+                torch.neg(base, out=piece)
+            else:
+                torch.sub(g.detach().reshape(-1), base, out=piece)
+            offset += n
+        return out.div_(eps)
 
     def _fd_eps(self, v: torch.Tensor) -> float:
         v_norm = float(torch.linalg.vector_norm(v))
@@ -611,17 +619,6 @@ class FiniteDifferenceHessian(HessianOperator):
             return 0.0
         step = max(self.fd_rel_eps * self._theta_norm, math.sqrt(torch.finfo(self.dtype).eps))
         return step / v_norm
-
-    def _finish(self, grads_plus: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``(∇L(θ + ε_j v_j) − ∇L(θ)) / ε_j`` per column, ``v_j = rows[j]``, in place."""
-        for j in range(rows.shape[0]):
-            eps = self._fd_eps(rows[j])
-            col = grads_plus[:, j]
-            if eps == 0.0:
-                col.zero_()
-            else:
-                col.sub_(self._gradient).div_(eps)
-        return grads_plus
 
 
 _BACKEND_CLASSES: dict[str, type[HessianOperator]] = {
