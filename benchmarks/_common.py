@@ -61,6 +61,16 @@ def write_results(out: str, script: str, argv: Sequence[str] | None, title: str,
         fh.write(f"# {title}\n\nProduced by `{command}`{details}.\n\n{text}")
 
 
+def uptime() -> str:
+    """The machine's ``uptime`` line (its load averages), printed beside timings; a note where it cannot run."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "uptime unavailable"
+
+
 def progress(message: str) -> None:
     """A progress line on stderr (the tables go to stdout)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -35,7 +35,6 @@ Run: ``python benchmarks/adam_overhead.py [--quick] [--threads N] [--repeats N]`
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import warnings
 
@@ -142,13 +141,6 @@ def _fit(model_spec, optimizer: str, callbacks: list, seed: int, steps: int) -> 
     return time.perf_counter() - start
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uptime unavailable"
-
-
 def main(argv=None) -> int:
     def extra(parser):
         parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "adam_overhead.md"))
@@ -166,7 +158,7 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads = {torch.get_num_threads()}, "
         f"{'QUICK run' if args.quick else 'full run'}, seed {args.seed}. SGD lr {SGD_LR}; AdamW lr {ADAMW_LR}, "
         f"weight decay {ADAMW_WD}. Monitors at their defaults otherwise (tol 1e-2, current batch).\n",
-        f"Load before: `{_uptime()}`\n",
+        f"Load before: `{C.uptime()}`\n",
     ]
     for model_name, spec in MODELS.items():
         steps = spec[5] if args.quick else spec[4]
@@ -197,7 +189,7 @@ def main(argv=None) -> int:
         lines.append(C.table(["variant", "SGD fit / plain", "AdamW fit / plain", "HVPs/estimate SGD",
                               "HVPs/estimate AdamW"], rows))
         lines.append("")
-    lines.append(f"Load after: `{_uptime()}`\n")
+    lines.append(f"Load after: `{C.uptime()}`\n")
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

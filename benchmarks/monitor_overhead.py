@@ -16,7 +16,9 @@ Only ``trainer.fit`` is timed (model and trainer construction are not). Variants
 - ``h0 / 10, fixed`` and ``h0 / 50, fixed``: the same on the fixed probe batch at its default size;
 - ``λ window 1 / 10``: :class:`LyapunovExponentMonitor` with ``window=1, every_n_steps=10``;
 - ``λ continuous`` and ``λ continuous, finite diff.``: ``window=20``, ``every_n_steps=None``, exact or
-  finite-difference products.
+  finite-difference products;
+- ``..., operator``: the two exact λ variants with ``reuse_training_graph=False`` (each product evaluates the
+  loss again through ``HessianOperator`` instead of using the training step's graph), side by side.
 
 The ratio is the median fit time over the baseline's median (repetitions interleaved, the order rotating).
 
@@ -33,12 +35,18 @@ reference: what a perfect stopping rule would spend.
 Targets from the issue: ``h0`` ≤ 1.5× at every 10 steps, ≤ 1.1× at every 50 steps, each estimate within 1e-2;
 ``λ window 1 / 10`` ≤ 1.15×; continuous ≤ 2× with finite differences, ≤ 2.5× exact.
 
-Run: ``python benchmarks/monitor_overhead.py [--quick] [--threads 2] [--steps N] [--models small,readme]``.
+A full run (not ``--quick``) also writes its tables, with the machine's ``uptime`` load before and after, to
+``benchmarks/results/monitor_overhead.md`` (``--out FILE`` elsewhere).
+
+Run: ``python benchmarks/monitor_overhead.py [--quick] [--threads 2] [--steps N] [--models small,readme] [--out FILE]``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
+import sys
 import time
 import warnings
 
@@ -114,7 +122,14 @@ def _variants() -> dict:
         "h0 / 10, fixed": h0(10, batch="fixed"),
         "h0 / 50, fixed": h0(50, batch="fixed"),
         "λ window 1 / 10": (lambda: [LyapunovExponentMonitor(window=1, every_n_steps=10)], None, {}),
+        "λ window 1 / 10, operator": (
+            lambda: [LyapunovExponentMonitor(window=1, every_n_steps=10, reuse_training_graph=False)], None, {}
+        ),
         "λ continuous": (lambda: [LyapunovExponentMonitor(window=20)], None, {}),
+        # the same products through the operator (the loss evaluated again) instead of the training graph
+        "λ continuous, operator": (
+            lambda: [LyapunovExponentMonitor(window=20, reuse_training_graph=False)], None, {}
+        ),
         # the paper's perturbed trajectory: finite differences reusing the training step's gradient
         "λ continuous, finite diff.": (
             lambda: [LyapunovExponentMonitor(window=20, hvp="finite_difference")], None, {}
@@ -266,8 +281,11 @@ def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit")
         p.add_argument("--models", default="small,readme", help="comma-separated: small, readme")
+        p.add_argument("--out", default=None,
+                       help="also write the tables here (default for a full run: benchmarks/results/monitor_overhead.md)")
 
     args = C.parse_args("Monitor overhead on trainer.fit and accuracy of logged h0.", argv, extra=extra)
+    out_path = args.out or (None if args.quick else C.results_path("monitor_overhead.md"))
     steps = args.steps or (60 if args.quick else 200)
     repeats = args.repeats or (2 if args.quick else 3)
     warnings.filterwarnings("ignore")
@@ -275,10 +293,33 @@ def main(argv=None) -> dict:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     out = {}
-    for which in args.models.split(","):
-        C.header(f"Monitor overhead: trainer.fit of {MODELS[which]}, {steps} steps", args)
-        out[which] = _one_model(which, steps, repeats, args.seed)
+    started, load_before = time.perf_counter(), C.uptime()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)):
+        for which in args.models.split(","):
+            C.header(f"Monitor overhead: trainer.fit of {MODELS[which]}, {steps} steps", args)
+            out[which] = _one_model(which, steps, repeats, args.seed)
+    if out_path:
+        C.write_results(out_path, "monitor_overhead.py", argv, "Monitor overhead", buffer.getvalue(),
+                        f" ({time.perf_counter() - started:.0f} s). Load before: `{load_before}`; after: "
+                        f"`{C.uptime()}`")
     return out
+
+
+class _Tee:
+    """Write to several text streams (the terminal and the results buffer)."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
 
 
 def _one_model(which: str, steps: int, repeats: int, seed: int) -> dict:
