@@ -18,6 +18,7 @@ from lyapunov_callbacks.hessian import (
     FiniteDifferenceHessian,
     HessianOperator,
     StaleOperatorError,
+    graph_hvp,
     preserved_state,
 )
 from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioned_operator
@@ -46,6 +47,7 @@ __all__ = [
     "StaleOperatorError",
     "TangentDynamics",
     "batch_sharpness",
+    "graph_hvp",
     "lanczos",
     "lyapunov_iteration",
     "power_iteration",
