@@ -281,8 +281,10 @@ def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit")
         p.add_argument("--models", default="small,readme", help="comma-separated: small, readme")
-        p.add_argument("--out", default=None,
-                       help="also write the tables here (default for a full run: benchmarks/results/monitor_overhead.md)")
+        p.add_argument(
+            "--out", default=None,
+            help="also write the tables here (default for a full run: benchmarks/results/monitor_overhead.md)",
+        )
 
     args = C.parse_args("Monitor overhead on trainer.fit and accuracy of logged h0.", argv, extra=extra)
     out_path = args.out or (None if args.quick else C.results_path("monitor_overhead.md"))

@@ -74,7 +74,9 @@ class LyapunovExponentMonitor(Callback):
     its contract), and the products are bit for bit the operator's (``tests/test_lyapunov_training_graph.py``).
     This needs exact products (``hvp="autograd"``), full precision (``32-true`` / ``64-true``), one process, a
     tangent in the parameters' dtype and no hook on a parameter's gradient; otherwise, and from the first step
-    whose graph has no double backward on (an info message says so), the products use the operator below.
+    whose product on the graph fails on (e.g. a kernel without a double backward; an info message says so),
+    the products come from a :class:`~lyapunov_callbacks.hessian.HessianOperator` that evaluates the loss
+    again with the step's RNG state replayed.
 
     **Non-finite steps.** A step whose HVP is not finite (a diverged loss) or whose log growth is not finite
     (the step annihilated δ exactly) is skipped: δ keeps its direction, the step is left out of λ (of its window
@@ -262,12 +264,12 @@ class LyapunovExponentMonitor(Callback):
         try:
             hv = graph_hvp(loss, params, self.tangent.delta_theta)
         except (RuntimeError, ValueError) as err:
-            # E.g. a kernel without a double backward: the graph is retained, the step falls back to the
-            # operator (own forward, math attention kernel), and so do the following ones.
+            # E.g. a kernel without a double backward: the graph is retained (Lightning's backward still runs),
+            # this step falls back to the operator (own forward, math attention kernel), and so do later ones.
             self._graph_params, self._graph_hv, self._graph_parts = None, None, 0
             rank_zero_info(
-                f"{type(self).__name__}: the training step's graph has no double backward ({err}); the "
-                "Hessian-vector products evaluate the loss again from now on."
+                f"{type(self).__name__}: the Hessian-vector product on the training step's graph failed ({err}); "
+                "the products evaluate the loss again through the operator from now on."
             )
             return
         self._graph_hv = hv if self._graph_hv is None else self._graph_hv.add_(hv)
