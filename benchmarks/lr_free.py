@@ -477,7 +477,8 @@ def main(argv: Optional[list[str]] = None) -> str:
                 finished.append((task, best_lr, results))
                 done += 1
                 if out and done < total:  # a partial table survives an interrupted run
-                    _write(out, argv, f"Partial: {done} of {total} tasks done.\n\n" + "\n".join(body()) + "\n")
+                    partial = f"Partial: {done} of {total} tasks done.\n\n" + "\n".join(body()) + "\n"
+                    C.write_results(out, "lr_free.py", argv, "Learning-rate-free benchmark", partial)
     seconds = time.perf_counter() - wall
     header = (
         f"{steps} steps at batch {batch_size}, {train_size} training / {val_size} validation images, "

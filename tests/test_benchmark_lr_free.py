@@ -119,3 +119,24 @@ def test_divergence_is_a_non_finite_or_tenfold_loss_not_a_fit_that_learned_nothi
     # lr 1: |1 - 4| = 3 per step, loss x9 per step: far above 10x after 5 steps.
     blown = lr_free.fit("SGD", Quadratic(), data, steps, lr=1.0, initial_loss=2.0)
     assert blown.diverged
+
+
+@pytest.mark.slow
+def test_a_run_of_several_tasks_writes_the_partial_table_after_each_but_the_last(tmp_path, monkeypatch):
+    pytest.importorskip("prodigyopt")
+    pytest.importorskip("dadaptation")
+    pytest.importorskip("schedulefree")
+    lr_free = _load()
+    writes: list[str] = []
+    write = lr_free.C.write_results
+
+    def spy(out, script, argv, title, text, details=""):
+        writes.append(text)
+        write(out, script, argv, title, text, details)
+
+    monkeypatch.setattr(lr_free.C, "write_results", spy)
+    out = tmp_path / "table.md"
+    text = lr_free.main(["--quick", "--losses", "ce,mse", "--steps", "3", "--out", str(out)])
+    assert len(writes) == 2 and writes[0].startswith("Partial: 1 of 2 tasks done.")
+    assert "| synthetic linear ce |" in writes[0] and "| synthetic linear mse |" not in writes[0]
+    assert writes[1] == text and out.read_text().endswith(text) and "| synthetic linear mse |" in text
