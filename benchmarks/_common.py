@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import io
 import os
 import platform
 import statistics
@@ -69,6 +71,47 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "uptime unavailable"
+
+
+def add_out_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out FILE``: where a run's tables are written (default for a full run: ``benchmarks/results/<name>``)."""
+    parser.add_argument(
+        "--out", default=None, help=f"also write the tables here (default for a full run: benchmarks/results/{name})"
+    )
+
+
+def out_path(args: argparse.Namespace, name: str) -> str | None:
+    """The file a run writes: ``--out``, else ``benchmarks/results/<name>`` for a full run, else none."""
+    return args.out or (None if args.quick else results_path(name))
+
+
+class _Tee:
+    """Write to several text streams (the terminal and the results buffer)."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def recorded(out: str | None, script: str, argv: Sequence[str] | None, title: str):
+    """Print as usual and, when ``out`` is given, also write everything printed inside to ``out``
+    (:func:`write_results`), with the run's duration and the machine's ``uptime`` load before and after."""
+    started, load_before = time.perf_counter(), uptime()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)):
+        yield
+    if out:
+        write_results(out, script, argv, title, buffer.getvalue(),
+                      f" ({time.perf_counter() - started:.0f} s). Load before: `{load_before}`; after: `{uptime()}`")
 
 
 def progress(message: str) -> None:

@@ -27,7 +27,10 @@ A second table, "default stopping rules", runs every solver to its OWN stopping 
 quotients) against our ``top_hessian_eigenvalues`` at its default ``tol=1e-4`` and at ``1e-3`` / ``1e-2``
 (relative Ritz residual), cold and warm: HVPs, wall time and the TRUE relative error each one ends with.
 
-Run: ``python benchmarks/eigensolvers.py [--quick] [--threads 2]`` (needs ``pip install pyhessian``).
+A full run (not ``--quick``) also writes its tables to ``benchmarks/results/eigensolvers.md`` (``--out FILE``
+elsewhere), with the machine's ``uptime`` load before and after.
+
+Run: ``python benchmarks/eigensolvers.py [--quick] [--threads 2] [--out FILE]`` (needs ``pip install pyhessian``).
 """
 
 from __future__ import annotations
@@ -299,7 +302,14 @@ def _models(quick: bool):
 
 
 def main(argv=None) -> list:
-    args = C.parse_args("HVPs and wall time to a 1e-3 true relative error of h0, vs PyHessian.", argv)
+    args = C.parse_args("HVPs and wall time to a 1e-3 true relative error of h0, vs PyHessian.", argv,
+                        extra=lambda p: C.add_out_argument(p, "eigensolvers.md"))
+    with C.recorded(C.out_path(args, "eigensolvers.md"), "eigensolvers.py", argv, "Eigen-solvers against PyHessian"):
+        return _run(args)
+
+
+def _run(args) -> list:
+    """The measurements of :func:`main` (its printed tables are what ``--out`` records)."""
     C.header("Eigen-solvers: HVPs and seconds to reach 1e-3 true relative error of h0", args)
     # Long enough for every method to reach 1e-3 (the slowest, cold power/Lyapunov on LeNet1, need ~35) and
     # for the float32 power cross-check of the reference, without spending minutes on curves past that.

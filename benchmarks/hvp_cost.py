@@ -15,7 +15,10 @@ Measured side by side in one run, per model (train mode, mean cross-entropy over
 Every time is the median of interleaved repetitions; the table prints times over the gradient's time.
 Target from the issue: an exact HVP costs ≤ 3× a forward+backward.
 
-Run: ``python benchmarks/hvp_cost.py [--quick] [--threads 2]``.
+A full run (not ``--quick``) also writes its tables to ``benchmarks/results/hvp_cost.md`` (``--out FILE``
+elsewhere), with the machine's ``uptime`` load before and after.
+
+Run: ``python benchmarks/hvp_cost.py [--quick] [--threads 2] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -121,7 +124,14 @@ def measure(label: str, model: torch.nn.Module, batch_size: int, repeats: int, s
 
 
 def main(argv=None) -> list[dict]:
-    args = C.parse_args("HVP cost relative to one forward+backward, per backend.", argv)
+    args = C.parse_args("HVP cost relative to one forward+backward, per backend.", argv,
+                        extra=lambda p: C.add_out_argument(p, "hvp_cost.md"))
+    with C.recorded(C.out_path(args, "hvp_cost.md"), "hvp_cost.py", argv, "HVP cost"):
+        return _run(args)
+
+
+def _run(args) -> list[dict]:
+    """The measurements of :func:`main` (its printed tables are what ``--out`` records)."""
     C.header("HVP cost: one Hessian-vector product / one gradient (forward+backward)", args)
     torch.manual_seed(args.seed)
     rows = []

@@ -43,10 +43,7 @@ Run: ``python benchmarks/monitor_overhead.py [--quick] [--threads 2] [--steps N]
 
 from __future__ import annotations
 
-import contextlib
-import io
 import statistics
-import sys
 import time
 import warnings
 
@@ -281,13 +278,9 @@ def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit")
         p.add_argument("--models", default="small,readme", help="comma-separated: small, readme")
-        p.add_argument(
-            "--out", default=None,
-            help="also write the tables here (default for a full run: benchmarks/results/monitor_overhead.md)",
-        )
+        C.add_out_argument(p, "monitor_overhead.md")
 
     args = C.parse_args("Monitor overhead on trainer.fit and accuracy of logged h0.", argv, extra=extra)
-    out_path = args.out or (None if args.quick else C.results_path("monitor_overhead.md"))
     steps = args.steps or (60 if args.quick else 200)
     repeats = args.repeats or (2 if args.quick else 3)
     warnings.filterwarnings("ignore")
@@ -295,33 +288,11 @@ def main(argv=None) -> dict:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     out = {}
-    started, load_before = time.perf_counter(), C.uptime()
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)):
+    with C.recorded(C.out_path(args, "monitor_overhead.md"), "monitor_overhead.py", argv, "Monitor overhead"):
         for which in args.models.split(","):
             C.header(f"Monitor overhead: trainer.fit of {MODELS[which]}, {steps} steps", args)
             out[which] = _one_model(which, steps, repeats, args.seed)
-    if out_path:
-        C.write_results(out_path, "monitor_overhead.py", argv, "Monitor overhead", buffer.getvalue(),
-                        f" ({time.perf_counter() - started:.0f} s). Load before: `{load_before}`; after: "
-                        f"`{C.uptime()}`")
     return out
-
-
-class _Tee:
-    """Write to several text streams (the terminal and the results buffer)."""
-
-    def __init__(self, *streams) -> None:
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
 
 
 def _one_model(which: str, steps: int, repeats: int, seed: int) -> dict:
