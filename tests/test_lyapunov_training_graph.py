@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lyapunov_callbacks.lyapunov_monitor as lyap_mod
 from lyapunov_callbacks.hessian import graph_hvp
 from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor
+from test_lyapunov_monitor import DropoutNet  # training_loss / training_step of a CE classifier on self.net
 
 
 # ----------------------------------------------------------------------------- graph_hvp
@@ -67,7 +68,7 @@ def test_graph_hvp_zero_pieces_and_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- the λ monitor
-class Net(L.LightningModule):
+class Net(DropoutNet):
     """Tanh MLP with dropout and BatchNorm (train mode), momentum SGD with weight decay, or AdamW."""
 
     def __init__(self, optimizer: str = "sgd") -> None:
@@ -77,13 +78,6 @@ class Net(L.LightningModule):
             nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2)
         ).double()
         self.optimizer = optimizer
-
-    def training_loss(self, batch):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def training_step(self, batch, batch_idx):
-        return self.training_loss(batch)
 
     def configure_optimizers(self):
         if self.optimizer == "adamw":
