@@ -44,7 +44,7 @@ for the loss), except the time ratio: the median over seeds (millisecond fits ha
 Default size: 100 steps at batch 32 (1.6 epochs of the subset), 2,048 training and 1,000 validation images per
 data set (digits has 1,797 images in all, so fewer), 3 seeds, both data sets: 16 tasks × 33 fits (7 grid fits on
 seed 0, 2 more SGD fits, 3 × 8 other rows). Measured wall time with ``--threads 1`` on this project's 2-core
-machine: 24.9 min, 22.4 min of it TinyResNet. The table's header states the measured wall time of the run that
+machine: 24.9 min (22.4 of it TinyResNet) and 25.1 min in a later run. The table's header states the measured wall time of the run that
 produced it. Cut it with
 ``--models``/``--data``/``--losses``/``--seeds``; lengthen it with ``--steps``. ``--quick``: linear on the
 synthetic data, CE, 10 steps, 1 seed, 512/256 images, a grid of two LRs (about 10 s of CPU).
