@@ -45,10 +45,16 @@ def test_out_path_is_the_results_file_for_a_full_run_only(tmp_path):
 
 @pytest.mark.slow
 def test_monitor_overhead_quick_run_writes_every_variant(tmp_path):
+    import logging
+
+    # main() quiets Lightning's logger for its fits; put the level back for the tests that read its messages.
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    level = lightning_logger.level
     bench = _load("monitor_overhead")
     out = tmp_path / "mo.md"
     bench.main(["--quick", "--models", "small", "--steps", "10", "--repeats", "1", "--threads", "1", "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# Monitor overhead")
+    lightning_logger.setLevel(level)
     for name in bench._variants():
         assert f"| {name} |" in text
