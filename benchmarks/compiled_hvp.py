@@ -144,7 +144,7 @@ def main(argv=None) -> str:
             f"one recomputes the gradient with every product.\n\n{table}\n\n" + "\n".join(notes) + "\n")
     C.header("Compiled HVP (torch.compile of jvp(grad)) against HessianOperator's double backward", args)
     print(text)
-    out = args.out or (None if args.quick else C.results_path("compiled_hvp.md"))
+    out = C.out_path(args, "compiled_hvp.md")
     if out:
         C.write_results(out, "compiled_hvp.py", argv, "Compiled HVP", text,
                         f" ({time.perf_counter() - started:.0f} s), torch {torch.__version__}, "

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default=None,
                         help="also write the table here (default for a full run: benchmarks/results/quasi_newton_training.md)")
     args = parser.parse_args(argv)
-    out = args.out or (None if args.quick else C.results_path("quasi_newton_training.md"))
+    out = C.out_path(args, "quasi_newton_training.md")
     started = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
