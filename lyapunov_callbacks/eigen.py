@@ -231,17 +231,21 @@ def _reorthogonalize_(w: torch.Tensor, basis: list[torch.Tensor], passes: int | 
     least ``_DGKS_ETA`` of ``w``'s norm leaves ``w`` orthogonal to working precision (its rounding
     errors are ``O(ε‖w‖)``), while one that cancels most of ``w`` is repeated once ("twice is
     enough", Kahan–Parlett). ``passes`` forces a number of passes instead.
+
+    The norm before a pass is not measured: ``w`` splits into its part along the basis, of length
+    ``sqrt(Σ c_i²)``, and the part left, so ``‖w_before‖² = ‖w_after‖² + Σ c_i²`` (one pass over ``w``
+    fewer per call; it only decides whether a second pass runs). The coefficients are read in one
+    transfer, not one per basis vector.
     """
-    norm_before = float(torch.linalg.vector_norm(w))
-    norm = norm_before
+    norm = 0.0
     for i in range(passes if passes is not None else 2):
-        coefficients = [float(q @ w) for q in basis]
+        coefficients = torch.stack([q @ w for q in basis]).tolist() if basis else []
         for q, c in zip(basis, coefficients):
             w.sub_(q, alpha=c)
         norm = float(torch.linalg.vector_norm(w))
-        if passes is None and (i == 1 or norm >= _DGKS_ETA * norm_before):
+        if passes is None and (i == 1 or norm * norm >= _DGKS_ETA**2 * (norm * norm + math.fsum(
+                c * c for c in coefficients))):
             break
-        norm_before = norm
     return norm
 
 
@@ -349,6 +353,7 @@ def lanczos(
     beta_prev = 0.0
     theta = torch.zeros(0, dtype=torch.float64)
     S = torch.zeros(0, 0, dtype=torch.float64)
+    T_buffer = torch.zeros(min(m_max, 32), min(m_max, 32), dtype=torch.float64)  # grows by doubling
     converged = False
     for j in range(m_max):
         q = Q[j]
@@ -365,14 +370,20 @@ def lanczos(
             nan_vectors = torch.full((n, k), math.nan, dtype=op.dtype, device=op.device)
             return _result(op, nan_values, nan_vectors, start_hvps, False)
         alphas.append(alpha)
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if j == T_buffer.shape[0]:
+            grown = torch.zeros(min(2 * j, m_max), min(2 * j, m_max), dtype=torch.float64)
+            grown[:j, :j] = T_buffer
+            T_buffer = grown
+        # T_m is written into a float64 buffer one entry per coefficient; its leading block is eigh's input.
+        T_buffer[j, j] = alpha
         if j > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)  # ascending
-        # Residual bounds of the Ritz pairs: |beta_j * last component of each Ritz vector|.
-        bounds = (beta * S[-1, :]).abs()
-        scale = float(theta.abs().max()) if theta.numel() else 0.0
+            T_buffer[j - 1, j] = T_buffer[j, j - 1] = betas[-1]
+        theta, S = torch.linalg.eigh(T_buffer[: j + 1, : j + 1])  # ascending
+        # The stopping tests on Python floats (the same float64 arithmetic, without a tensor op per scalar):
+        # residual bounds of the Ritz pairs, |beta_j * last component of each Ritz vector|.
+        ritz = theta.tolist()
+        bounds = [abs(beta * s) for s in S[-1, :].tolist()]
+        scale = max(abs(t) for t in ritz)
         breakdown = beta <= _BREAKDOWN_RTOL * max(scale, 1e-300)
         # Breakdown = invariant Krylov space, its Ritz pairs are exact. Stop if it is the whole
         # space, or if the problem is too large to explore the complement within the budget
@@ -381,11 +392,12 @@ def lanczos(
             converged = True
             break
         if j + 1 >= k and not breakdown:
-            top = slice(len(alphas) - k, len(alphas))
-            ok = bounds[top] <= tol * theta[top].abs()
-            if use_gap and not bool(ok.all()) and j >= 1:
-                ok |= _gap_estimate(theta, bounds, top) <= (tol / gap_safety) * theta[top].abs()
-            if bool(ok.all()):
+            top = range(len(alphas) - k, len(alphas))
+            ok = [bounds[i] <= tol * abs(ritz[i]) for i in top]
+            if use_gap and not all(ok) and j >= 1:
+                estimates = _gap_estimate(ritz, bounds, top)
+                ok = [o or e <= (tol / gap_safety) * abs(ritz[i]) for o, e, i in zip(ok, estimates, top)]
+            if all(ok):
                 converged = True
                 break
         if j + 1 == m_max:
@@ -440,19 +452,19 @@ def _check_lanczos_extras(gap_safety: Any, ritz_vectors: Any) -> None:
     check_int("ritz_vectors", ritz_vectors, "ritz_vectors=0 (none beyond the top k)", minimum=0)
 
 
-def _gap_estimate(theta: torch.Tensor, bounds: torch.Tensor, top: slice) -> torch.Tensor:
-    """``r_i² / gap_i`` for the Ritz values ``theta[top]`` (ascending ``theta``; ``inf`` where no gap is seen).
+def _gap_estimate(theta: list[float], bounds: list[float], top: range) -> list[float]:
+    """``r_i² / gap_i`` for the Ritz values ``theta[i]``, ``i`` in ``top`` (ascending ``theta``; ``inf`` where no
+    gap is seen).
 
     ``gap_i``: the distance from ``θ_i`` to the nearest interval ``θ_l ± r_l`` of another Ritz value
     (each such interval holds an eigenvalue); ``inf`` when ``r_i`` is not below it (no separation).
     """
-    m = theta.numel()
-    dist = (theta.unsqueeze(1) - theta.unsqueeze(0)).abs() - bounds.unsqueeze(0)
-    dist.fill_diagonal_(math.inf)
-    gap = dist.min(dim=1).values[top] if m > 1 else torch.full((m,), math.inf, dtype=theta.dtype)[top]
-    r = bounds[top]
-    est = r * r / gap
-    return torch.where((gap > r) & torch.isfinite(gap), est, torch.full_like(est, math.inf))
+    out = []
+    for i in top:
+        gap = min((abs(theta[i] - theta[l]) - bounds[l] for l in range(len(theta)) if l != i), default=math.inf)
+        r = bounds[i]
+        out.append(r * r / gap if gap > r and math.isfinite(gap) else math.inf)
+    return out
 
 
 # ---------------------------------------------------------------------------- power iteration
