@@ -404,8 +404,13 @@ class EigenTracker:
         if bool(torch.isfinite(result.eigenvalues).all()) and math.isfinite(float(result.eigenvectors.sum())):
             self.eigenvalues = result.eigenvalues.detach().clone()
             if self._mixed_start:
-                basis = result.ritz_vectors if result.ritz_vectors is not None else result.eigenvectors
-                self.start_basis = basis.detach().clone()
+                # The solver's fresh Ritz rows are kept as they are (a copy would be one more pass and a fresh
+                # allocation of 2·dim): the returned result's vectors are then views of the next warm start,
+                # which callers read but never write.
+                if result.ritz_vectors is not None:
+                    self.start_basis = result.ritz_vectors.detach()
+                else:
+                    self.start_basis = result.eigenvectors.detach().clone()
                 # The top Ritz vectors lead the basis: a view of that copy, not a second (strided) copy.
                 self.eigenvectors = self.start_basis[:, : self.k]
             else:
