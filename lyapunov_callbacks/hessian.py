@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lyapunov_callbacks import distributed as _dist
 from lyapunov_callbacks._checks import (
+    BadShapeError,
     NoTrainableParametersError,
     check_choice,
     check_dtype,
@@ -222,8 +223,9 @@ class HessianOperator:
         fd_rel_eps: relative finite-difference step (``finite_difference`` only), default ``1e-3``.
         process_group: the group to average over; ``None`` = the default group.
         distributed: force (``True``) or disable (``False``) averaging over ranks; ``None`` = auto.
-        gradient: ``∇L(θ)`` as a flat vector if already known (``finite_difference`` only; the
-            all-rank mean under DDP), saving one backward pass. Copied unless ``snapshot=False``.
+        gradient: ``∇L(θ)`` if already known (``finite_difference`` only; the all-rank mean under DDP),
+            saving one backward pass: a flat vector, or one tensor per trainable parameter in their order
+            (e.g. the ``.grad`` of each, used without concatenating them). Copied unless ``snapshot=False``.
         snapshot: ``True`` (default): differentiate at a checked copy of the parameters (see *A snapshot,
             checked*); ``False``: at the parameters themselves, for an operator used only inside one call.
 
@@ -266,7 +268,7 @@ class HessianOperator:
         fd_rel_eps: float = 1e-3,
         process_group: Any = None,
         distributed: bool | None = None,
-        gradient: torch.Tensor | None = None,
+        gradient: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
         snapshot: bool = True,
     ) -> None:
         if backend is not None and backend != type(self).backend:
@@ -388,8 +390,6 @@ class HessianOperator:
         self._check_live()
         if not isinstance(V, torch.Tensor) or V.ndim != 2 or V.shape[0] != self.dim:
             shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
-            from lyapunov_callbacks._checks import BadShapeError
-
             raise BadShapeError(f"V must be a tensor of shape [dim={self.dim}, b], got {shape}.")
         with self._full_precision():
             V = V.detach().to(device=self.device, dtype=self.dtype)
@@ -408,6 +408,8 @@ class HessianOperator:
     def gradient(self) -> torch.Tensor:
         """The flat gradient ``∇L(θ)`` (the all-rank mean under DDP); computed at construction."""
         self._check_live(check_parameters=False)
+        if isinstance(self._gradient, list):  # kept as given, one tensor per parameter
+            return self._flatten(self._gradient)
         return self._gradient.clone()
 
     def loss(self) -> torch.Tensor:
@@ -487,6 +489,8 @@ class HessianOperator:
 
         ``extra`` further 1-element tensors may follow the per-parameter ones (packed at the end).
         """
+        if all(t is not None and t.dtype == self.dtype for t in tensors):
+            return torch.cat([t.detach().reshape(-1) for t in tensors])  # one op for all the copies
         out = torch.empty(self.dim + extra, dtype=self.dtype, device=self.device)
         offset = 0
         for t, n in zip(tensors, [*self._numels, *([1] * extra)]):
@@ -581,10 +585,29 @@ class FiniteDifferenceHessian(HessianOperator):
 
     backend = "finite_difference"
 
-    def _build(self, gradient: torch.Tensor | None) -> tuple[torch.Tensor | None, Any]:
-        self.nonsmooth: list[str] = nonsmooth_modules(self._model)
-        # ‖θ‖ from the per-parameter squared norms (no flat copy of θ).
-        self._theta_norm = math.sqrt(sum(float(torch.dot(t.reshape(-1), t.reshape(-1))) for t in self._theta))
+    @property
+    def nonsmooth(self) -> list[str]:
+        """The non-smooth submodules of the model (:func:`nonsmooth_modules`), found on first use."""
+        if self._nonsmooth is None:
+            self._nonsmooth = nonsmooth_modules(self._model)
+        return self._nonsmooth
+
+    def _build(self, gradient: Any) -> tuple[torch.Tensor | None, Any]:
+        self._nonsmooth: list[str] | None = None
+        # ‖θ‖ from the per-parameter squared norms (no flat copy of θ), read in one transfer.
+        squares = torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)) for t in self._theta])
+        self._theta_norm = math.sqrt(sum(squares.tolist()))
+        if isinstance(gradient, (list, tuple)):
+            if len(gradient) != len(self._shapes) or any(
+                not isinstance(g, torch.Tensor) or g.shape != s for g, s in zip(gradient, self._shapes)
+            ):
+                got = [tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__ for g in gradient]
+                raise BadShapeError(
+                    f"gradient given per parameter must hold one tensor per trainable parameter with its shape, "
+                    f"{[tuple(s) for s in self._shapes]}; got {got}. Or pass the flat gradient."
+                )
+            pieces = [g.detach().to(device=self.device, dtype=self.dtype) for g in gradient]
+            return None, [g.clone() for g in pieces] if self._snapshot else pieces
         if gradient is not None:
             gradient = self._check_vector(gradient, "gradient")
             return None, gradient.clone() if self._snapshot else gradient
@@ -604,14 +627,16 @@ class FiniteDifferenceHessian(HessianOperator):
         grads = self._loss_and_gradient(perturbed, flatten=False)[1]
         out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
         offset = 0
-        for g, base, n in zip(grads, self._unflatten(self._gradient), self._numels):
+        bases = self._gradient if isinstance(self._gradient, list) else self._unflatten(self._gradient)
+        for g, base, n in zip(grads, bases, self._numels):
             piece, base = out[offset : offset + n], base.reshape(-1)
             if g is None:  # no gradient at θ + εv: the difference is −∇L(θ)
                 torch.neg(base, out=piece)
             else:
                 torch.sub(g.detach().reshape(-1), base, out=piece)
+            piece.div_(eps)  # each piece divided while it is still in cache
             offset += n
-        return out.div_(eps)
+        return out
 
     def _fd_eps(self, v: torch.Tensor) -> float:
         v_norm = float(torch.linalg.vector_norm(v))

@@ -360,20 +360,21 @@ class LyapunovExponentMonitor(Callback):
             return None
         return params
 
-    def _training_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+    def _training_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[torch.Tensor] | None:
         """∇L(θ) of this step as the training backward left it in ``.grad``, when it is exactly that gradient.
 
         In ``on_before_optimizer_step`` (automatic optimisation, no accumulation: checked at setup) ``.grad``
         holds the gradient of this step's loss at the pre-step weights with this step's dropout masks, already
         averaged over DDP ranks and not yet clipped. Under mixed precision it was computed under autocast, not
-        in the operator's precision, so it is not reused there.
+        in the operator's precision, so it is not reused there. Returned as the per-parameter tensors themselves
+        (the operator reads them piece by piece and never writes them): no flat copy.
         """
         if trainer.precision not in ("32-true", "64-true"):
             return None
         grads = [p.grad for p in pl_module.parameters() if p.requires_grad]
         if any(g is None for g in grads):
             return None
-        return torch.cat([g.detach().reshape(-1) for g in grads]).to(self.tangent.dtype)
+        return [g.detach() for g in grads]
 
     def _propagate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]]) -> float:
         """One linearised step of δ at the current (pre-step) weights; returns its log growth (NaN: skipped)."""

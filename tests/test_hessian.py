@@ -195,6 +195,28 @@ def test_finite_difference_reuses_given_gradient_and_handles_zero_vector():
         assert torch.equal(op2.gradient(), grad)
 
 
+def test_finite_difference_takes_the_gradient_per_parameter():
+    """``gradient=`` as one tensor per parameter (e.g. each ``.grad``): the same products as the flat vector."""
+    model = tanh_mlp()
+    batch = data("mlp", "mse")
+    loss_fn = make_loss_fn("mse")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with HessianOperator(model, loss_fn, batch, backend="finite_difference") as op:
+        grad = op.gradient()
+        v = torch.randn(op.dim, dtype=torch.float64)
+        hv = op.matvec(v)
+    pieces = [c.view(p.shape).clone() for c, p in zip(torch.split(grad, [p.numel() for p in params]), params)]
+    for snapshot in (True, False):
+        with HessianOperator(model, loss_fn, batch, backend="finite_difference", gradient=pieces,
+                             snapshot=snapshot) as op2:
+            assert torch.equal(op2.matvec(v), hv)
+            assert torch.equal(op2.gradient(), grad)
+    with pytest.raises(ValueError, match="gradient given per parameter"):
+        HessianOperator(model, loss_fn, batch, backend="finite_difference", gradient=pieces[:-1])
+    with pytest.raises(ValueError, match="gradient given per parameter"):
+        HessianOperator(model, loss_fn, batch, backend="finite_difference", gradient=[p.T for p in pieces])
+
+
 def test_finite_difference_step_scale_and_floor():
     model = tanh_mlp()
     batch = data("mlp", "ce")
