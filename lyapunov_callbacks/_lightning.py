@@ -331,13 +331,15 @@ class EigenTracker:
             ``"residual"``. The first (cold) estimate always uses the residual rule: from a random start the
             second Ritz value is far from h1, so the gap it shows means little.
         gap_safety: safety factor of the gap rule (default 10, see :func:`lyapunov_callbacks.eigen.lanczos`).
-        second_weight: ``k = 1`` with ``method="lanczos"``: the warm start is ``y0 + second_weight·y1``
-            (normalised), ``y0, y1`` the last estimate's top two Ritz vectors (default 0: ``y0`` alone). When
-            h0 and h1 swap between two estimates, the new top eigenvector lies near ``y1``; from ``y0`` alone
-            the Krylov space can miss it for many products and the solve stops on h1 (7.4 % low at one step
-            of the small MLP's fixed probe in ``benchmarks/monitor_overhead.py``; 6.1e-4 with 0.3). A weight of
-            0.3 puts the direction in the start; where the top eigenvector barely moves it costs a few more
-            products (``tests/test_gap_stopping.py``).
+        two_vector_start: ``k = 1`` with ``method="lanczos"``: keep the last estimate's top two Ritz vectors
+            ``y0, y1`` and start the next solve from the top Ritz vector of their span (``start="rayleigh_ritz"``
+            of :func:`~lyapunov_callbacks.eigen.lanczos`: one HVP more than a start from ``y0``; default False:
+            ``y0`` alone). When h0 and h1 swap between two estimates, the new top eigenvector lies near ``y1``;
+            from ``y0`` alone the Krylov space can miss it for many products and the solve stops on h1. A
+            fixed combination ``y0 + 0.3·y1`` put the direction in the start but could cancel it, the signs
+            of ``y0`` and ``y1`` being arbitrary: at one step of the README MLP in
+            ``benchmarks/monitor_overhead.py`` it kept 0.11 of the new top eigenvector where the span held 0.88,
+            and the solve stopped on h1, 7.4 % low.
     """
 
     def __init__(
@@ -352,16 +354,16 @@ class EigenTracker:
         dtype: torch.dtype | None = None,
         stop: str = "gap",
         gap_safety: float = 10.0,
-        second_weight: float = 0.0,
+        two_vector_start: bool = False,
     ) -> None:
         check_choice("stop", stop, ("residual", "gap"))
-        if not is_number(second_weight) or not 0 <= second_weight <= 1:
-            raise ValueError(f"`second_weight` must be a number in [0, 1], got {second_weight!r}; use e.g. 0.3.")
+        if not isinstance(two_vector_start, bool):
+            raise ValueError(f"`two_vector_start` must be True or False, got {two_vector_start!r}.")
         check_gap_safety(gap_safety)
         self.stop = stop
         self.gap_safety = float(gap_safety)
-        self.second_weight = float(second_weight)
-        # The last estimate's top two Ritz vectors [dim, 2] (``second_weight > 0``): the next warm start.
+        self.two_vector_start = two_vector_start
+        # The last estimate's top two Ritz vectors [dim, 2] (``two_vector_start``): the next warm start.
         self.start_basis: torch.Tensor | None = None
         self.method = method
         self.hvp = hvp
@@ -396,6 +398,7 @@ class EigenTracker:
                 max_iter=self.max_iter, init=init, seed=self.seed, dtype=self.dtype,
                 alpha=alpha if self.method == "lyapunov" else None, stop=stop, gap_safety=self.gap_safety,
                 ritz_vectors=2 if self._mixed_start else 0,
+                start="rayleigh_ritz" if self._mixed_start else "first",
             )
         self.num_estimates += 1
         self.total_hvps += int(result.num_hvps)
@@ -424,17 +427,17 @@ class EigenTracker:
 
     @property
     def _mixed_start(self) -> bool:
-        """Whether warm starts mix in the second Ritz vector (``k = 1``, Lanczos, ``second_weight > 0``)."""
-        return self.method == "lanczos" and self.k == 1 and self.second_weight > 0
+        """Whether warm starts use the last two Ritz vectors (``k = 1``, Lanczos, ``two_vector_start``)."""
+        return self.method == "lanczos" and self.k == 1 and self.two_vector_start
 
     def start_vectors(self) -> torch.Tensor | None:
-        """The ``init`` of the next estimate: ``None`` (cold), the last eigenvectors, or ``y0 + second_weight·y1``."""
+        """The ``init`` of the next estimate: ``None`` (cold), the last eigenvectors, or ``[y0, y1]`` (the
+        last top two Ritz vectors, ``two_vector_start``; the solve starts from the top Ritz vector of their span)."""
         if not self.warm_start or self.eigenvectors is None:
             return None
         basis = self.start_basis
         if self._mixed_start and basis is not None and basis.shape[1] > 1:
-            init = torch.add(basis[:, 0], basis[:, 1], alpha=self.second_weight)
-            return init / torch.linalg.vector_norm(init)
+            return basis
         return self.eigenvectors
 
     def state_dict(self) -> dict[str, Any]:

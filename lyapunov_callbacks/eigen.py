@@ -33,12 +33,15 @@ __all__ = [
     "lyapunov_iteration",
     "top_hessian_eigenvalues",
     "METHODS",
+    "STARTS",
     "STOPPING",
 ]
 
 METHODS = ("lanczos", "power", "lyapunov")
 #: Stopping rules of :func:`lanczos`: the rigorous residual bound alone, or also the gap estimate.
 STOPPING = ("residual", "gap")
+#: Start vector of ``lanczos`` from a multi-column ``init``: its first column, or the top Ritz vector of its span.
+STARTS = ("first", "rayleigh_ritz")
 #: Safety factor of the ``stop="gap"`` rule: the estimated error ``residual²/gap`` must be below
 #: ``tol·|θ|`` divided by this, so the rule still meets ``tol`` when the gap it sees is up to this many
 #: times the true one (an eigenvalue the Krylov space has not resolved yet lies closer to θ).
@@ -169,6 +172,26 @@ def _start_block(op: Any, cols: int, init: torch.Tensor | None, seed: int) -> to
     return block
 
 
+def _rayleigh_ritz_start(
+    op: Any, init: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``(z, Hz, (values, vectors))``: the top Ritz vector of the span of ``init``'s columns (unit norm), its
+    product, and the span's other Ritz pairs (values descending, vectors as ``[dim, j − 1]`` columns).
+
+    The columns are orthonormalised (``_start_block``: rank-deficient ones replaced by seeded random ones), their
+    products taken in one ``matmat``, and the projected matrix ``BᵀHB`` (symmetrised) solved in float64.
+    """
+    block = _start_block(op, init.shape[1], init, seed)
+    products = op.matmat(block)
+    projected = (block.T @ products).to(torch.float64)
+    values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
+    c = vectors.flip(1).to(device=op.device, dtype=op.dtype)  # descending
+    z = block @ c[:, 0]
+    norm = torch.linalg.vector_norm(z)  # 1 up to rounding (orthonormal columns, unit c)
+    rest = (values.flip(0)[1:].to(device=op.device, dtype=op.dtype), block @ c[:, 1:])
+    return z / norm, (products @ c[:, 0]).div_(norm), rest
+
+
 def _randn(op: Any, cols: int, gen: torch.Generator) -> torch.Tensor:
     """``[dim, cols]`` standard normal numbers from the CPU generator ``gen``, on the operator's device."""
     dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
@@ -259,6 +282,7 @@ def lanczos(
     stop: str = "residual",
     gap_safety: float = _GAP_SAFETY,
     ritz_vectors: int = 0,
+    start: str = "first",
 ) -> EigenResult:
     r"""Top-``k`` (algebraically largest) eigenpairs by Lanczos with full re-orthogonalisation.
 
@@ -299,6 +323,14 @@ def lanczos(
     is present. From the previous top eigenvector after a small move of the problem, a few HVPs
     suffice.
 
+    Rayleigh–Ritz start (``start="rayleigh_ritz"``, ``k == 1``, ``init`` of ``j >= 2`` columns, e.g. the last
+    estimate's top two Ritz vectors): the start vector is the top Ritz vector ``z`` of the span of ``init``
+    (``j`` HVPs, one ``matmat``, and a ``j × j`` eigenproblem), and the first Lanczos product ``Hz`` is the
+    same combination of those products, so the solve costs ``j − 1`` HVPs more than from one vector. When the
+    top two eigenvalues swapped since ``init`` was computed, the new top eigenvector lies near the old second
+    one: ``z`` holds every component of it that the span does, whereas a fixed combination of the columns can
+    cancel it (their signs are arbitrary). ``max_iter`` counts Lanczos steps; ``num_hvps`` includes the ``j``.
+
     Args:
         op: the operator (``matvec``, ``dim``, ``dtype``, ``device``, ``num_hvps``).
         k: number of eigenpairs, ``1 <= k <= dim``.
@@ -314,12 +346,14 @@ def lanczos(
             than ``k``) in :attr:`EigenResult.ritz_values` / :attr:`EigenResult.ritz_vectors`, descending,
             at no HVP cost: the subspace a warm start of the next solve can be built from (default 0:
             none). Fewer are returned when the Krylov space has fewer dimensions.
+        start: ``"first"`` (default: see *Warm start*) or ``"rayleigh_ritz"`` (see *Rayleigh–Ritz start*).
 
     Returns:
         :class:`EigenResult`.
 
     Raises:
-        ValueError: ``k``, ``tol``, ``max_iter``, ``stop``, ``gap_safety``, ``ritz_vectors`` or ``init`` invalid.
+        ValueError: ``k``, ``tol``, ``max_iter``, ``stop``, ``gap_safety``, ``ritz_vectors``, ``start`` or ``init``
+            invalid (``start="rayleigh_ritz"`` needs ``k == 1``).
 
     Example::
 
@@ -329,11 +363,18 @@ def lanczos(
     _check_common(op, k, tol, max_iter)
     check_choice("stop", stop, STOPPING)
     _check_lanczos_extras(gap_safety, ritz_vectors)
+    check_choice("start", start, STARTS)
+    if start == "rayleigh_ritz" and k != 1:
+        raise ValueError(f"start='rayleigh_ritz' picks one start vector, for k=1; got k={k}. Use start='first'.")
     use_gap = stop == "gap"
     start_hvps = op.num_hvps
     n = op.dim
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
-    if init is not None and k > 1:
+    first_product = None  # H q_0 when the start already computed it
+    span_rest = None  # the Rayleigh-Ritz start's other Ritz pairs
+    if start == "rayleigh_ritz" and isinstance(init, torch.Tensor) and init.ndim == 2 and init.shape[1] >= 2:
+        q, first_product, span_rest = _rayleigh_ritz_start(op, init, seed)
+    elif init is not None and k > 1:
         # Orthonormalised [first min(j, k) init columns | random columns], mixed with seeded
         # weights of one sign and comparable size so no wanted direction cancels out.
         block = _start_block(op, k, init, seed)
@@ -357,7 +398,10 @@ def lanczos(
     converged = False
     for j in range(m_max):
         q = Q[j]
-        w = op.matvec(q)  # a new tensor (LinearOperator contract), updated in place below
+        if first_product is not None:  # the Rayleigh-Ritz start's combination: a fresh tensor, like matvec's
+            w, first_product = first_product, None
+        else:
+            w = op.matvec(q)  # a new tensor (LinearOperator contract), updated in place below
         alpha = float(q @ w)
         w.sub_(q, alpha=alpha)
         if j > 0 and beta_prev != 0.0:
@@ -432,8 +476,15 @@ def lanczos(
     rows = torch.zeros(wide.stop - wide.start, n, dtype=op.dtype, device=op.device)
     for i, q in enumerate(Q[:m]):
         rows.addr_(coefficients[i], q)
+    ritz_values = theta[wide].flip(0).to(device=op.device, dtype=op.dtype)
+    if m == 1 and span_rest is not None:
+        # Stopped at the Rayleigh-Ritz start itself: the span's other Ritz pairs (orthogonal to z) are the
+        # further pairs of the space explored, so a warm start built from these rows keeps its two directions.
+        more = ritz_vectors - 1
+        ritz_values = torch.cat([ritz_values, span_rest[0][:more]])
+        rows = torch.cat([rows, span_rest[1][:, :more].T])
     result = _result(op, values.flip(0), rows[:k].T, start_hvps, converged)  # values descending, like rows
-    result.ritz_values = theta[wide].flip(0).to(device=op.device, dtype=op.dtype)
+    result.ritz_values = ritz_values
     result.ritz_vectors = rows.T
     return result
 
@@ -764,6 +815,7 @@ def top_hessian_eigenvalues(
     stop: str = "residual",
     gap_safety: float = _GAP_SAFETY,
     ritz_vectors: int = 0,
+    start: str = "first",
 ) -> EigenResult:
     """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model, batch)``, leaving the model untouched.
 
@@ -792,6 +844,8 @@ def top_hessian_eigenvalues(
         gap_safety: safety factor of ``stop="gap"`` (default 10; see :func:`lanczos`).
         ritz_vectors: ``method="lanczos"``: also return the top ``ritz_vectors`` Ritz pairs (see
             :func:`lanczos`); ignored by the other methods (their ``eigenvectors`` are all they have).
+        start: ``method="lanczos"``: ``"first"`` (default) or ``"rayleigh_ritz"`` (``k=1``: start from the top
+            Ritz vector of the span of ``init``'s columns; see :func:`lanczos`).
 
     Returns:
         :class:`EigenResult`: ``eigenvalues`` ``[k]`` descending (``eigenvalues[0]`` is ``h0``),
@@ -815,6 +869,9 @@ def top_hessian_eigenvalues(
             f"stop={stop!r} is a rule of method='lanczos' (got method={method!r}); use stop='residual'."
         )
     _check_lanczos_extras(gap_safety, ritz_vectors)
+    check_choice("start", start, STARTS)
+    if start != "first" and method != "lanczos":
+        raise ValueError(f"start={start!r} is a start of method='lanczos' (got method={method!r}); use start='first'.")
     check_int("k", k, "k=1")
     dim = num_trainable_parameters(model)
     if k > dim:
@@ -837,7 +894,7 @@ def top_hessian_eigenvalues(
             init = init.to(device=op.device, dtype=op.dtype)
         if method == "lanczos":
             res = lanczos(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed, stop=stop,
-                          gap_safety=gap_safety, ritz_vectors=ritz_vectors)
+                          gap_safety=gap_safety, ritz_vectors=ritz_vectors, start=start)
         elif method == "power":
             res = power_iteration(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed)
         else:

@@ -47,9 +47,6 @@ from lyapunov_callbacks.tensorboard_layout import add_paper_layout
 __all__ = ["HessianEigenvalueMonitor"]
 
 _ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
-#: Warm start of an h0 estimate (``k=1``, Lanczos): ``y0 + 0.3·y1``, the last estimate's top two Ritz vectors.
-#: From ``y0`` alone, an estimate made after h0 and h1 swapped could stop on h1 (see ``EigenTracker``).
-_SECOND_WEIGHT = 0.3
 _PRECONDITIONED_TYPES = (torch.optim.SGD, *_ADAM_TYPES)
 
 class HessianEigenvalueMonitor(Callback):
@@ -63,8 +60,9 @@ class HessianEigenvalueMonitor(Callback):
     the batch of the step (``batch="current"``; with ``accumulate_grad_batches = k`` the loss the step optimises,
     the mean of its ``k`` micro-batch losses, each with the dropout masks of its training forward) or a fixed
     probe batch drawn once from the training set (``batch="fixed"``: values comparable across steps). Each estimate is warm-started from the previous
-    eigenvectors (for ``k=1`` and Lanczos, from ``y0 + 0.3·y1``, the last estimate's top two Ritz vectors, so
-    that an estimate made after h0 and h1 swapped does not stop on h1), so it typically costs a handful of
+    eigenvectors (for ``k=1`` and Lanczos, from the top Ritz vector of the span of ``y0`` and ``y1``, the last
+    estimate's top two Ritz vectors: two HVPs, so that an estimate made after h0 and h1 swapped does not stop on
+    h1), so it typically costs a handful of
     Hessian-vector products (HVPs, ~2-3 forward+backward each); it stops when the rigorous residual bound or
     the gap estimate ``residual²/gap`` (safety factor ``gap_safety``, default 10) meets ``tol``.
     Measurement leaves training untouched: parameters, buffers (BatchNorm statistics) and ``.grad`` are never
@@ -273,7 +271,7 @@ class HessianEigenvalueMonitor(Callback):
         """Forget everything measured: a fresh warm start, probe draw and step bookkeeping."""
         self._tracker = EigenTracker(
             method=self.method, hvp=self.hvp, k=self.k, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
-            warm_start=self.warm_start, dtype=self.dtype, second_weight=_SECOND_WEIGHT, gap_safety=self.gap_safety,
+            warm_start=self.warm_start, dtype=self.dtype, two_vector_start=True, gap_safety=self.gap_safety,
         )
         self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
         self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)
