@@ -172,24 +172,63 @@ def _start_block(op: Any, cols: int, init: torch.Tensor | None, seed: int) -> to
     return block
 
 
+def _combine(vectors: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """``Σ_i c_i v_i`` as a new contiguous vector, one fused pass per term (no ``[j, dim]`` stack)."""
+    out = vectors[0] * coefficients[0]
+    for v, c in zip(vectors[1:], coefficients[1:]):
+        out.add_(v, alpha=c)
+    return out
+
+
 def _rayleigh_ritz_start(
     op: Any, init: torch.Tensor, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``(z, Hz, (values, vectors))``: the top Ritz vector of the span of ``init``'s columns (unit norm), its
-    product, and the span's other Ritz pairs (values descending, vectors as ``[dim, j − 1]`` columns).
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
+    """``(z, Hz, rest)``: the top Ritz vector of the span of ``init``'s columns (unit norm), its product, and
+    ``rest(b)``, the span's next ``b`` Ritz pairs (values descending, vectors as ``[dim, b]`` columns), built only
+    when asked for.
 
-    The columns are orthonormalised (``_start_block``: rank-deficient ones replaced by seeded random ones), their
-    products taken in one ``matmat``, and the projected matrix ``BᵀHB`` (symmetrised) solved in float64.
+    The columns are orthonormalised by Gram–Schmidt (a rank-deficient one is replaced by a seeded random vector;
+    columns orthonormal to 1e-3 are taken as they are), each multiplied by one ``matvec``, and the projected matrix ``BᵀHB`` (symmetric by construction from its upper
+    triangle) solved in float64. Every vector stays a separate contiguous one: at dim 1.8M a ``[dim, j]`` layout
+    or a stacked copy costs several ms per pass.
     """
-    block = _start_block(op, init.shape[1], init, seed)
-    products = op.matmat(block)
-    projected = (block.T @ products).to(torch.float64)
-    values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
-    c = vectors.flip(1).to(device=op.device, dtype=op.dtype)  # descending
-    z = block @ c[:, 0]
-    norm = torch.linalg.vector_norm(z)  # 1 up to rounding (orthonormal columns, unit c)
-    rest = (values.flip(0)[1:].to(device=op.device, dtype=op.dtype), block @ c[:, 1:])
-    return z / norm, (products @ c[:, 0]).div_(norm), rest
+    init = _check_init(op, init)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    basis: list[torch.Tensor] = []
+    for column in init.unbind(1):
+        norm_in = float(torch.linalg.vector_norm(column))
+        # Columns orthonormal to 1e-3 already (a warm start's Ritz vectors: ~1e-5 in float32 at dim 1.8M) are used
+        # as they are, no copy: they only choose the start z, which is normalised exactly below.
+        if abs(norm_in - 1.0) <= 1e-3 and all(abs(float(b @ column)) <= 1e-3 for b in basis):
+            basis.append(column)
+            continue
+        v = column / norm_in  # a new vector; init is never written
+        norm = _reorthogonalize_(v, basis) if basis else 1.0
+        while not norm > 1e-8:  # rank-deficient: a seeded random direction instead
+            v = _randn(op, 1, gen)[:, 0]
+            v.div_(float(torch.linalg.vector_norm(v)))
+            norm = _reorthogonalize_(v, basis) if basis else 1.0
+        basis.append(v.div_(norm) if norm != 1.0 else v)
+    if getattr(op, "distributed", False):
+        for v in basis:
+            _dist.broadcast_(v, getattr(op, "process_group", None))
+    products = [op.matvec(b) for b in basis]
+    j = len(basis)
+    projected = torch.zeros(j, j, dtype=torch.float64)
+    for a in range(j):
+        for b in range(a, j):
+            projected[a, b] = projected[b, a] = float(basis[a] @ products[b])
+    values, vectors = torch.linalg.eigh(projected)
+    values, coefficients = values.flip(0), vectors.flip(1).T.tolist()  # rows: Ritz coefficients, descending
+    z = _combine(basis, coefficients[0])
+    norm = float(torch.linalg.vector_norm(z))  # 1 up to the basis' orthonormality
+
+    def rest(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [_combine(basis, c) for c in coefficients[1 : 1 + count]]
+        vecs = torch.stack(rows, dim=1) if rows else z.new_zeros(z.numel(), 0)
+        return values[1 : 1 + count].to(device=op.device, dtype=op.dtype), vecs
+
+    return z.div_(norm), _combine(products, coefficients[0]).div_(norm), rest
 
 
 def _randn(op: Any, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -325,7 +364,7 @@ def lanczos(
 
     Rayleigh–Ritz start (``start="rayleigh_ritz"``, ``k == 1``, ``init`` of ``j >= 2`` columns, e.g. the last
     estimate's top two Ritz vectors): the start vector is the top Ritz vector ``z`` of the span of ``init``
-    (``j`` HVPs, one ``matmat``, and a ``j × j`` eigenproblem), and the first Lanczos product ``Hz`` is the
+    (``j`` HVPs and a ``j × j`` eigenproblem), and the first Lanczos product ``Hz`` is the
     same combination of those products, so the solve costs ``j − 1`` HVPs more than from one vector. When the
     top two eigenvalues swapped since ``init`` was computed, the new top eigenvector lies near the old second
     one: ``z`` holds every component of it that the span does, whereas a fixed combination of the columns can
@@ -480,9 +519,9 @@ def lanczos(
     if m == 1 and span_rest is not None:
         # Stopped at the Rayleigh-Ritz start itself: the span's other Ritz pairs (orthogonal to z) are the
         # further pairs of the space explored, so a warm start built from these rows keeps its two directions.
-        more = ritz_vectors - 1
-        ritz_values = torch.cat([ritz_values, span_rest[0][:more]])
-        rows = torch.cat([rows, span_rest[1][:, :more].T])
+        more_values, more_vectors = span_rest(ritz_vectors - 1)
+        ritz_values = torch.cat([ritz_values, more_values])
+        rows = torch.cat([rows, more_vectors.T])
     result = _result(op, values.flip(0), rows[:k].T, start_hvps, converged)  # values descending, like rows
     result.ritz_values = ritz_values
     result.ritz_vectors = rows.T
