@@ -338,8 +338,8 @@ class EigenTracker:
             from ``y0`` alone the Krylov space can miss it for many products and the solve stops on h1. A
             fixed combination ``y0 + 0.3·y1`` put the direction in the start but could cancel it, the signs
             of ``y0`` and ``y1`` being arbitrary: at one step of the README MLP in
-            ``benchmarks/monitor_overhead.py`` it kept 0.11 of the new top eigenvector where the span held 0.88,
-            and the solve stopped on h1, 7.4 % low.
+            ``benchmarks/monitor_overhead.py`` the solve from it stopped on h1, 7.1e-2 low
+            (``tests/test_gap_stopping.py`` builds an exactly cancelling case).
     """
 
     def __init__(

@@ -146,8 +146,8 @@ class HessianEigenvalueMonitor(Callback):
             ``>= 1``): it stops once the error estimate ``residual²/gap`` is at most ``tol·|h0| / gap_safety`` (or
             the rigorous residual bound holds). A smaller factor takes fewer HVPs and trusts the gap the
             iteration sees more: where h0 and h1 lie within a few percent, it stops on h1 more often (still
-            within ``tol`` of an eigenvalue; ``tests/test_hessian_monitor.py`` has such a step, 3.4 % low with
-            factor 1, within 1.5e-3 with 10). ``benchmarks/monitor_overhead.py`` measures the HVPs and the
+            within ``tol`` of an eigenvalue; ``tests/test_hessian_monitor.py`` has such a step, 3.1 % low with
+            factor 1, within 3.6e-4 with 10). ``benchmarks/monitor_overhead.py`` measures the HVPs and the
             error against a cold reference for the default and for 1.
 
     Raises:
