@@ -195,7 +195,7 @@ def _rayleigh_ritz_start(
     init = _check_init(op, init)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     basis: list[torch.Tensor] = []
-    for column in init.unbind(1):
+    for column in init.unbind(1)[: op.dim]:  # at most dim orthonormal vectors exist
         norm_in = float(torch.linalg.vector_norm(column))
         # Columns orthonormal to 1e-3 already (a warm start's Ritz vectors: ~1e-5 in float32 at dim 1.8M) are used
         # as they are, no copy: they only choose the start z, which is normalised exactly below.
@@ -204,12 +204,16 @@ def _rayleigh_ritz_start(
             continue
         v = column / norm_in  # a new vector; init is never written
         norm = _reorthogonalize_(v, basis) if basis else 1.0
-        while not norm > 1e-8:  # rank-deficient: a seeded random direction instead
+        if not norm > 1e-8:  # rank-deficient: a seeded random direction instead (left out if that is too)
             v = _randn(op, 1, gen)[:, 0]
             v.div_(float(torch.linalg.vector_norm(v)))
-            norm = _reorthogonalize_(v, basis) if basis else 1.0
+            norm = _reorthogonalize_(v, basis, passes=2) if basis else 1.0
+            if not norm > 1e-8:
+                continue
         basis.append(v.div_(norm) if norm != 1.0 else v)
     if getattr(op, "distributed", False):
+        # Every rank starts from rank 0's vectors; copies, so that the caller's init is never written.
+        basis = [v.clone() for v in basis]
         for v in basis:
             _dist.broadcast_(v, getattr(op, "process_group", None))
     products = [op.matvec(b) for b in basis]

@@ -202,3 +202,17 @@ def test_lanczos_rejects_bad_gap_safety_and_ritz_vectors(kwargs, name):
     A, init = moving_case(0)
     with pytest.raises(ValueError, match=name):
         lanczos(MatrixOperator(A), k=1, init=init, **kwargs)
+
+
+def test_rayleigh_ritz_start_handles_dependent_columns_and_leaves_init_alone():
+    """Dependent or surplus columns are replaced or left out; the caller's init is not written."""
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    e0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    init = torch.stack([e0, 2 * e0, e0, e0], 1)  # rank one, and more columns than dim
+    kept = init.clone()
+    res = lanczos(MatrixOperator(A), k=1, tol=1e-10, init=init, start="rayleigh_ritz")
+    assert res.converged and abs(float(res.eigenvalues[0]) - 3.0) < 1e-12
+    assert torch.equal(init, kept)
+    one = lanczos(MatrixOperator(torch.eye(1, dtype=torch.float64) * 5), k=1, init=torch.ones(1, 2, dtype=torch.float64),
+                  start="rayleigh_ritz")
+    assert abs(float(one.eigenvalues[0]) - 5.0) < 1e-12
