@@ -414,7 +414,7 @@ class EigenTracker:
                     self.start_basis = result.ritz_vectors.detach()
                 else:
                     self.start_basis = result.eigenvectors.detach().clone()
-                # The top Ritz vectors lead the basis: a view of that copy, not a second (strided) copy.
+                # The top Ritz vectors lead the basis: a view of it, not a second (strided) copy.
                 self.eigenvectors = self.start_basis[:, : self.k]
             else:
                 self.eigenvectors = result.eigenvectors.detach().clone()

@@ -184,12 +184,12 @@ def _rayleigh_ritz_start(
     op: Any, init: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
     """``(z, Hz, rest)``: the top Ritz vector of the span of ``init``'s columns (unit norm), its product, and
-    ``rest(b)``, the span's next ``b`` Ritz pairs (values descending, vectors as ``[dim, b]`` columns), built only
+    ``rest(b)``, the span's next ``b`` Ritz pairs (values descending, vectors as ``[b, dim]`` rows), built only
     when asked for.
 
     The columns are orthonormalised by Gram–Schmidt (a rank-deficient one is replaced by a seeded random vector;
-    columns orthonormal to 1e-3 are taken as they are), each multiplied by one ``matvec``, and the projected matrix ``BᵀHB`` (symmetric by construction from its upper
-    triangle) solved in float64. Every vector stays a separate contiguous one: at dim 1.8M a ``[dim, j]`` layout
+    columns orthonormal to 1e-3 are taken as they are), each multiplied by one ``matvec``, and the projected
+    matrix ``BᵀHB`` (symmetric by construction from its upper triangle) solved in float64. Every vector stays a separate contiguous one: at dim 1.8M a ``[dim, j]`` layout
     or a stacked copy costs several ms per pass.
     """
     init = _check_init(op, init)
@@ -229,7 +229,7 @@ def _rayleigh_ritz_start(
 
     def rest(count: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [_combine(basis, c) for c in coefficients[1 : 1 + count]]
-        vecs = torch.stack(rows, dim=1) if rows else z.new_zeros(z.numel(), 0)
+        vecs = torch.stack(rows) if rows else z.new_zeros(0, z.numel())
         return values[1 : 1 + count].to(device=op.device, dtype=op.dtype), vecs
 
     return z.div_(norm), _combine(products, coefficients[0]).div_(norm), rest
@@ -523,9 +523,9 @@ def lanczos(
     if m == 1 and span_rest is not None:
         # Stopped at the Rayleigh-Ritz start itself: the span's other Ritz pairs (orthogonal to z) are the
         # further pairs of the space explored, so a warm start built from these rows keeps its two directions.
-        more_values, more_vectors = span_rest(ritz_vectors - 1)
+        more_values, more_rows = span_rest(ritz_vectors - 1)
         ritz_values = torch.cat([ritz_values, more_values])
-        rows = torch.cat([rows, more_vectors.T])
+        rows = torch.cat([rows, more_rows])
     result = _result(op, values.flip(0), rows[:k].T, start_hvps, converged)  # values descending, like rows
     result.ritz_values = ritz_values
     result.ritz_vectors = rows.T

@@ -606,8 +606,8 @@ class FiniteDifferenceHessian(HessianOperator):
                     f"gradient given per parameter must hold one tensor per trainable parameter with its shape, "
                     f"{[tuple(s) for s in self._shapes]}; got {got}. Or pass the flat gradient."
                 )
-            pieces = [g.detach().to(device=self.device, dtype=self.dtype) for g in gradient]
-            return None, [g.clone() for g in pieces] if self._snapshot else pieces
+            copy = self._snapshot
+            return None, [g.detach().to(device=self.device, dtype=self.dtype, copy=copy) for g in gradient]
         if gradient is not None:
             gradient = self._check_vector(gradient, "gradient")
             return None, gradient.clone() if self._snapshot else gradient

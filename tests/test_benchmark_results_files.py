@@ -52,9 +52,12 @@ def test_monitor_overhead_quick_run_writes_every_variant(tmp_path):
     level = lightning_logger.level
     bench = _load("monitor_overhead")
     out = tmp_path / "mo.md"
-    bench.main(["--quick", "--models", "small", "--steps", "10", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    try:
+        bench.main(["--quick", "--models", "small", "--steps", "10", "--repeats", "1", "--threads", "1",
+                    "--out", str(out)])
+    finally:
+        lightning_logger.setLevel(level)
     text = out.read_text()
     assert text.startswith("# Monitor overhead")
-    lightning_logger.setLevel(level)
     for name in bench._variants():
         assert f"| {name} |" in text
