@@ -39,7 +39,8 @@ test-fast: install
 # Full scale (default): writes docs/figures/$(DATA)/, docs/results/summary_$(DATA).{md,json,csv} and regenerates
 # docs/results.md. QUICK=1: the same runs and figures, one seed, a few dozen steps; writes under figures/quick/
 # (not committed). Runs train JOBS at a time (default: one single-threaded process per core).
-# FIGURES_ARGS e.g. --only fig2, --list, --plan (predicted time from figures/rates.json), --plot-only.
+# FIGURES_ARGS e.g. --only fig2, --list, --plan (predicted time from figures/rates.json), --plot-only, --page-only
+# (rewrite docs/results.md from the committed summaries after a change to its text).
 QUICK ?=
 JOBS ?=
 FIGURES_ARGS ?=

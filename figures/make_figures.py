@@ -23,6 +23,7 @@ Usage::
     python figures/make_figures.py --data synthetic --quick      # make figures DATA=synthetic QUICK=1
     python figures/make_figures.py --data digits --only fig2     # that figure's runs, then that figure
     python figures/make_figures.py --plot-only                   # redraw and re-summarise from existing logs
+    python figures/make_figures.py --page-only                   # rewrite docs/results.md from the summaries
     python figures/make_figures.py --runs constant/mlp_ce_lr0.3 --only fig6   # retrain one run, redraw
 """
 
@@ -530,6 +531,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="FIG", help="make only these figures (e.g. fig1 fig3)")
     p.add_argument("--list", action="store_true", help="print the planned runs and figures; train nothing")
     p.add_argument("--plot-only", action="store_true", help="draw and summarise from existing logs; train nothing")
+    p.add_argument("--page-only", action="store_true",
+                   help="regenerate the results page from the summaries in --summary-dir (after a change to the "
+                        "page's text); train, draw and summarise nothing")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="train only these of the planned runs (then draw)")
     p.add_argument("--out", default=None, help="folder of the figure files (default docs/figures/<data>/)")
     p.add_argument("--logs", default=None, help="folder of the runs' logs (default figures/logs/)")
@@ -752,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         _print_prediction(runs, args, spec)
         return 0
+    if args.page_only:
+        print(f"results page: {_render_page(args, defaults, spec)}")
+        return 0
     timings: dict[str, dict] = {}
     failed_runs: list[str] = []
     wall = None
@@ -773,15 +780,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed_figs = _plot(spec, figures, runs, args)
     paths = _summarise(runs, args, timings, wall)
     print(f"summary: {paths['md']}")
-    from lyapunov_callbacks.summary import render_results_page
-
-    page = render_results_page(args.summary_dir, defaults["figures_root"] if args.out == os.path.relpath(
-        defaults["out"]) else Path(args.out).parent, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec))
-    print(f"results page: {page}")
+    print(f"results page: {_render_page(args, defaults, spec)}")
     if failed_runs or failed_figs:
         print(f"failed runs: {failed_runs or 'none'}; failed figures: {failed_figs or 'none'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _render_page(args: argparse.Namespace, defaults: dict[str, Path], spec: dict[str, Any]) -> Path:
+    """Write the results page from the summaries in ``args.summary_dir`` (every data set's, not only ``--data``)."""
+    from lyapunov_callbacks.summary import render_results_page
+
+    figures_root = defaults["figures_root"] if args.out == os.path.relpath(defaults["out"]) else Path(args.out).parent
+    return render_results_page(args.summary_dir, figures_root, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec))
 
 
 def scale_text(spec: dict[str, Any]) -> str:
@@ -808,6 +819,12 @@ schedule, completing the constant-LR series 4-6). `analysis_*.png` are not paper
 against α (with the lines 1/h0 = α and 1/h0 = α/2), the distribution of λ per run, and the quasi-Newton loss
 beside the constant-LR runs; `adamw.png` (not a paper figure) shows AdamW's preconditioned stability ratio
 α·λ1(P⁻¹H)·(1−β1)/(1+β1) against its edge 2, and λ, per LR, once its run files exist.
+
+Reproducibility: on one machine a run is deterministic (the same code, seed and data give the same logs bit for
+bit). Another CPU or PyTorch build may round differently, so the first logged losses can differ in their
+last digits; a run with λ > 0 amplifies that difference, so its later curve, its late-window values and,
+near the edge of divergence, whether it diverges at all can differ between machines. Such a run's value is one
+draw of a chaotic trajectory, not a property of the code alone.
 
     make figures DATA=synthetic      # or DATA=digits, DATA=cifar; QUICK=1 for the short development scale
 """

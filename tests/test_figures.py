@@ -299,3 +299,15 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert rows["cyclic/linear_ce"]["seeds"] == 2 and rows["quasi_newton/linear_mse"]["seeds"] == 2
     text = page.read_text()
     assert "## Data set: synthetic" in text and "Not run: no `docs/results/summary_cifar.json`" in text
+
+
+def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_path, capsys):
+    """The committed results page is what the generator makes of the committed summaries (nothing trained)."""
+    page = tmp_path / "results.md"
+    assert make_figures.main(["--page-only", "--page", str(page)]) == 0
+    assert f"results page: {page}" in capsys.readouterr().out
+    # written outside docs/, the page links the figures by absolute path; the committed one by docs/-relative path
+    text = page.read_text().replace((ROOT / "docs").as_posix() + "/", "")
+    committed = (ROOT / "docs" / "results.md").read_text()
+    assert text == committed, "docs/results.md is stale: run `make figures FIGURES_ARGS=--page-only`"
+    assert "Reproducibility: on one machine a run is deterministic" in committed
