@@ -705,6 +705,8 @@ def _summarise(runs: list[Run], args: argparse.Namespace, timings: dict[str, dic
         meta["training CPU time (s)"] = round(sum(t["cpu_seconds"] for t in timings.values()), 1)
         meta["runs at a time"] = args.jobs
         meta["load average at the end (1 min)"] = round(os.getloadavg()[0], 2)
+    else:  # re-summarised from existing logs (--plot-only): how they were trained stays in the summary
+        meta.update(kept_training_meta(Path(args.summary_dir) / f"summary_{args.data}.json", meta))
     if timings:
         meta["steps/s (first seed's arch)"] = json.dumps(_steps_per_arch(runs, timings))
     paths = summary.write_summary(records, args.summary_dir, args.data, figure_of=figure_of(runs), meta=meta)
@@ -785,6 +787,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"failed runs: {failed_runs or 'none'}; failed figures: {failed_figs or 'none'}", file=sys.stderr)
         return 1
     return 0
+
+
+#: The summary's record of the training run, which only a run that trained can measure.
+TRAINING_META = ("training wall time (s)", "training CPU time (s)", "runs at a time", "load average at the end (1 min)",
+                 "steps/s (first seed's arch)")
+
+
+def kept_training_meta(previous: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`TRAINING_META` entries of the summary at ``previous`` when it describes the same logs (same mode,
+    runs and seeded runs as ``meta``), else nothing: a summary re-made from existing logs keeps how they were
+    trained instead of losing it."""
+    try:
+        old = json.loads(previous.read_text()).get("meta", {})
+    except (OSError, ValueError):
+        return {}
+    if any(old.get(k) != meta.get(k) for k in ("mode", "runs", "seeded runs")):
+        return {}
+    return {k: old[k] for k in TRAINING_META if k in old}
 
 
 def _render_page(args: argparse.Namespace, defaults: dict[str, Path], spec: dict[str, Any]) -> Path:

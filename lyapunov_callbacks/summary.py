@@ -284,8 +284,9 @@ def verdicts(rows: Sequence[dict[str, Any]], figure_of: dict[str, str] | None = 
     A/B: each non-diverged constant-LR or cyclic run is ``agrees`` / ``below`` / ``above`` the band
     ``target / ratio_factor .. target * ratio_factor`` (target 1 for A, 2 for B) on its median late α·h0 (median
     over seeds), per h0 source; the architecture/loss verdict is ``agrees`` (every run in the band), ``partly``
-    (some), ``disagrees`` (none) or ``no data``. Diverged runs are listed as such (they disagree with a caption
-    that says the run trains, and are evidence of α·h0 > 2 at some point).
+    (some), ``disagrees`` (none) or ``no data``. A run with a diverged seed is left out of A/B/C and listed as
+    diverged, with how many of its seeds diverged and at which steps (it disagrees with a caption that says the
+    run trains, and is evidence of α·h0 > 2 at some point).
     C: ``agrees`` when |median λ| <= ``lambda_zero`` in every non-diverged run, per run as in A.
     D: for each quasi-Newton run, ``agrees`` when it did not diverge and its full-training-set loss never rose
     between epochs; ``singles QN out`` says whether its fraction of rising mini-batch losses is below that of
@@ -305,8 +306,7 @@ def verdicts(rows: Sequence[dict[str, Any]], figure_of: dict[str, str] | None = 
         sgd = [r for r in grp if r["schedule"] in ("constant", "cyclic")]
         diverged = [r for r in sgd if any(d is not None for d in r["diverged_at"])]
         stable = [r for r in sgd if r not in diverged]
-        ev_div = "; ".join(f"{r['name']} diverged at step {min(d for d in r['diverged_at'] if d is not None)}"
-                           for r in diverged)
+        ev_div = "; ".join(_divergence(r) for r in diverged)
         for claim, target in (("A: α·h0 ≈ 1 (paper)", 1.0), ("B: α·h0 ≈ 2 (edge of stability)", 2.0)):
             for source in PREFIXES:
                 per = [(r, _band(r[f"alpha_h0_{source}"], target)) for r in stable]
@@ -340,8 +340,18 @@ def verdicts(rows: Sequence[dict[str, Any]], figure_of: dict[str, str] | None = 
                   f"{100 * r['loss_rise_frac']:.0f} % of logged steps vs {', '.join(f'{100 * x:.0f}' for x in const_rise)}"
                   f" % for constant α; singles QN out: {single}")
             out.append(_verdict("D: QN loss decreases monotonically", arch, loss, "-", label, ev,
-                                f"diverged at step {min(div)}" if div else "", [r["name"]], figure_of))
+                                _divergence(r) if div else "", [r["name"]], figure_of))
     return out
+
+
+def _divergence(row: dict[str, Any]) -> str:
+    """How a run diverged: its step, or with several seeds how many diverged and where (a run that diverges in
+    one seed of three near the edge of stability is not one that diverges in all three)."""
+    steps = sorted(d for d in row["diverged_at"] if d is not None)
+    if len(row["diverged_at"]) == 1:
+        return f"{row['name']} diverged at step {steps[0]}"
+    return (f"{row['name']} diverged in {len(steps)} of {len(row['diverged_at'])} seeds, at step"
+            f"{'s' if len(steps) > 1 else ''} {', '.join(str(d) for d in steps)}")
 
 
 def _verdict(claim, arch, loss, source, label, evidence, diverged, names, figure_of) -> dict[str, Any]:

@@ -311,3 +311,17 @@ def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_
     committed = (ROOT / "docs" / "results.md").read_text()
     assert text == committed, "docs/results.md is stale: run `make figures FIGURES_ARGS=--page-only`"
     assert "Reproducibility: on one machine a run is deterministic" in committed
+
+
+def test_plot_only_keeps_the_training_record_of_the_same_logs(tmp_path):
+    trained = {"mode": "full", "runs": 55, "seeded runs": 105, "probe h0": "measured",
+               "training wall time (s)": 3505.7, "training CPU time (s)": 6411.7, "runs at a time": 2,
+               "load average at the end (1 min)": 1.56, "steps/s (first seed's arch)": '{"mlp": 21.82}'}
+    path = tmp_path / "summary_digits.json"
+    path.write_text(json.dumps({"meta": trained, "runs": []}))
+    now = {"mode": "full", "runs": 55, "seeded runs": 105, "probe h0": "measured"}
+    assert make_figures.kept_training_meta(path, now) == {k: trained[k] for k in make_figures.TRAINING_META}
+    # other logs (a different count of runs, or the quick mode), or no summary yet: nothing is carried over
+    assert make_figures.kept_training_meta(path, {**now, "seeded runs": 104}) == {}
+    assert make_figures.kept_training_meta(path, {**now, "mode": "quick"}) == {}
+    assert make_figures.kept_training_meta(tmp_path / "absent.json", now) == {}

@@ -188,3 +188,12 @@ def test_full_train_loss_rejects_bad_arguments():
         FullTrainLoss(max_batches=0)
     with pytest.raises(ValueError, match="batch_size=1.5"):
         FullTrainLoss(batch_size=1.5)
+
+
+def test_divergence_evidence_counts_the_seeds():
+    # near the edge of stability one seed can diverge and another not: the evidence says how many did, and where
+    assert summary._divergence({"name": "cyclic/x", "diverged_at": [12]}) == "cyclic/x diverged at step 12"
+    assert (summary._divergence({"name": "cyclic/x", "diverged_at": [None, 854, 84]})
+            == "cyclic/x diverged in 2 of 3 seeds, at steps 84, 854")
+    assert (summary._divergence({"name": "cyclic/x", "diverged_at": [None, 7, None]})
+            == "cyclic/x diverged in 1 of 3 seeds, at step 7")
