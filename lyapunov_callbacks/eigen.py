@@ -160,7 +160,7 @@ def _start_block(op: Any, cols: int, init: torch.Tensor | None, seed: int) -> to
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     j = 0
     if init is not None:
-        init = _check_init(op, init)
+        init, _ = _check_init(op, init)
         j = min(init.shape[1], cols)
     parts = [init[:, :j]] if j else []
     if j < cols:
@@ -189,20 +189,20 @@ def _rayleigh_ritz_start(
 
     The columns are orthonormalised by Gram–Schmidt (a rank-deficient one is replaced by a seeded random vector;
     columns orthonormal to 1e-3 are taken as they are), each multiplied by one ``matvec``, and the projected
-    matrix ``BᵀHB`` (symmetric by construction from its upper triangle) solved in float64. Every vector stays a separate contiguous one: at dim 1.8M a ``[dim, j]`` layout
-    or a stacked copy costs several ms per pass.
+    matrix ``BᵀHB`` (symmetric by construction from its upper triangle) solved in float64. Every vector stays a
+    separate contiguous one: at dim 1.8M a ``[dim, j]`` layout or a stacked copy costs several ms per pass.
     """
-    init = _check_init(op, init)
+    init, norms = _check_init(op, init)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     basis: list[torch.Tensor] = []
-    for column in init.unbind(1)[: op.dim]:  # at most dim orthonormal vectors exist
-        norm_in = float(torch.linalg.vector_norm(column))
+    for column, norm_in in zip(init.unbind(1)[: op.dim], norms):  # at most dim orthonormal vectors exist
         # Columns orthonormal to 1e-3 already (a warm start's Ritz vectors: ~1e-5 in float32 at dim 1.8M) are used
-        # as they are, no copy: they only choose the start z, which is normalised exactly below.
+        # as they are, no copy: they only choose the start z, which is normalised exactly below. The norms are
+        # the ones _check_init measured (no second pass over the columns).
         if abs(norm_in - 1.0) <= 1e-3 and all(abs(float(b @ column)) <= 1e-3 for b in basis):
             basis.append(column)
             continue
-        v = column / norm_in  # a new vector; init is never written
+        v = column / float(torch.linalg.vector_norm(column))  # a new vector; init is never written
         norm = _reorthogonalize_(v, basis) if basis else 1.0
         if not norm > 1e-8:  # rank-deficient: a seeded random direction instead (left out if that is too)
             v = _randn(op, 1, gen)[:, 0]
@@ -242,7 +242,9 @@ def _randn(op: Any, cols: int, gen: torch.Generator) -> torch.Tensor:
     return out.to(device=op.device, dtype=op.dtype)
 
 
-def _check_init(op: Any, init: Any) -> torch.Tensor:
+def _check_init(op: Any, init: Any) -> tuple[torch.Tensor, list[float]]:
+    """``init`` as ``[dim, j]`` in the operator's dtype and device, and the norms of its columns (checked finite
+    and non-zero)."""
     check_shape("init", init, op.dim, matrix=True)
     init = init.detach().to(device=op.device, dtype=op.dtype)
     if init.ndim == 1:
@@ -252,7 +254,7 @@ def _check_init(op: Any, init: Any) -> torch.Tensor:
     norms = torch.linalg.vector_norm(init, dim=0)
     if bool((norms == 0).any()) or (not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(init).all())):
         raise BadShapeError("`init` must have finite, non-zero columns (e.g. the previous eigenvectors).")
-    return init
+    return init, norms.tolist()
 
 
 def _orthonormalize(block: torch.Tensor, fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
