@@ -59,12 +59,12 @@ class HessianEigenvalueMonitor(Callback):
     the mean training loss (``model.training_loss(batch)``, see below) of the batch :math:`B`:
     the batch of the step (``batch="current"``; with ``accumulate_grad_batches = k`` the loss the step optimises,
     the mean of its ``k`` micro-batch losses, each with the dropout masks of its training forward) or a fixed
-    probe batch drawn once from the training set (``batch="fixed"``: values comparable across steps). Each estimate is warm-started from the previous
-    eigenvectors (for ``k=1`` and Lanczos, from the top Ritz vector of the span of ``y0`` and ``y1``, the last
-    estimate's top two Ritz vectors: two HVPs, so that an estimate made after h0 and h1 swapped does not stop on
-    h1), so it typically costs a handful of
-    Hessian-vector products (HVPs, ~2-3 forward+backward each); it stops when the rigorous residual bound or
-    the gap estimate ``residual²/gap`` (safety factor ``gap_safety``, default 10) meets ``tol``.
+    probe batch drawn once from the training set (``batch="fixed"``: values comparable across steps). Each
+    estimate is warm-started from the previous eigenvectors (for ``k=1`` and Lanczos, from the top Ritz vector of
+    the span of ``y0`` and ``y1``, the last estimate's top two Ritz vectors: two HVPs, so that an estimate made
+    after h0 and h1 swapped does not stop on h1), so it typically costs a handful of Hessian-vector products
+    (HVPs, ~2-3 forward+backward each); it stops when the rigorous residual bound or the gap estimate
+    ``residual²/gap`` (safety factor ``gap_safety``, default 10) meets ``tol``.
     Measurement leaves training untouched: parameters, buffers (BatchNorm statistics) and ``.grad`` are never
     written (the loss is evaluated functionally on detached leaves and cloned buffers; a guard on their version
     counters raises if that were ever violated), train/eval modes and the RNG streams are restored, and the

@@ -213,6 +213,6 @@ def test_rayleigh_ritz_start_handles_dependent_columns_and_leaves_init_alone():
     res = lanczos(MatrixOperator(A), k=1, tol=1e-10, init=init, start="rayleigh_ritz")
     assert res.converged and abs(float(res.eigenvalues[0]) - 3.0) < 1e-12
     assert torch.equal(init, kept)
-    one = lanczos(MatrixOperator(torch.eye(1, dtype=torch.float64) * 5), k=1, init=torch.ones(1, 2, dtype=torch.float64),
-                  start="rayleigh_ritz")
+    five = MatrixOperator(torch.eye(1, dtype=torch.float64) * 5)
+    one = lanczos(five, k=1, init=torch.ones(1, 2, dtype=torch.float64), start="rayleigh_ritz")
     assert abs(float(one.eigenvalues[0]) - 5.0) < 1e-12
