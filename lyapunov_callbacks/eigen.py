@@ -916,7 +916,9 @@ def top_hessian_eigenvalues(
     _check_lanczos_extras(gap_safety, ritz_vectors)
     check_choice("start", start, STARTS)
     if start != "first" and method != "lanczos":
-        raise ValueError(f"start={start!r} is a start of method='lanczos' (got method={method!r}); use start='first'.")
+        raise UnknownChoiceError(
+            f"start={start!r} is a start of method='lanczos' (got method={method!r}); use start='first'."
+        )
     check_int("k", k, "k=1")
     dim = num_trainable_parameters(model)
     if k > dim:
