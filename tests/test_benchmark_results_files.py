@@ -61,3 +61,10 @@ def test_monitor_overhead_quick_run_writes_every_variant(tmp_path):
     assert text.startswith("# Monitor overhead")
     for name in bench._variants():
         assert f"| {name} |" in text
+    # one repetition: its own ratio is the median ratio, so the range beside it is that one number
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    rows = [cells for cells in rows if cells[0] in bench._variants()]
+    assert len(rows) == len(bench._variants())
+    for cells in rows:
+        low, high = (float(x) for x in cells[3].split("–"))
+        assert low == high and abs(low - float(cells[2])) <= 0.006, cells
