@@ -614,18 +614,23 @@ class FiniteDifferenceHessian(HessianOperator):
         return self._loss_and_gradient(self._theta, flatten=False)
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """This rank's ``(∇L_local(θ + εv) − ∇L(θ)) / ε``, written once into a new flat vector.
+        """This rank's ``(∇L_local(θ + εv) − ∇L(θ)) / ε``, as a new flat vector.
 
         ``∇L(θ)`` is the same on every rank (the all-rank mean), so the rank average of these is the difference
-        quotient of the mean loss.
+        quotient of the mean loss. One flat buffer holds the perturbed point ``θ + εv`` (the loss is differentiated
+        at views of it) and, once the backward is done with it, receives the result: a product allocates one
+        vector of length :attr:`dim` besides the gradient pieces of its backward (on CPU, each further fresh
+        buffer of that size costs page faults when it is first written).
         """
         eps = self._fd_eps(v)
         if eps == 0.0:  # v = 0: H v = 0
             return torch.zeros_like(v)
-        chunks = self._unflatten(v)
-        perturbed = [torch.add(t, c, alpha=eps) for t, c in zip(self._theta, chunks)]
-        grads = self._loss_and_gradient(perturbed, flatten=False)[1]
         out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        pieces = self._unflatten(out)
+        for t, c, piece in zip(self._theta, self._unflatten(v), pieces):
+            torch.add(t, c, alpha=eps, out=piece)
+        grads = self._loss_and_gradient(pieces, flatten=False)[1]
+        del pieces  # the graph that read θ + εv is gone: the buffer is free for the result
         offset = 0
         bases = self._gradient if isinstance(self._gradient, list) else self._unflatten(self._gradient)
         for g, base, n in zip(grads, bases, self._numels):
@@ -634,7 +639,7 @@ class FiniteDifferenceHessian(HessianOperator):
                 torch.neg(base, out=piece)
             else:
                 torch.sub(g.detach().reshape(-1), base, out=piece)
-            piece.div_(eps)  # each piece divided while it is still in cache
+            piece.div_(eps)
             offset += n
         return out
 
