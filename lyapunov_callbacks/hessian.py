@@ -630,7 +630,7 @@ class FiniteDifferenceHessian(HessianOperator):
         for t, c, piece in zip(self._theta, self._unflatten(v), pieces):
             torch.add(t, c, alpha=eps, out=piece)
         grads = self._loss_and_gradient(pieces, flatten=False)[1]
-        del pieces  # the graph that read θ + εv is gone: the buffer is free for the result
+        del pieces  # nothing reads θ + εv any more (the backward released its graph): the buffer takes the result
         offset = 0
         bases = self._gradient if isinstance(self._gradient, list) else self._unflatten(self._gradient)
         for g, base, n in zip(grads, bases, self._numels):
