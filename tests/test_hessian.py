@@ -357,6 +357,17 @@ def test_matvec_direct_path_equals_matmat_column_and_returns_a_new_tensor(backen
         assert hv.data_ptr() not in {op.gradient().data_ptr(), v.data_ptr()}
 
 
+class _OneLayerUsed(nn.Module):
+    """Two linear layers, only the first of which the forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
 @pytest.mark.parametrize("backend", ["autograd", "finite_difference"])
 def test_a_parameter_outside_the_loss_has_a_zero_block_and_the_rest_matches_the_dense_hessian(backend):
     """A trainable parameter the loss never reads has no gradient anywhere: its rows of H v are zero, and the
@@ -364,42 +375,17 @@ def test_a_parameter_outside_the_loss_has_a_zero_block_and_the_rest_matches_the_
     rounding). Under finite differences the perturbed point and the result share one buffer: every row of the
     result must still be the difference quotient, none a leftover of θ + εv."""
     torch.manual_seed(0)
-    model = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(3, 3)}).to(torch.float64)
+    model = _OneLayerUsed().to(torch.float64)
     g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(10, 2, generator=g, dtype=torch.float64)
-
-    def loss_fn(m, batch):
-        return F.mse_loss(m["used"](batch[0]), batch[1])
-
-    names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss_of_flat(theta):  # the same loss as a function of the flat parameters, for the dense Hessian
-        tensors, offset = {}, 0
-        for n, p in model.named_parameters():
-            tensors[n] = theta[offset : offset + p.numel()].view(p.shape)
-            offset += p.numel()
-        return loss_fn({k: _Affine(tensors[f"{k}.weight"], tensors[f"{k}.bias"]) for k in ("used", "unused")}, (x, y))
-
-    H = torch.autograd.functional.hessian(loss_of_flat, flat)
-    unused = torch.cat([torch.zeros(p.numel(), dtype=torch.bool) if n.startswith("used") else
-                        torch.ones(p.numel(), dtype=torch.bool) for n, p in model.named_parameters()])
-    assert names[2:] == ["unused.weight", "unused.bias"] and int(unused.sum()) == 12
-    v = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
-    with HessianOperator(model, loss_fn, (x, y), backend=backend) as op:
+    batch = (torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(10, 2, generator=g, dtype=torch.float64))
+    H = exact_hessian(model, "mse", batch)
+    unused = torch.cat([torch.full((p.numel(),), n.startswith("unused")) for n, p in model.named_parameters()])
+    assert int(unused.sum()) == 12
+    v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+    with HessianOperator(model, make_loss_fn("mse"), batch, backend=backend) as op:
         hv = op.matvec(v)
     assert torch.equal(hv[unused], torch.zeros(12, dtype=torch.float64))
     assert torch.allclose(hv, H @ v, rtol=1e-6, atol=1e-8)
-
-
-class _Affine:
-    """``x @ weight.T + bias`` from given tensors: the reference loss of the test above as a function of θ."""
-
-    def __init__(self, weight, bias):
-        self.weight, self.bias = weight, bias
-
-    def __call__(self, x):
-        return x @ self.weight.T + self.bias
 
 
 def test_preserved_state_without_copies_restores_references_and_flags_in_place_writes():
