@@ -202,7 +202,7 @@ def _rayleigh_ritz_start(
         if abs(norm_in - 1.0) <= 1e-3 and all(abs(float(b @ column)) <= 1e-3 for b in basis):
             basis.append(column)
             continue
-        v = column / float(torch.linalg.vector_norm(column))  # a new vector; init is never written
+        v = column / norm_in  # a new vector; init is never written
         norm = _reorthogonalize_(v, basis) if basis else 1.0
         if not norm > 1e-8:  # rank-deficient: a seeded random direction instead (left out if that is too)
             v = _randn(op, 1, gen)[:, 0]
