@@ -630,17 +630,14 @@ class FiniteDifferenceHessian(HessianOperator):
         for t, c, piece in zip(self._theta, self._unflatten(v), pieces):
             torch.add(t, c, alpha=eps, out=piece)
         grads = self._loss_and_gradient(pieces, flatten=False)[1]
-        del pieces  # nothing reads θ + εv any more (the backward released its graph): the buffer takes the result
-        offset = 0
+        # Nothing reads θ + εv any more (the backward released its graph): the same views take the result.
         bases = self._gradient if isinstance(self._gradient, list) else self._unflatten(self._gradient)
-        for g, base, n in zip(grads, bases, self._numels):
-            piece, base = out[offset : offset + n], base.reshape(-1)
+        for g, base, piece in zip(grads, bases, pieces):
             if g is None:  # no gradient at θ + εv: the difference is −∇L(θ)
                 torch.neg(base, out=piece)
             else:
-                torch.sub(g.detach().reshape(-1), base, out=piece)
+                torch.sub(g.detach(), base, out=piece)
             piece.div_(eps)
-            offset += n
         return out
 
     def _fd_eps(self, v: torch.Tensor) -> float:
