@@ -108,8 +108,8 @@ def _hvp_counter(monitor):
 
 
 def _variants():
-    from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor
-    from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor
+    from lyapunov_callbacks.callbacks.hessian_monitor import HessianEigenvalueMonitor
+    from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor
 
     def h0(every: int, pre: bool):
         return lambda: [HessianEigenvalueMonitor(every_n_steps=every, pre_h0=pre)]

@@ -1,6 +1,6 @@
 """Would a ``torch.compile``'d HVP make the monitors cheaper? Cost of one estimate's products, compiled or not.
 
-The monitors use the project's exact HVP: :class:`~lyapunov_callbacks.hessian.HessianOperator` builds the
+The monitors use the project's exact HVP: :class:`~lyapunov_callbacks.core.hessian.HessianOperator` builds the
 gradient graph once (forward + backward with ``create_graph=True``) and each product is one more backward
 through it. A compiled alternative is ``torch.compile`` of ``jvp(grad(loss))`` (forward-over-reverse with
 ``torch.func``), which returns the gradient and one product per call and has no graph to keep. The two use
@@ -55,7 +55,7 @@ def _compiled_hvp(model: torch.nn.Module):
     """
     from torch.func import functional_call, grad, jvp
 
-    from lyapunov_callbacks.hessian import _LossModule
+    from lyapunov_callbacks.core.hessian import _LossModule
 
     module = _LossModule(model, C.loss_fn)
 
@@ -69,7 +69,7 @@ def _compiled_hvp(model: torch.nn.Module):
 
 
 def _one_model(name: str, model, batch, repeats: int) -> tuple[list, str]:
-    from lyapunov_callbacks.hessian import HessianOperator
+    from lyapunov_callbacks.core.hessian import HessianOperator
 
     model.train()
     params = {k: p.detach() for k, p in model.named_parameters()}

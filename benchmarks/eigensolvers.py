@@ -41,8 +41,8 @@ import _common as C
 import torch
 import torch.nn.functional as F
 
-from lyapunov_callbacks.eigen import lanczos, lyapunov_iteration, power_iteration, top_hessian_eigenvalues
-from lyapunov_callbacks.hessian import HessianOperator, num_trainable_parameters
+from lyapunov_callbacks.core.eigen import lanczos, lyapunov_iteration, power_iteration, top_hessian_eigenvalues
+from lyapunov_callbacks.core.hessian import HessianOperator, num_trainable_parameters
 
 #: True relative error of h0 every method must reach (issue: "1e-3 TRUE relative error").
 ACCURACY = 1e-3

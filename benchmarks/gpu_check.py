@@ -32,8 +32,8 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
-from lyapunov_callbacks.eigen import top_hessian_eigenvalues  # noqa: E402
-from lyapunov_callbacks.hessian import HessianOperator  # noqa: E402
+from lyapunov_callbacks.core.eigen import top_hessian_eigenvalues  # noqa: E402
+from lyapunov_callbacks.core.hessian import HessianOperator  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -96,7 +96,7 @@ def monitor_rows(device: torch.device, tiny: bool, repeats: int) -> list:
     import lightning as L
 
     from lyapunov_callbacks.datamodules import CIFAR10DataModule
-    from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor
+    from lyapunov_callbacks.callbacks.hessian_monitor import HessianEigenvalueMonitor
     from lyapunov_callbacks.models import ResNet18, TinyResNet
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -27,7 +27,7 @@ import _common as C
 import torch
 from torch.func import functional_call, grad, jvp
 
-from lyapunov_callbacks.hessian import HessianOperator
+from lyapunov_callbacks.core.hessian import HessianOperator
 
 #: The issue's target for an exact HVP, in units of one forward+backward.
 TARGET_RATIO = 3.0

@@ -18,7 +18,7 @@ Rows, per task:
 - ``SF-SGD``: ``schedulefree.SGDScheduleFree`` (momentum 0.9) at the tuned SGD LR: schedule-free, not LR-free,
   so it gets the tuning SGD got. ``optimizer.train()`` before training, ``optimizer.eval()`` before evaluation
   (BatchNorm statistics are recomputed at the evaluation weights, as its authors prescribe).
-- The quasi-Newton rows run :class:`~lyapunov_callbacks.quasi_newton_rule.QuasiNewtonRule`, the object
+- The quasi-Newton rows run :class:`~lyapunov_callbacks.core.quasi_newton_rule.QuasiNewtonRule`, the object
   ``QuasiNewtonLR`` delegates every decision to, in the plain loop, with ``QuasiNewtonLR``'s defaults: warm-up
   at the initial weights (tol 1e-3, ≤ 200 HVPs), re-estimates every 10 steps on the current batch (Lanczos,
   tol 1e-2, warm start), the LR raised by at most 2× per estimate, clamps [1e-5, 10]. The timed loop holds every
@@ -36,7 +36,7 @@ Rows, per task:
 
 Columns: final training loss on the whole training subset (eval mode), validation accuracy, diverged (a
 non-finite loss during training, or a final training loss above 10× the one at initialisation: the results
-page's criterion, ``lyapunov_callbacks.summary.THRESHOLDS["diverge_factor"]``) as "k/seeds", and the fit's wall
+page's criterion, ``lyapunov_callbacks.analysis.summary.THRESHOLDS["diverge_factor"]``) as "k/seeds", and the fit's wall
 time over the ``SGD best`` fit of the same task and seed (only the training loop is timed: batches are
 pre-drawn tensors, evaluation is outside; h0 estimates are inside). Means over seeds (± the standard deviation
 for the loss), except the time ratio: the median over seeds (millisecond fits have outliers).
@@ -80,8 +80,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lyapunov_callbacks import top_hessian_eigenvalues  # noqa: E402
-from lyapunov_callbacks.quasi_newton_rule import QuasiNewtonRule  # noqa: E402
-from lyapunov_callbacks.summary import THRESHOLDS  # noqa: E402
+from lyapunov_callbacks.core.quasi_newton_rule import QuasiNewtonRule  # noqa: E402
+from lyapunov_callbacks.analysis.summary import THRESHOLDS  # noqa: E402
 
 #: The issue's grid {0.01, ..., 1} extended down by 0.001 and 0.003: on the realistic stand-in the linear model's
 #: h0 is a few hundred, so every LR of the issue's grid diverges there.

@@ -111,8 +111,8 @@ def _trainer(steps: int, callbacks: list):
 #: ``name -> (callback factory, h0 period or None, HessianEigenvalueMonitor kwargs)``. The ``gap_safety 1`` rows
 #: trade solver accuracy (still checked against the cold reference) for fewer HVPs.
 def _variants() -> dict:
-    from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor
-    from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor
+    from lyapunov_callbacks.callbacks.hessian_monitor import HessianEigenvalueMonitor
+    from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor
 
     def h0(every: int, **kw):
         return (lambda: [HessianEigenvalueMonitor(every_n_steps=every, **kw)], every, kw)
@@ -151,8 +151,8 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
     """Untimed fit with capture callbacks: max relative error of the logged h0 and the monitor's cost split."""
     from lightning.pytorch.callbacks import Callback
 
-    from lyapunov_callbacks.eigen import top_hessian_eigenvalues
-    from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor
+    from lyapunov_callbacks.core.eigen import top_hessian_eigenvalues
+    from lyapunov_callbacks.callbacks.hessian_monitor import HessianEigenvalueMonitor
 
     monitor = HessianEigenvalueMonitor(every_n_steps=every, **monitor_kwargs)
     captured: dict[int, dict] = {}
@@ -186,7 +186,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         return out
 
     monitor._measure = timed_measure
-    from lyapunov_callbacks import hessian as hessian_mod
+    from lyapunov_callbacks.core import hessian as hessian_mod
 
     Op = hessian_mod.HessianOperator
     orig_init, orig_matmat, orig_matvec = Op.__init__, Op.matmat, Op.matvec
@@ -208,7 +208,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
         parts["hvp"] += time.perf_counter() - t
         return out
 
-    import lyapunov_callbacks.hessian_monitor as hm
+    import lyapunov_callbacks.callbacks.hessian_monitor as hm
 
     orig_log = hm.log_measurements
 
@@ -271,8 +271,8 @@ def _oracle_hvps(model, batch, init: torch.Tensor, reference: float, cap: int) -
     stopping rule would return there. No rule can stop earlier and
     be within ``ACCURACY``; the gap between this count and the monitor's is what a better rule could save.
     """
-    from lyapunov_callbacks.eigen import lanczos
-    from lyapunov_callbacks.hessian import HessianOperator
+    from lyapunov_callbacks.core.eigen import lanczos
+    from lyapunov_callbacks.core.hessian import HessianOperator
 
     model.train()
     # The monitor's two-vector start [y0, y1] is a Rayleigh-Ritz start: its two products count.

@@ -2,7 +2,7 @@
 
 For the MLP and LeNet-1 on the synthetic two-class CIFAR stand-in (``CIFAR10DataModule(synthetic=True,
 classes=[3, 5])``, no files needed), trains the same initial weights with plain SGD for ``--steps`` steps at
-constant LR 0.05, 0.1, 0.3 and with :class:`~lyapunov_callbacks.quasi_newton.QuasiNewtonLR` (warm-up, then h0
+constant LR 0.05, 0.1, 0.3 and with :class:`~lyapunov_callbacks.callbacks.quasi_newton.QuasiNewtonLR` (warm-up, then h0
 re-estimated on the current batch every 10 steps as in the configs, or every 2 steps), all in one process, one
 after the other. Reports the full training-set loss at the end, the last LR, the fit wall-clock time and its
 ratio to the constant-LR 0.1 fit of the same model (the quasi-Newton overhead: warm-up plus a few HVPs per
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lyapunov_callbacks.datamodules import CIFAR10DataModule
-from lyapunov_callbacks.quasi_newton import QuasiNewtonLR
+from lyapunov_callbacks.callbacks.quasi_newton import QuasiNewtonLR
 from lyapunov_callbacks.models import MLP, LeNet1
 
 CONSTANT_LRS = (0.05, 0.1, 0.3)

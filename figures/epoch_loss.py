@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lyapunov_callbacks._state import preserved_modes, restore_rng, rng_snapshot
+from lyapunov_callbacks.core.state import preserved_modes, restore_rng, rng_snapshot
 
 __all__ = ["FullTrainLoss"]
 

@@ -47,7 +47,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 def measure(arch: str, batch: int, probe: int, repeats: int) -> dict[str, float]:
     import torch
 
-    from lyapunov_callbacks.hessian import HessianOperator
+    from lyapunov_callbacks.core.hessian import HessianOperator
 
     torch.manual_seed(0)
     model = _model(arch)

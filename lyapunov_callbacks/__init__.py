@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lyapunov_callbacks.eigen import (
+from lyapunov_callbacks import _moved
+from lyapunov_callbacks.core.eigen import (
     EigenResult,
     MatrixOperator,
     lanczos,
@@ -13,7 +14,7 @@ from lyapunov_callbacks.eigen import (
     power_iteration,
     top_hessian_eigenvalues,
 )
-from lyapunov_callbacks.hessian import (
+from lyapunov_callbacks.core.hessian import (
     AutogradHessian,
     FiniteDifferenceHessian,
     HessianOperator,
@@ -21,16 +22,18 @@ from lyapunov_callbacks.hessian import (
     graph_hvp,
     preserved_state,
 )
-from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioned_operator
-from lyapunov_callbacks.stability import batch_sharpness, pre_stability
-from lyapunov_callbacks.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
+from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, preconditioned_operator
+from lyapunov_callbacks.core.stability import batch_sharpness, pre_stability
+from lyapunov_callbacks.core.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
+
+_moved.install()
 
 # The callbacks import Lightning (seconds); load them on first access so the pure-PyTorch core
 # (`import lyapunov_callbacks`, DDP worker processes) stays light.
 _LAZY = {
-    "HessianEigenvalueMonitor": "lyapunov_callbacks.hessian_monitor",
-    "LyapunovExponentMonitor": "lyapunov_callbacks.lyapunov_monitor",
-    "QuasiNewtonLR": "lyapunov_callbacks.quasi_newton",
+    "HessianEigenvalueMonitor": "lyapunov_callbacks.callbacks.hessian_monitor",
+    "LyapunovExponentMonitor": "lyapunov_callbacks.callbacks.lyapunov_monitor",
+    "QuasiNewtonLR": "lyapunov_callbacks.callbacks.quasi_newton",
 }
 
 __all__ = [

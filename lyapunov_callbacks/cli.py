@@ -14,9 +14,9 @@ from torch.optim.lr_scheduler import CyclicLR, OneCycleLR, ReduceLROnPlateau
 # `--trainer.callbacks+=HessianEigenvalueMonitor`) and `fit --help` lists them among the known subclasses.
 from lyapunov_callbacks import datamodules  # noqa: F401
 from lyapunov_callbacks import models  # noqa: F401
-from lyapunov_callbacks.hessian_monitor import HessianEigenvalueMonitor  # noqa: F401
-from lyapunov_callbacks.lyapunov_monitor import LyapunovExponentMonitor  # noqa: F401
-from lyapunov_callbacks.quasi_newton import QuasiNewtonLR  # noqa: F401
+from lyapunov_callbacks.callbacks.hessian_monitor import HessianEigenvalueMonitor  # noqa: F401
+from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor  # noqa: F401
+from lyapunov_callbacks.callbacks.quasi_newton import QuasiNewtonLR  # noqa: F401
 
 #: Schedulers whose period is counted in optimizer steps, not epochs: they must be stepped every batch.
 PER_STEP_SCHEDULERS: tuple[type, ...] = (CyclicLR, OneCycleLR)
@@ -25,7 +25,7 @@ PER_STEP_SCHEDULERS: tuple[type, ...] = (CyclicLR, OneCycleLR)
 #: The top-level help's note on the one subcommand that is not a LightningCLI one.
 PLOT_EPILOG = (
     "Also available: plot  Draws lambda, 1/h0, alpha and the loss of finished runs from their TensorBoard logs "
-    "(lyapunov_callbacks.plotting.main); for details: lyapunov-cli plot --help"
+    "(lyapunov_callbacks.analysis.plotting.main); for details: lyapunov-cli plot --help"
 )
 
 
@@ -135,7 +135,7 @@ def run_cli(args: Optional[list[str]] = None, **kwargs: Any) -> LyapunovCLI:
 def main(args: Optional[list[str]] = None, **kwargs: Any) -> int:
     """Console entry ``lyapunov-cli`` and ``python -m lyapunov_callbacks``; returns the exit status.
 
-    ``lyapunov-cli plot ...`` dispatches to :func:`lyapunov_callbacks.plotting.main` (imported lazily, so
+    ``lyapunov-cli plot ...`` dispatches to :func:`lyapunov_callbacks.analysis.plotting.main` (imported lazily, so
     training never imports matplotlib); anything else is a LightningCLI command line (``fit``, ``validate``,
     ``test``, ``predict``, ``--help``, ``--print_config`` ...) run by :func:`run_cli`.
 
@@ -157,7 +157,7 @@ def main(args: Optional[list[str]] = None, **kwargs: Any) -> int:
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "plot":
-        from lyapunov_callbacks import plotting  # lazy: matplotlib is only needed for figures
+        from lyapunov_callbacks.analysis import plotting  # lazy: matplotlib is only needed for figures
 
         return int(plotting.main(argv[1:]) or 0)
     run_cli(args, **kwargs)

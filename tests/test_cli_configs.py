@@ -201,7 +201,7 @@ def test_configure_optimizers_steps_per_batch_schedulers_every_batch(scheduler, 
 
 
 def test_plot_command_dispatches_to_plotting_main(monkeypatch):
-    from lyapunov_callbacks import plotting
+    from lyapunov_callbacks.analysis import plotting
 
     received = []
     monkeypatch.setattr(plotting, "main", lambda argv: received.append(argv) or 3)

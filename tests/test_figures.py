@@ -281,7 +281,7 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert "trained 4/4 runs" in stdout and "(2 at a time)" in stdout
     assert (out / "tiny.png").stat().st_size > 10_000
 
-    from lyapunov_callbacks._tb_reader import read_scalars
+    from lyapunov_callbacks.analysis.tb_reader import read_scalars
 
     for seed in (0, 1):
         cyclic = read_scalars(logs / f"cyclic/linear_ce/synthetic/seed{seed}")

@@ -1,0 +1,497 @@
+"""The quasi-Newton learning rate: α = scale·c/h0, h0 the (preconditioned) Hessian's top eigenvalue measured online.
+
+The decisions (warm-up, smoothing, clamps, growth limit, triggers, rejection) are
+:class:`~lyapunov_callbacks.core.quasi_newton_rule.QuasiNewtonRule`'s; this module measures and wires them into
+Lightning's hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lyapunov_callbacks.callbacks._lightning import (
+    BATCHES,
+    FAST_DEV_RUN_HVPS,
+    ProbeBatch,
+    StepMicroBatches,
+    check_choice,
+    check_int,
+    check_positive,
+    check_prefix,
+    check_supported,
+    fast_dev_run_budget,
+    finite_or_nan,
+    log_measurements,
+    measurement_operator,
+    resolve_dtype,
+    resolve_loss_fn,
+    step_loss,
+)
+from lyapunov_callbacks.core.eigen import METHODS
+from lyapunov_callbacks.core.hessian import BACKENDS, trainable_parameters
+from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_preconditioner
+from lyapunov_callbacks.core.quasi_newton_rule import RULES, QuasiNewtonRule
+from lyapunov_callbacks.core.stability import momentum_stability_factor, stability_factor
+from lyapunov_callbacks.core.state import preserved_state
+from lyapunov_callbacks.core.tracker import EigenTracker
+
+__all__ = ["QuasiNewtonLR", "momentum_stability_factor"]
+
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
+#: The rule's state, read through the callback under the names it has always had.
+_RULE_STATE = (
+    "h0", "h0_smoothed", "lr", "warmup_done", "warmup_hvps", "rejected_estimates", "clamped_estimates",
+    "num_estimates", "scale", "every_n_steps", "warmup_tol", "warmup_max_hvps", "smoothing", "min_lr", "max_lr",
+    "edge", "max_lr_growth", "loss_rise", "rayleigh_every",
+)
+
+
+class QuasiNewtonLR(Callback):
+    r"""Set the learning rate from the measured curvature: α = scale·c/h0 (SGD) or scale·c/λ1(P⁻¹H) (Adam).
+
+    For plain SGD, h0 is the largest eigenvalue of the Hessian of the training loss at the current weights;
+    gradient descent on curvature :math:`h` is stable for :math:`\alpha h < 2`, and :math:`\alpha = 1/h_0` is
+    Newton's step along the sharpest direction, half the stability limit. Every decision — the warm-up at the
+    initial weights, scheduled re-estimates ``every_n_steps`` steps after the last, the loss and Rayleigh
+    triggers, smoothing, clamps, the growth limit ``max_lr_growth`` and the rejection of NaN/inf/≤ 0 estimates
+    (the last good LR is kept, counted in ``{prefix}/rejected_estimates``, with one warning) — is made by a
+    :class:`~lyapunov_callbacks.core.quasi_newton_rule.QuasiNewtonRule` (:attr:`rule`; its docstring has the
+    maths); this callback measures, applies the LR and logs.
+
+    **When.** All in ``on_before_optimizer_step``, at the pre-step weights after the step's backward, so the step
+    about to be taken uses the new LR. Every training batch also gets the current α in ``on_train_batch_start``
+    (so the LR holds right after a resume). This callback runs first among the callbacks, so monitors reading the
+    LR see the new one; a ``LearningRateMonitor`` logs again at a step whose estimate changed the LR.
+
+    **Optimisers.** ``torch.optim.SGD``: :math:`c = 1`, or with ``momentum_aware=True`` the heavy-ball factor of
+    :func:`~lyapunov_callbacks.core.stability.stability_factor` (:math:`1+\mu`; Nesterov
+    :math:`(1+\mu)/(1+2\mu)`); the largest coupled ``weight_decay`` :math:`w` is added to h0. ``Adam`` /
+    ``AdamW``: the curvature is the preconditioned sharpness :math:`\lambda_1(P^{-1}H)` (top eigenvalue of
+    :math:`P^{-1/2}HP^{-1/2}`, :math:`P` the preconditioner of the coming step,
+    :func:`~lyapunov_callbacks.core.preconditioned.step_preconditioner`) and :math:`c = (1+\beta_1)/(1-\beta_1)`;
+    ``{prefix}/pre_h0`` is logged instead of ``{prefix}/h0``. Other optimisers are refused at fit start.
+
+    **Measured loss.** The step's batch (``batch="current"``; with ``accumulate_grad_batches = k`` the mean of its
+    micro-batch losses, with their dropout masks) or a probe batch drawn once (``batch="fixed"``). Under DDP the
+    HVPs are all-reduced and rank 0's value is broadcast, so every rank sets the same LR. The first param group
+    gets α; other groups keep their configured ratio to it. Under ``fast_dev_run`` the warm-up and each
+    re-estimate are capped at a handful of HVPs.
+
+    Logged at each estimate: ``{prefix}/lr``, ``optim/lr``, ``{prefix}/h0`` (SGD) or ``{prefix}/pre_h0`` (Adam),
+    ``{prefix}/rejected_estimates``, ``{prefix}/clamped_estimates``, ``{prefix}/triggered_estimates``; at the
+    warm-up ``{prefix}/warmup_hvps``. To the loggers only, unless a ``HessianEigenvalueMonitor`` with prefix
+    ``"hessian"`` logs them itself: ``hessian/h0`` and ``hessian/inv_h0`` (SGD) or ``hessian/pre_h0`` (Adam).
+
+    Cost: the warm-up (typically 10–40 HVPs, one HVP ≈ 2.5–3.3 forward+backward passes), a few HVPs per scheduled
+    or triggered estimate, one HVP per Rayleigh check.
+
+    Args:
+        scale: α = scale·c/h0; 1 is the quasi-Newton step, must be > 0.
+        every_n_steps: scheduled re-estimate this many optimiser steps after the last estimate (≥ 1).
+        method: eigen-solver, ``"lanczos"`` (default), ``"power"`` or ``"lyapunov"``.
+        hvp: Hessian-vector products, ``"autograd"`` (exact) or ``"finite_difference"``.
+        batch: ``"current"`` (the step's batch) or ``"fixed"`` (a probe batch drawn once).
+        probe_size: size of the fixed probe batch (``batch="fixed"``), ≥ 1.
+        tol: relative tolerance of each re-estimate (> 0, default 1e-2): the relative Ritz residual bound, so
+            h0 is within ``tol`` relative of an eigenvalue (usually far closer).
+        max_iter: HVP cap of each re-estimate (≥ 1).
+        warmup_tol: relative tolerance of the warm-up (solver and consecutive estimates), > 0.
+        warmup_max_hvps: HVP cap of the warm-up (≥ 1).
+        smoothing: EMA factor ``s`` in ``[0, 1)`` for h0 (0: none); a rise of h0 is taken at once.
+        min_lr: lower clamp of α (> 0).
+        max_lr: upper clamp of α (≥ ``min_lr``), a safety net.
+        momentum_aware: SGD with momentum: scale α by the heavy-ball stability factor.
+        rule: ``"newton"`` (α·h0 = scale·c, default) or ``"edge"`` (α·h0 = edge·scale·c).
+        edge: the target of ``rule="edge"``, in (0, 2); default 1.8.
+        max_lr_growth: largest factor (> 1) by which one estimate may raise the LR, default 2.
+        loss_rise: relative loss rise (> 0) that triggers an estimate, default 1.0; ``None``: no loss trigger.
+        loss_window: number of recent losses (≥ 1) whose mean is the loss trigger's reference, default 10.
+        rayleigh_every: one-HVP Rayleigh check every this many steps (≥ 1); ``None`` (default): never.
+        rayleigh_rise: relative rise (> 0) of the Rayleigh quotient over h0 that triggers, default 0.1.
+        seed: seed of the solver's random start vector and of the probe batch's indices.
+        dtype: dtype of the estimate, ``None`` (the parameters', float32 under mixed precision),
+            ``"float32"``/``"float64"`` or a ``torch.dtype``.
+        prefix: tag prefix (default ``"quasi_newton"``).
+        prog_bar: also show ``{prefix}/lr`` in the progress bar (default False).
+
+    Raises:
+        ValueError: at construction, for any argument out of the ranges above (the message names it). At fit
+            start: an optimiser other than ``torch.optim.SGD``/``Adam``/``AdamW`` or one whose param groups
+            have no ``lr``; Adam groups with different ``betas[0]``; with ``momentum_aware=True`` SGD groups of
+            different momentum; a configured LR scheduler, several optimisers, manual optimisation, a
+            torch.compile'd module, or a first param group with ``lr <= 0`` when there are several groups.
+
+    Example::
+
+        import lightning as L
+        from lyapunov_callbacks import LyapunovExponentMonitor, QuasiNewtonLR
+
+        trainer = L.Trainer(callbacks=[QuasiNewtonLR(every_n_steps=10), LyapunovExponentMonitor(window=20)])
+        trainer.fit(model, datamodule)   # configure_optimizers returns SGD, Adam or AdamW, no scheduler
+    """
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        every_n_steps: int = 10,
+        method: str = "lanczos",
+        hvp: str = "autograd",
+        batch: str = "current",
+        probe_size: int = 256,
+        tol: float = 1e-2,
+        max_iter: int = 50,
+        warmup_tol: float = 1e-3,
+        warmup_max_hvps: int = 200,
+        smoothing: float = 0.0,
+        min_lr: float = 1e-5,
+        max_lr: float = 10.0,
+        momentum_aware: bool = False,
+        rule: str = "newton",
+        edge: float = 1.8,
+        max_lr_growth: float = 2.0,
+        loss_rise: Optional[float] = 1.0,
+        loss_window: int = 10,
+        rayleigh_every: Optional[int] = None,
+        rayleigh_rise: float = 0.1,
+        seed: int = 0,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        prefix: str = "quasi_newton",
+        prog_bar: bool = False,
+    ) -> None:
+        super().__init__()
+        self.prefix = check_prefix(prefix)
+        self.prog_bar = bool(prog_bar)
+        check_choice("method", method, METHODS)
+        check_choice("hvp", hvp, BACKENDS)
+        check_choice("batch", batch, BATCHES)
+        check_choice("rule", rule, RULES)
+        check_int("probe_size", probe_size, "probe_size=256")
+        check_positive("tol", tol, "tol=1e-2")
+        check_int("max_iter", max_iter, "max_iter=50")
+        self.dtype = resolve_dtype(dtype)
+        # The rule validates and keeps its own settings (each message names the parameter).
+        self._rule_settings = dict(
+            rule=rule, scale=scale, edge=edge, every_n_steps=every_n_steps, warmup_tol=warmup_tol,
+            warmup_max_hvps=warmup_max_hvps, smoothing=smoothing, min_lr=min_lr, max_lr=max_lr,
+            max_lr_growth=max_lr_growth, loss_rise=loss_rise, loss_window=loss_window,
+            rayleigh_every=rayleigh_every, rayleigh_rise=rayleigh_rise,
+        )
+        self.rule = QuasiNewtonRule(**self._rule_settings)
+        self.method = method
+        self.hvp = hvp
+        self.batch = batch
+        self.probe_size = probe_size
+        self.tol = float(tol)
+        self.max_iter = max_iter
+        self.momentum_aware = bool(momentum_aware)
+        self.seed = int(seed)
+        self._loss_fn = None
+        # Set at fit start from the optimiser.
+        self._adam = False
+        self._configured_lr: Optional[float] = None
+        self._group_ratios: list[float] = [1.0]
+        self._lr_monitors: list[LearningRateMonitor] = []
+        self._hessian_tags = True
+        self._reset()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _RULE_STATE and "rule" in self.__dict__:
+            return getattr(self.__dict__["rule"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            prefix=self.prefix, scale=self.rule.scale, every_n_steps=self.rule.every_n_steps, method=self.method,
+            batch=self.batch,
+        )
+
+    @property
+    def total_hvps(self) -> int:
+        """HVPs spent by this callback so far (warm-up and Rayleigh checks included)."""
+        return self._tracker.total_hvps
+
+    def _reset(self) -> None:
+        """Forget every estimate: the next optimiser step runs the warm-up again."""
+        self.rule = QuasiNewtonRule(**self._rule_settings)
+        self._tracker = EigenTracker(
+            method=self.method, k=1, tol=self.tol, max_iter=self.max_iter, seed=self.seed, warm_start=True
+        )
+        self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
+        self._warned_rejection = False
+        self._micro = StepMicroBatches()  # the micro-batches of the current step
+        self._loss_sum: Optional[torch.Tensor] = None
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ---------------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._loss_fn = resolve_loss_fn(pl_module)
+            _move_first(trainer, self)
+            self._lr_monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+            self._hessian_tags = not any(
+                type(c).__name__ == "HessianEigenvalueMonitor" and getattr(c, "prefix", None) == "hessian"
+                for c in trainer.callbacks
+            )
+            # Lightning restores callback state after setup: a checkpoint overrides this clean start.
+            self._reset()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_supported(trainer, pl_module, "QuasiNewtonLR")
+        optimizer = _check_optimizer(trainer)
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self._group_ratios = [lr / lrs[0] if len(set(lrs)) > 1 else 1.0 for lr in lrs]
+        self._configured_lr = lrs[0]
+        self._adam = type(optimizer) in _ADAM
+        rule = self.rule
+        rule.stability_factor = self._stability_factor(optimizer)
+        rule.weight_decay = (
+            max(float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups) if not self._adam else 0.0
+        )
+        # Adam's warm-started estimates stop on the residual bound alone (P moves with v between estimates).
+        self._tracker.stop = "residual" if self._adam else "gap"
+        warmup_max_hvps = self._rule_settings["warmup_max_hvps"]
+        rule.warmup_max_hvps = warmup_max_hvps
+        self._tracker.max_iter = self.max_iter
+        if fast_dev_run_budget(
+            trainer, "QuasiNewtonLR", f"the warm-up and each re-estimate are capped at {FAST_DEV_RUN_HVPS} HVPs"
+        ):
+            rule.warmup_max_hvps = min(warmup_max_hvps, FAST_DEV_RUN_HVPS)
+            self._tracker.max_iter = min(self.max_iter, FAST_DEV_RUN_HVPS)
+        if rule.lr is None and rule.num_estimates == 0:
+            rule.reset(initial_lr=self._configured_lr if self._configured_lr > 0 else None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resume the optimiser state (restored after on_fit_start) holds the old LR: re-apply ours.
+        if self.rule.warmup_done and self.rule.lr is not None:
+            self._apply_lr(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._micro.add(trainer.global_step, batch):
+            self._loss_sum = None
+        if self.rule.warmup_done and self.rule.lr is not None:
+            self._apply_lr(trainer)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # Lightning passes each micro-batch loss divided by accumulate_grad_batches: the sum is the step's mean.
+        if self.rule.loss_rise is None or self._micro.step != trainer.global_step:
+            return
+        value = loss.detach().float()
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        micro = self._micro.take(step)
+        if micro is None:
+            return
+        loss = self._step_loss(trainer)
+        rule = self.rule
+        before, was_warmup = rule.lr, not rule.warmup_done
+        measured = self._measured(trainer, pl_module, micro)
+        rayleigh = None
+        if rule.wants_rayleigh(step):
+            rayleigh = self._estimate(trainer, pl_module, optimizer, measured, rayleigh=True)
+        estimated, h0 = False, float("nan")
+        while rule.needs_estimate(step, loss=loss, rayleigh=rayleigh):
+            tol, cap = (rule.warmup_tol, rule.warmup_hvps_left) if not rule.warmup_done else (self.tol, None)
+            h0, hvps = self._estimate(trainer, pl_module, optimizer, measured, tol=tol, cap=cap)
+            rule.update(h0, step, hvps=hvps)
+            estimated = True
+        if not estimated:
+            return
+        extra = {f"{self.prefix}/warmup_hvps": float(rule.warmup_hvps)} if was_warmup else {}
+        self._warn(h0, step, was_warmup)
+        self._apply_lr(trainer)
+        self._log(trainer, pl_module, h0, step, extra)
+        if rule.lr != before:
+            self._relog_lr_monitors(trainer)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Checkpointing
+    # ---------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's state (h0, LR, warm-up, counters, loss history), warm-start vectors and probe indices."""
+        return {
+            "rule": self.rule.state_dict(),
+            "warned_rejection": self._warned_rejection,
+            "tracker": self._tracker.state_dict(),
+            "probe": None if self._probe is None else self._probe.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: a resumed run keeps h0 and the LR and does not repeat the warm-up."""
+        self.rule.load_state_dict(state_dict["rule"])
+        self._warned_rejection = bool(state_dict.get("warned_rejection", False))
+        self._tracker.load_state_dict(state_dict["tracker"])
+        if self._probe is not None and state_dict.get("probe") is not None:
+            self._probe.load_state_dict(state_dict["probe"])
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Helpers
+    # ---------------------------------------------------------------------------------------------------------
+    def _stability_factor(self, optimizer: torch.optim.Optimizer) -> float:
+        """c of the optimiser (:func:`~lyapunov_callbacks.core.stability.stability_factor`); plain SGD's 1 for SGD
+        with momentum unless ``momentum_aware``."""
+        momenta = [float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups]
+        if not self._adam and not self.momentum_aware:
+            if any(m > 0 for m in momenta):
+                rank_zero_warn(
+                    f"QuasiNewtonLR: the optimiser uses momentum {max(momenta)}, but 1/h0 is the plain-SGD rule; "
+                    "pass momentum_aware=True for α = (1+μ)/h0 (half the heavy-ball stability limit 2(1+μ)/h0)."
+                )
+            return 1.0
+        try:
+            return stability_factor(optimizer)
+        except ValueError as err:
+            fix = "use the same betas in every group" if self._adam else "use one setting or momentum_aware=False"
+            raise ValueError(f"QuasiNewtonLR with {type(optimizer).__name__}: {err} Fix: {fix}.") from err
+
+    def _step_loss(self, trainer: pl.Trainer) -> Optional[float]:
+        """The mean training loss of the step (all ranks' mean under DDP), or ``None`` without a loss trigger."""
+        total, self._loss_sum = self._loss_sum, None
+        if total is None or self.rule.loss_rise is None:
+            return None
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(total, reduce_op="mean")
+        return float(total)
+
+    def _measured(self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list) -> tuple[Any, Any, dict]:
+        """``(loss_fn, batch, rng)`` of the measurement: the probe, the step's batch or its micro-batches' mean."""
+        if self._probe is not None:
+            return self._loss_fn, self._probe.get(trainer, pl_module), micro[0][1]
+        return step_loss(self._loss_fn, micro)
+
+    def _estimate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, measured: tuple,
+        tol: float | None = None, cap: int | None = None, rayleigh: bool = False,
+    ) -> Any:
+        """``(h0, HVPs used)`` of a warm-started estimate — SGD's h0 or Adam's λ1(P⁻¹H) — or with ``rayleigh``
+        the Rayleigh quotient of the last eigenvector (one HVP). Rank 0's value, so every rank decides alike."""
+        # The operator never writes to the module's tensors: a guard without copies suffices.
+        with preserved_state(pl_module, copy_tensors=False):
+            with measurement_operator(pl_module, *measured, self.hvp, self.dtype) as op:
+                target = op
+                if self._adam:
+                    params = [p for _, p in trainable_parameters(pl_module)]
+                    target = PreconditionedOperator(
+                        op, step_preconditioner(optimizer, params, dtype=op.dtype, device=op.device)
+                    )
+                if rayleigh:
+                    value = self._tracker.rayleigh_quotient(target)
+                    return None if value is None else float(trainer.strategy.broadcast(value, src=0))
+                result = self._tracker.estimate(target, tol=tol, max_iter=cap)
+        h0 = float(trainer.strategy.broadcast(float(result.eigenvalues[0]), src=0))
+        return h0, int(result.num_hvps)
+
+    def _warn(self, h0: float, step: int, was_warmup: bool) -> None:
+        rule = self.rule
+        if was_warmup and not rule.warmup_converged and math.isfinite(h0) and (
+            rule.warmup_max_hvps == self._rule_settings["warmup_max_hvps"]
+        ):
+            rank_zero_warn(
+                f"QuasiNewtonLR: the warm-up used warmup_max_hvps={rule.warmup_max_hvps} HVPs before h0 was "
+                f"stable to warmup_tol={rule.warmup_tol} (last estimate {h0:.6g}); training starts with it. "
+                "Raise warmup_max_hvps or warmup_tol."
+            )
+        if not (math.isfinite(h0) and h0 > 0) and not self._warned_rejection:
+            self._warned_rejection = True
+            rank_zero_warn(
+                f"QuasiNewtonLR rejected the h0 estimate {h0!r} at step {step} (NaN, infinite or <= 0: a "
+                f"diverged loss or a concave region) and keeps lr={rule.lr:.6g}; further rejections are "
+                f"counted in {self.prefix}/rejected_estimates without another warning."
+            )
+
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, h0: float, step: int, extra: dict[str, float]
+    ) -> None:
+        rule = self.rule
+        metrics = dict(extra)
+        # Own tags: HessianEigenvalueMonitor logs hessian/* in the same hook, with its own options.
+        metrics[f"{self.prefix}/pre_h0" if self._adam else f"{self.prefix}/h0"] = finite_or_nan(h0)
+        metrics[f"{self.prefix}/lr"] = rule.lr
+        metrics["optim/lr"] = rule.lr
+        metrics[f"{self.prefix}/rejected_estimates"] = float(rule.rejected_estimates)
+        metrics[f"{self.prefix}/clamped_estimates"] = float(rule.clamped_estimates)
+        metrics[f"{self.prefix}/triggered_estimates"] = float(rule.triggers["loss"] + rule.triggers["rayleigh"])
+        prog_bar = (f"{self.prefix}/lr",) if self.prog_bar else ()
+        log_measurements(trainer, pl_module, metrics, step, prog_bar=prog_bar)
+        if self._hessian_tags and trainer.is_global_zero:
+            # The figure's curves (hessian/inv_h0), to the loggers only: a HessianEigenvalueMonitor would log
+            # these tags through LightningModule.log in the same hook, with its own options.
+            if self._adam:
+                curves = {"hessian/pre_h0": finite_or_nan(h0)}
+            else:
+                curves = {"hessian/h0": finite_or_nan(h0)}
+                if math.isfinite(h0) and h0 > 0:
+                    curves["hessian/inv_h0"] = 1.0 / h0
+            for logger in trainer.loggers:
+                logger.log_metrics(curves, step=step)
+
+    def _relog_lr_monitors(self, trainer: pl.Trainer) -> None:
+        """A LearningRateMonitor logged this step's LR at batch start, before the estimate: log it again."""
+        for monitor in self._lr_monitors:
+            if monitor.logging_interval != "epoch":
+                monitor.on_train_batch_start(trainer)
+
+    def _apply_lr(self, trainer: pl.Trainer) -> None:
+        for optimizer in trainer.optimizers:
+            groups = optimizer.param_groups
+            ratios = self._group_ratios if len(self._group_ratios) == len(groups) else [1.0] * len(groups)
+            for group, ratio in zip(groups, ratios):
+                group["lr"] = self.rule.lr * ratio
+
+
+def _move_first(trainer: pl.Trainer, callback: Callback) -> None:
+    """Run ``callback`` first, so every other callback (LR monitors, curvature monitors reading the LR in
+    ``on_before_optimizer_step``) sees the LR the step really uses."""
+    callbacks = trainer.callbacks
+    if callback in callbacks and callbacks.index(callback) != 0:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
+
+
+def _check_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    """The one optimiser, if QuasiNewtonLR can own its LR; raises one ValueError naming the fix otherwise."""
+    if trainer.lr_scheduler_configs:
+        names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
+        raise ValueError(
+            f"QuasiNewtonLR sets the learning rate itself, but an LR scheduler is configured ({names}): "
+            "remove lr_scheduler (the `lr_scheduler:` section / the scheduler returned by configure_optimizers)."
+        )
+    if len(trainer.optimizers) != 1:
+        raise ValueError(
+            f"QuasiNewtonLR needs exactly one optimiser, got {len(trainer.optimizers)}; return a single "
+            "optimiser from configure_optimizers."
+        )
+    optimizer = trainer.optimizers[0]
+    for i, group in enumerate(optimizer.param_groups):
+        if "lr" not in group:
+            raise ValueError(
+                f"QuasiNewtonLR sets param_group['lr'], but param group {i} of {type(optimizer).__name__} has "
+                "no 'lr'; use an optimiser with a learning rate `lr` (e.g. torch.optim.SGD)."
+            )
+    if not (isinstance(optimizer, torch.optim.SGD) or type(optimizer) in _ADAM):
+        raise ValueError(
+            f"QuasiNewtonLR knows the stable step of torch.optim.SGD, Adam and AdamW only, got "
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}: its 1/h0 would mean nothing for this "
+            "update. Use torch.optim.SGD, Adam or AdamW in configure_optimizers, or remove QuasiNewtonLR."
+        )
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    if len(set(lrs)) > 1 and not lrs[0] > 0:
+        raise ValueError(
+            f"QuasiNewtonLR keeps the ratios of the param groups' LRs {lrs} relative to the first group, whose "
+            "lr must then be > 0; give the first group a positive lr."
+        )
+    return optimizer

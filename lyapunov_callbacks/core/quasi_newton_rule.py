@@ -1,0 +1,432 @@
+"""The quasi-Newton learning-rate rule as a plain object: when to estimate h0, and which LR an estimate gives.
+
+No model, no optimiser, no Lightning: the caller measures (h0, the loss, a Rayleigh quotient, a tangent growth
+factor) and this object decides. ``QuasiNewtonLR`` wires it into Lightning's hooks; a plain PyTorch loop uses it
+the same way (see :class:`QuasiNewtonRule`'s example).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Optional
+
+# One definition of each stability factor (re-exported here for the rule's callers).
+from lyapunov_callbacks.core.checks import check_int, check_positive, is_number
+from lyapunov_callbacks.core.stability import adam_stability_factor
+
+__all__ = ["QuasiNewtonRule", "RULES", "TRIGGERS", "adam_stability_factor"]
+
+#: The two step rules: ``"newton"`` (the paper's α·h0 = scale) and ``"edge"`` (α·h0 = ``edge`` < 2).
+RULES = ("newton", "edge")
+#: Why an estimate was asked for, in the order they are checked.
+TRIGGERS = ("warmup", "rayleigh", "growth", "loss", "schedule")
+# A fresh warm-up estimate is "the same" as the previous one within warmup_tol relatively; with fewer HVPs than
+# this left in the warm-up budget no further estimate is asked for (a 1-HVP estimate is only a Rayleigh quotient).
+_MIN_WARMUP_HVPS = 2
+
+
+class QuasiNewtonRule:
+    r"""When to estimate the Hessian's top eigenvalue h0, and the learning rate α each estimate gives.
+
+    **The LR.** With :math:`\bar h_0` the (smoothed) estimate, :math:`w` the coupled weight decay and :math:`c` the
+    optimiser's stability factor (its step is stable for :math:`\alpha (h + w) < 2c`),
+
+    .. math:: \alpha = \mathrm{clamp}\big(k\,\text{scale}\cdot c / (\bar h_0 + w),\ \text{min\_lr},\ \text{max\_lr}\big),
+       \qquad k = 1 \ (\text{rule}=\text{"newton"}),\quad k = \text{edge}\ (\text{rule}=\text{"edge"}),
+
+    and an estimate may raise α by at most the factor ``max_lr_growth`` over the LR in use (a fall is applied at
+    once: it is what keeps the step stable).
+
+    - ``rule="newton"`` (the paper's α = 1/h0): Newton's step along the sharpest direction, half the stability
+      limit. It removes that component in one step on a quadratic, decreases the loss monotonically on a
+      quadratic, and stays stable with an h0 estimate up to 2× too low (a stale or noisy mini-batch estimate).
+      Use it when h0 is measured on mini-batches or rarely.
+    - ``rule="edge"`` (α·h0 = ``edge`` < 2, like CDAT, Roulet et al. 2024, "Stepping on the edge"): the step
+      gradient descent settles into by itself at the edge of stability. Every direction flatter than h0 moves
+      ``edge``× faster than under ``"newton"``, which is what wins over a full run; the sharpest direction
+      oscillates (the loss is not monotone) and the margin is only 2/edge − 1 (11 % at edge = 1.8), so the
+      estimate must be fresh and accurate: use it with a fixed large probe batch and the triggers below.
+
+    :math:`c = 1` for plain SGD; the caller passes ``momentum_stability_factor(μ, nesterov)`` of
+    ``lyapunov_callbacks.core.stability`` for heavy-ball SGD and :func:`adam_stability_factor` (with h0 =
+    λ1(P⁻¹H)) for Adam. :math:`w` is SGD's coupled ``weight_decay``: it adds :math:`wI` to the curvature of the
+    update map, so with :math:`h_0 \ll w` the step is set by :math:`w`.
+
+    **When to estimate.** :meth:`needs_estimate` answers, at a step, whether h0 should be (re-)estimated now:
+
+    - ``"warmup"``: until the warm-up is done, at the initial weights. Warm-started estimates are repeated until
+      two consecutive ones agree to ``warmup_tol`` relatively, or ``warmup_max_hvps`` HVPs are spent
+      (:attr:`warmup_hvps_left` is the budget of the next estimate). A NaN/inf/≤ 0 warm-up estimate ends it.
+    - ``"schedule"``: ``every_n_steps`` steps after the last estimate (a triggered estimate restarts the count).
+    - Triggers, cheap signals that the curvature has moved, ask for an estimate at once:
+
+      * ``"loss"``: the loss passed in rose above ``(1 + loss_rise)`` times the mean of the last ``loss_window``
+        losses since the last estimate (the loss at that estimate included). An instability multiplies the
+        loss by about :math:`(\alpha h - 1)^2` per step, 10⁴ for a 100× sharpening under the Newton rule, so
+        the loss of the step after the sharpening shows it. Free: the loss is the training step's.
+      * ``"rayleigh"``: every ``rayleigh_every`` steps (when :meth:`wants_rayleigh` says so) the caller computes
+        :math:`r = v^\top H v` of the last eigenvector :math:`v` (one HVP) and passes it; :math:`r` is a lower
+        bound of the new h0, so :math:`r > (1 + \text{rayleigh\_rise})\,\bar h_0` means the curvature grew.
+        (A fall of :math:`r` is left to the schedule: a too small LR is slow, not unstable.) Cost: one HVP
+        every ``rayleigh_every`` steps (LeCun, Simard & Pearlmutter 1993 update the eigenvector this way).
+      * ``"growth"``: the one-step growth factor :math:`\lVert J\delta\rVert / \lVert\delta\rVert` of a tangent
+        vector (from ``LyapunovExponentMonitor``'s dynamics, when one runs) above ``growth_limit``: the step is
+        locally expanding, so some :math:`\alpha(h+w) > 2c`. Free when the tangent is propagated anyway.
+
+    **Safety.** An estimate that is NaN, infinite or ≤ 0 never reaches the LR: :meth:`update` keeps the last
+    LR (before any good estimate: the ``initial_lr`` given to :meth:`reset`, clamped, else ``min_lr``) and
+    counts it in :attr:`rejected_estimates`. ``max_lr`` is a safety net for a vanishing h0, not the operating
+    point: with ``max_lr_growth`` the LR approaches it geometrically, :attr:`clamped` says when it binds and
+    :attr:`clamped_estimates` counts the good estimates whose LR a clamp set.
+
+    **Smoothing.** With ``smoothing = s > 0``: :math:`\bar h_0 \leftarrow \max(h_0, s\bar h_0 + (1-s)h_0)` —
+    a fall of h0 is averaged, a rise is taken at once (smoothing a sharpening would keep a diverging LR).
+
+    Args:
+        rule: ``"newton"`` (α = scale·c/(h0 + w), default) or ``"edge"`` (α = edge·scale·c/(h0 + w)).
+        scale: multiplies α (> 0); 1 is the quasi-Newton step.
+        edge: target of α·(h0 + w)/c under ``rule="edge"``, in (0, 2); default 1.8.
+        stability_factor: c > 0, the optimiser's stability limit over plain GD's (1 for SGD).
+        weight_decay: w ≥ 0, coupled weight decay added to h0.
+        every_n_steps: scheduled re-estimate this many steps after the last one (≥ 1), default 10.
+        warmup_tol: relative agreement of consecutive warm-up estimates (> 0), default 1e-3.
+        warmup_max_hvps: HVP budget of the warm-up (≥ 1), default 200.
+        smoothing: EMA factor s of h0 in [0, 1) (0: none).
+        min_lr: lower clamp of α (> 0), default 1e-5.
+        max_lr: upper clamp of α (≥ ``min_lr``), default 10.
+        max_lr_growth: largest factor (> 1) by which one estimate may raise the LR, default 2; ``math.inf``
+            disables the limit.
+        loss_rise: relative loss rise (> 0) that triggers an estimate, default 1.0 (the loss doubled over its
+            recent mean); ``None`` disables the loss trigger.
+        loss_window: number of recent losses (≥ 1) whose mean is the reference, default 10.
+        rayleigh_every: ask for a Rayleigh check every this many steps (≥ 1); ``None`` (default) never.
+        rayleigh_rise: relative rise (> 0) of the Rayleigh quotient over h0 that triggers, default 0.1.
+        growth_limit: tangent growth factor per step (> 0) above which an estimate is triggered, default 1.1.
+
+    Raises:
+        ValueError: for an unknown ``rule``, ``scale``/``stability_factor``/``warmup_tol``/``min_lr``/
+            ``rayleigh_rise``/``growth_limit``/``loss_rise`` ≤ 0 or not finite, ``edge`` outside (0, 2),
+            ``weight_decay`` < 0, ``every_n_steps``/``warmup_max_hvps``/``loss_window``/``rayleigh_every`` < 1,
+            ``smoothing`` outside [0, 1), ``max_lr`` < ``min_lr`` or ``max_lr_growth`` ≤ 1.
+
+    Example::
+
+        import torch
+        from lyapunov_callbacks import top_hessian_eigenvalues
+        from lyapunov_callbacks.core.quasi_newton_rule import QuasiNewtonRule
+
+        rule = QuasiNewtonRule(every_n_steps=10)
+        rule.reset(initial_lr=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        vec = None
+        for step, batch in enumerate(loader):
+            loss = loss_fn(model, batch)
+            while rule.needs_estimate(step, loss=float(loss)):       # loops during the warm-up only
+                res = top_hessian_eigenvalues(model, loss_fn, batch, tol=1e-2, init=vec,
+                                              max_iter=rule.warmup_hvps_left if not rule.warmup_done else 50)
+                vec = res.eigenvectors
+                rule.update(float(res.eigenvalues[0]), step, hvps=res.num_hvps)
+            for group in opt.param_groups:
+                group["lr"] = rule.lr
+            opt.zero_grad(); loss.backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        rule: str = "newton",
+        scale: float = 1.0,
+        edge: float = 1.8,
+        stability_factor: float = 1.0,
+        weight_decay: float = 0.0,
+        every_n_steps: int = 10,
+        warmup_tol: float = 1e-3,
+        warmup_max_hvps: int = 200,
+        smoothing: float = 0.0,
+        min_lr: float = 1e-5,
+        max_lr: float = 10.0,
+        max_lr_growth: float = 2.0,
+        loss_rise: Optional[float] = 1.0,
+        loss_window: int = 10,
+        rayleigh_every: Optional[int] = None,
+        rayleigh_rise: float = 0.1,
+        growth_limit: float = 1.1,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, got {rule!r}.")
+        check_positive("scale", scale, "scale=1.0")
+        if not is_number(edge) or not 0.0 < edge < 2.0:
+            raise ValueError(f"`edge` must be in (0, 2) (α·h0 below GD's limit 2), got {edge!r}; e.g. edge=1.8.")
+        check_positive("stability_factor", stability_factor, "stability_factor=1.0 (plain SGD)")
+        if not is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}; e.g. 0.0.")
+        check_int("every_n_steps", every_n_steps, "every_n_steps=10")
+        check_positive("warmup_tol", warmup_tol, "warmup_tol=1e-3")
+        check_int("warmup_max_hvps", warmup_max_hvps, "warmup_max_hvps=200")
+        if not is_number(smoothing) or not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"`smoothing` must be in [0, 1) (EMA factor of h0; 0 = none), got {smoothing!r}.")
+        check_positive("min_lr", min_lr, "min_lr=1e-5")
+        if not is_number(max_lr) or not max_lr >= min_lr:
+            raise ValueError(f"`max_lr` ({max_lr!r}) must be >= `min_lr` ({min_lr!r}); raise max_lr or lower min_lr.")
+        if not is_number(max_lr_growth) or not max_lr_growth > 1.0:
+            raise ValueError(
+                f"`max_lr_growth` must be > 1 (the largest factor one estimate may raise the LR by), got "
+                f"{max_lr_growth!r}; e.g. max_lr_growth=2.0, or math.inf for no limit."
+            )
+        if loss_rise is not None:
+            check_positive("loss_rise", loss_rise, "loss_rise=1.0, or None to disable the loss trigger")
+        check_int("loss_window", loss_window, "loss_window=10")
+        if rayleigh_every is not None:
+            check_int("rayleigh_every", rayleigh_every, "rayleigh_every=5, or None for no Rayleigh check")
+        check_positive("rayleigh_rise", rayleigh_rise, "rayleigh_rise=0.1")
+        check_positive("growth_limit", growth_limit, "growth_limit=1.1")
+
+        self.rule = rule
+        self.scale = float(scale)
+        self.edge = float(edge)
+        self.stability_factor = float(stability_factor)
+        self.weight_decay = float(weight_decay)
+        self.every_n_steps = every_n_steps
+        self.warmup_tol = float(warmup_tol)
+        self.warmup_max_hvps = warmup_max_hvps
+        self.smoothing = float(smoothing)
+        self.min_lr = float(min_lr)
+        self.max_lr = float(max_lr)
+        self.max_lr_growth = float(max_lr_growth)
+        self.loss_rise = None if loss_rise is None else float(loss_rise)
+        self.loss_window = loss_window
+        self.rayleigh_every = rayleigh_every
+        self.rayleigh_rise = float(rayleigh_rise)
+        self.growth_limit = float(growth_limit)
+        self.reset()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # State
+    # ---------------------------------------------------------------------------------------------------------
+    def reset(self, initial_lr: Optional[float] = None) -> None:
+        """Forget every estimate (a new fit); ``initial_lr`` (clamped) is the LR until the first good estimate."""
+        if initial_lr is not None and not (is_number(initial_lr) and math.isfinite(initial_lr) and initial_lr > 0):
+            raise ValueError(f"`initial_lr` must be a finite number > 0 or None, got {initial_lr!r}.")
+        self.initial_lr: Optional[float] = None if initial_lr is None else float(initial_lr)
+        self.lr: Optional[float] = None if initial_lr is None else self._clamp(float(initial_lr))
+        self.h0: Optional[float] = None
+        self.h0_smoothed: Optional[float] = None
+        self.warmup_done = False
+        self.warmup_hvps = 0
+        self.warmup_converged = False
+        self._warmup_previous: Optional[float] = None
+        self.num_estimates = 0
+        self.rejected_estimates = 0
+        self.triggers = {name: 0 for name in TRIGGERS}
+        self.last_trigger: Optional[str] = None
+        self.clamped = False
+        self.clamped_estimates = 0
+        self._last_estimate_step: Optional[int] = None
+        self._pending: Optional[str] = None
+        self._losses: deque = deque(maxlen=self.loss_window)
+        self._loss_step: Optional[int] = None
+        self._last_loss: Optional[float] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the decisions depend on besides the settings: estimates, LR, counters, loss history."""
+        return {
+            "initial_lr": self.initial_lr,
+            "lr": self.lr,
+            "h0": self.h0,
+            "h0_smoothed": self.h0_smoothed,
+            "warmup_done": self.warmup_done,
+            "warmup_hvps": self.warmup_hvps,
+            "warmup_converged": self.warmup_converged,
+            "warmup_previous": self._warmup_previous,
+            "num_estimates": self.num_estimates,
+            "rejected_estimates": self.rejected_estimates,
+            "triggers": dict(self.triggers),
+            "last_trigger": self.last_trigger,
+            "clamped": self.clamped,
+            "clamped_estimates": self.clamped_estimates,
+            "last_estimate_step": self._last_estimate_step,
+            "pending": self._pending,
+            "losses": list(self._losses),
+            "loss_step": self._loss_step,
+            "last_loss": self._last_loss,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a resumed fit continues without a new warm-up)."""
+        self.initial_lr = state_dict["initial_lr"]
+        self.lr = state_dict["lr"]
+        self.h0 = state_dict["h0"]
+        self.h0_smoothed = state_dict["h0_smoothed"]
+        self.warmup_done = bool(state_dict["warmup_done"])
+        self.warmup_hvps = int(state_dict["warmup_hvps"])
+        self.warmup_converged = bool(state_dict["warmup_converged"])
+        self._warmup_previous = state_dict["warmup_previous"]
+        self.num_estimates = int(state_dict["num_estimates"])
+        self.rejected_estimates = int(state_dict["rejected_estimates"])
+        self.triggers = {name: int(state_dict["triggers"].get(name, 0)) for name in TRIGGERS}
+        self.last_trigger = state_dict["last_trigger"]
+        self.clamped = bool(state_dict["clamped"])
+        self.clamped_estimates = int(state_dict.get("clamped_estimates", 0))
+        self._last_estimate_step = state_dict["last_estimate_step"]
+        self._pending = state_dict["pending"]
+        self._losses = deque(state_dict["losses"], maxlen=self.loss_window)
+        self._loss_step = state_dict["loss_step"]
+        self._last_loss = state_dict["last_loss"]
+
+    @property
+    def warmup_hvps_left(self) -> int:
+        """HVP budget left for the next warm-up estimate (0 once the warm-up is done)."""
+        return 0 if self.warmup_done else self.warmup_max_hvps - self.warmup_hvps
+
+    @property
+    def target(self) -> float:
+        """The product α·(h0 + w)/c this rule aims at: ``scale`` (newton) or ``edge·scale`` (edge)."""
+        return self.scale * (self.edge if self.rule == "edge" else 1.0)
+
+    def lr_for(self, h0: float) -> float:
+        """The LR of curvature ``h0`` before the growth limit and the clamps: ``target·c/(h0 + w)``."""
+        return self.target * self.stability_factor / (h0 + self.weight_decay)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Decisions
+    # ---------------------------------------------------------------------------------------------------------
+    def wants_rayleigh(self, step: int) -> bool:
+        """Whether the caller should compute the Rayleigh quotient of the last eigenvector at ``step`` (1 HVP)."""
+        return (
+            self.rayleigh_every is not None
+            and self.warmup_done
+            and self.h0_smoothed is not None
+            and self._last_estimate_step is not None
+            and step != self._last_estimate_step
+            and (step - self._last_estimate_step) % self.rayleigh_every == 0
+        )
+
+    def needs_estimate(
+        self,
+        step: int,
+        loss: Optional[float] = None,
+        rayleigh: Optional[float] = None,
+        growth: Optional[float] = None,
+    ) -> bool:
+        """Whether h0 should be estimated at ``step`` (before that step's update); records the signals given.
+
+        Args:
+            step: the optimiser step about to be taken (0-based, non-decreasing).
+            loss: the training loss at the current weights (this step's batch), or ``None``. Recorded once per
+                step, so calling again at the same step (the warm-up loop) does not count it twice.
+            rayleigh: :math:`v^\\top H v` of the last unit eigenvector at the current weights, or ``None``.
+            growth: a tangent vector's growth factor over the last step, or ``None``.
+
+        Returns:
+            ``True`` when an estimate is due; :attr:`last_trigger` is then set to its reason (one of
+            :data:`TRIGGERS`), and :meth:`update` should follow at this step.
+        """
+        if not self.warmup_done:
+            self._record_loss(step, loss)
+            return self._ask("warmup")
+        if self._last_estimate_step is not None and step == self._last_estimate_step:
+            return False
+        reason = None
+        h_ref = self.h0_smoothed
+        if rayleigh is not None and h_ref is not None and math.isfinite(rayleigh):
+            if rayleigh > (1.0 + self.rayleigh_rise) * h_ref:
+                reason = "rayleigh"
+        if reason is None and growth is not None and math.isfinite(growth) and growth > self.growth_limit:
+            reason = "growth"
+        if reason is None and loss is not None and self.loss_rise is not None and step != self._loss_step:
+            if self._losses and _loss_rose(loss, self._losses, self.loss_rise):
+                reason = "loss"
+        self._record_loss(step, loss)
+        if reason is None and (
+            self._last_estimate_step is None or step - self._last_estimate_step >= self.every_n_steps
+        ):
+            reason = "schedule"
+        return False if reason is None else self._ask(reason)
+
+    def update(self, h0: float, step: int, hvps: int = 0) -> float:
+        """Take an estimate of h0 made at ``step`` and return the LR to use from this step on.
+
+        A NaN, infinite or ≤ 0 ``h0`` is rejected (counted, the LR kept). During the warm-up ``hvps`` (the
+        estimate's HVP count) is added to the warm-up budget; the warm-up ends when this estimate agrees with the
+        previous one to ``warmup_tol``, when the budget is spent or when the estimate is rejected.
+        """
+        h0 = float(h0)
+        good = math.isfinite(h0) and h0 > 0
+        self.num_estimates += 1
+        self._last_estimate_step = step
+        self._pending = None
+        # The loss at this estimate is the reference of the next loss trigger.
+        self._losses.clear()
+        if self._last_loss is not None and self._loss_step == step and math.isfinite(self._last_loss):
+            self._losses.append(self._last_loss)
+        if not self.warmup_done:
+            self.warmup_hvps += int(hvps)
+            previous, self._warmup_previous = self._warmup_previous, (h0 if good else None)
+            agreed = good and previous is not None and abs(h0 - previous) <= self.warmup_tol * abs(h0)
+            self.warmup_converged = agreed
+            if agreed or not good or self.warmup_max_hvps - self.warmup_hvps < _MIN_WARMUP_HVPS:
+                self.warmup_done = True
+            if not good:
+                self._reject()
+                return self.lr
+            # Warm-up estimates at one point replace each other: the LR is the last one's, unlimited.
+            self.h0 = self.h0_smoothed = h0
+            self.lr = self._clamp(self.lr_for(h0))
+            self.clamped_estimates += int(self.clamped)
+            return self.lr
+        if not good:
+            self._reject()
+            return self.lr
+        self.h0 = h0
+        if self.h0_smoothed is None or self.smoothing == 0.0:
+            self.h0_smoothed = h0
+        else:
+            self.h0_smoothed = max(h0, self.smoothing * self.h0_smoothed + (1.0 - self.smoothing) * h0)
+        lr = self.lr_for(self.h0_smoothed)
+        if self.lr is not None:
+            lr = min(lr, self.lr * self.max_lr_growth)
+        self.lr = self._clamp(lr)
+        self.clamped_estimates += int(self.clamped)
+        return self.lr
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Helpers
+    # ---------------------------------------------------------------------------------------------------------
+    def _ask(self, reason: str) -> bool:
+        if self._pending != reason:
+            self.triggers[reason] += 1
+        self._pending = reason
+        self.last_trigger = reason
+        return True
+
+    def _record_loss(self, step: int, loss: Optional[float]) -> None:
+        if loss is None or step == self._loss_step:
+            return
+        loss = float(loss)
+        self._loss_step, self._last_loss = step, loss
+        if math.isfinite(loss):
+            self._losses.append(loss)
+
+    def _reject(self) -> None:
+        self.rejected_estimates += 1
+        if self.lr is None:
+            self.lr = self._clamp(self.initial_lr if self.initial_lr is not None else self.min_lr)
+
+    def _clamp(self, lr: float) -> float:
+        clamped = min(max(lr, self.min_lr), self.max_lr)
+        self.clamped = clamped != lr
+        return clamped
+
+    def __repr__(self) -> str:
+        return (
+            f"QuasiNewtonRule(rule={self.rule!r}, target={self.target:g}, stability_factor={self.stability_factor:g}, "
+            f"weight_decay={self.weight_decay:g}, lr={self.lr}, h0={self.h0}, warmup_done={self.warmup_done})"
+        )
+
+
+def _loss_rose(loss: float, recent: deque, rise: float) -> bool:
+    """``loss`` above ``(1 + rise)`` times the mean of ``recent`` (a non-finite loss counts as risen)."""
+    if not math.isfinite(loss):
+        return True
+    reference = sum(recent) / len(recent)
+    return loss > (1.0 + rise) * reference
