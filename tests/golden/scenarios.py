@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -54,7 +55,9 @@ class FileRecorder(Logger):
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
 
+    @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
+        # Rank zero only, like Lightning's own loggers: two ranks appending to one file would race.
         row = [step, {k: float(v) for k, v in sorted(metrics.items())}]
         self.records.append(row)
         if self.path is not None:
