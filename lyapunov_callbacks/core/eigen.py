@@ -58,7 +58,13 @@ _DGKS_ETA = 0.7
 
 
 class LinearOperator(Protocol):
-    """What a solver sees: a symmetric ``[dim, dim]`` operator (e.g. :class:`HessianOperator`)."""
+    """What a solver sees: a symmetric ``[dim, dim]`` operator (e.g. :class:`HessianOperator`).
+
+    Optionally an operator declares ``nonsmooth``, the submodules whose kinks make its products unreliable
+    (:class:`~lyapunov_callbacks.core.hessian.FiniteDifferenceHessian` on a ReLU network): :func:`solve` then marks
+    its results ``converged=False`` and warns. ``distributed`` / ``process_group`` say that its products are
+    averaged over ranks, so that random starts are broadcast from rank 0.
+    """
 
     dim: int
     dtype: torch.dtype
@@ -967,7 +973,7 @@ def solve(
         res = power_iteration(op, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed)
     else:
         res = lyapunov_iteration(op, k=k, alpha=alpha, tol=tol, max_iter=max_iter, init=init, seed=seed)
-    nonsmooth = op.nonsmooth if isinstance(op, HessianOperator) else getattr(op, "nonsmooth", ())
+    nonsmooth = getattr(op, "nonsmooth", ())  # optional: the operators that declare it (see LinearOperator)
     if nonsmooth:
         res.converged = False
         warnings.warn(

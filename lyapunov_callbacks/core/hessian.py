@@ -115,6 +115,21 @@ def nonsmooth_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def _second_order(grads: Any) -> list[int]:
+    """Indices of the gradient pieces that depend on θ (the others have no second derivative)."""
+    return [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+
+def _gradient_of_gradient(grads: Any, index: list[int], leaves: Any, chunks: list[torch.Tensor]) -> Any:
+    """:math:`\nabla_\theta (g^\top v)` per parameter: one reverse pass over the ``create_graph`` gradient ``grads``
+    (its pieces ``index``) with ``v``'s pieces ``chunks``, the graph retained. The exact product shared by
+    :class:`AutogradHessian` and :func:`graph_hvp`."""
+    return torch.autograd.grad(
+        [grads[i] for i in index], leaves, grad_outputs=[chunks[i] for i in index], retain_graph=True,
+        allow_unused=True,
+    )
+
+
 def graph_hvp(loss: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
     """``H v`` of a scalar ``loss`` whose autograd graph already exists, leaving that graph usable.
 
@@ -144,15 +159,12 @@ def graph_hvp(loss: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor) -
     check_shape("v", v, sum(numels))
     with torch.enable_grad():
         grads = torch.autograd.grad(loss, params, create_graph=True, retain_graph=True, allow_unused=True)
-        index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        index = _second_order(grads)
         out = torch.zeros_like(v)
         if not index:  # the loss is (at most) linear in every parameter
             return out
         chunks = [c.view(p.shape) for c, p in zip(torch.split(v, numels), params)]
-        hv = torch.autograd.grad(
-            [grads[i] for i in index], params, grad_outputs=[chunks[i] for i in index], retain_graph=True,
-            allow_unused=True,
-        )
+        hv = _gradient_of_gradient(grads, index, params, chunks)
     offset = 0
     for t, n in zip(hv, numels):
         if t is not None:
@@ -434,7 +446,7 @@ class HessianOperator:
     def close(self) -> None:
         """Release the autograd graph and cached tensors; later products raise ``RuntimeError``."""
         self._closed = True
-        for attr in ("_graph_grads", "_hvp_outputs", "_leaves", "_theta", "_frozen", "_watch", "_gradient",
+        for attr in ("_graph_grads", "_leaves", "_theta", "_frozen", "_watch", "_gradient",
                      "_loss_value", "_batch"):
             if hasattr(self, attr):
                 setattr(self, attr, None)
@@ -553,22 +565,13 @@ class AutogradHessian(HessianOperator):
             loss = self._loss(self._leaves)
             grads = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
         self._graph_grads = grads
-        # The gradient pieces that depend on θ (the others have no second derivative).
-        self._hvp_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        self._hvp_outputs = [grads[i] for i in self._hvp_index]
+        self._hvp_index = _second_order(grads)
         return loss, grads
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        if not self._hvp_outputs:  # loss is (at most) linear in every parameter
+        if not self._hvp_index:  # loss is (at most) linear in every parameter
             return torch.zeros_like(v)
-        chunks = self._unflatten(v)
-        hv = torch.autograd.grad(
-            self._hvp_outputs,
-            self._leaves,
-            grad_outputs=[chunks[i] for i in self._hvp_index],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        hv = _gradient_of_gradient(self._graph_grads, self._hvp_index, self._leaves, self._unflatten(v))
         return self._flatten(hv)
 
 

@@ -156,6 +156,11 @@ class PreconditionedOperator:
         """Products of the wrapped operator so far."""
         return self.op.num_hvps
 
+    @property
+    def nonsmooth(self) -> list[str]:
+        """What the wrapped operator declares unreliable (its products are this operator's)."""
+        return list(getattr(self.op, "nonsmooth", ()))
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """:math:`P^{-1/2} H P^{-1/2} v` as a new tensor (one product of ``H``)."""
         return self.inv_sqrt * self.op.matvec(self.inv_sqrt * v.to(self.dtype))
