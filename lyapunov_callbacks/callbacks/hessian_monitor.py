@@ -32,7 +32,7 @@ from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout
 from lyapunov_callbacks.core.checks import check_gap_safety
 from lyapunov_callbacks.core.eigen import METHODS
 from lyapunov_callbacks.core.hessian import BACKENDS, HessianOperator, trainable_parameters
-from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, preconditioner_diagonal
+from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_preconditioner
 from lyapunov_callbacks.core.stability import batch_sharpness as rayleigh_along_gradient
 from lyapunov_callbacks.core.stability import stability_factor
 from lyapunov_callbacks.core.state import preserved_state
@@ -64,11 +64,13 @@ class HessianEigenvalueMonitor(Callback):
     - ``{prefix}/stability``: α·h0, the edge-of-stability ratio (gradient descent on a quadratic is stable for
       α·h0 < 2); ``{prefix}/num_hvps``; ``optim/lr``: α;
     - with ``pre_h0`` (default on for ``Adam``/``AdamW``): ``{prefix}/pre_h0`` = :math:`\lambda_1(P^{-1}H)`,
-      :math:`P = \mathrm{diag}(\sqrt{\hat v} + \epsilon)` of the optimiser's state, the top eigenvalue of
+      :math:`P` the preconditioner the coming step divides by
+      (:func:`~lyapunov_callbacks.core.preconditioned.step_preconditioner`: :math:`\sqrt{\hat v} + \epsilon` of
+      the optimiser's state, :math:`|g| + \epsilon` before Adam's first step), the top eigenvalue of
       :math:`P^{-1/2} H P^{-1/2}` (a second warm-started solve on the same operator; for SGD :math:`P = I` and it
       is h0); ``{prefix}/pre_stability`` = :math:`\alpha\lambda_1(P^{-1}H)/c` with the optimiser's stability
       factor :math:`c` (:func:`~lyapunov_callbacks.core.stability.stability_factor`), whose edge is at 2 for every
-      optimiser (Cohen et al. 2022); ``{prefix}/pre_num_hvps``. Not logged before Adam's first step (no ``v``);
+      optimiser (Cohen et al. 2022); ``{prefix}/pre_num_hvps``;
     - with ``batch_sharpness=True``: ``{prefix}/batch_sharpness`` = :math:`g^\top H_B g / \lVert g\rVert^2` on the
       step's own batch (one HVP), which Andreyev & Beneventano (2024) find at 2/α under mini-batch SGD.
 
@@ -297,9 +299,7 @@ class HessianEigenvalueMonitor(Callback):
         optimizer = trainer.optimizers[0]
         if isinstance(optimizer, _ADAM_TYPES):
             params = [q for _, q in trainable_parameters(pl_module)]
-            diagonal = preconditioner_diagonal(optimizer, params, dtype=op.dtype)
-            if diagonal is None:  # Adam before its first step: no v, no P yet
-                return {}
+            diagonal = step_preconditioner(optimizer, params, dtype=op.dtype, device=op.device)
             result = self._pre_tracker.estimate(PreconditionedOperator(op, diagonal))
             pre_h0, hvps = float(result.eigenvalues[0]), int(result.num_hvps)
         else:

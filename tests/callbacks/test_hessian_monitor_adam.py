@@ -123,11 +123,10 @@ def test_pre_h0_pre_stability_and_batch_sharpness_match_exact_references(optimiz
         assert logged["hessian/h0"] == pytest.approx(h0, rel=1e-3)
         # batch sharpness: the Rayleigh quotient of the step's Hessian along the step's gradient
         assert logged["hessian/batch_sharpness"] == pytest.approx(float(grad @ H @ grad / (grad @ grad)), rel=1e-8)
-        if adam and step == 0:  # no exp_avg_sq before Adam's first step: no preconditioner, nothing logged
-            assert "hessian/pre_h0" not in logged and "hessian/pre_stability" not in logged
-            continue
         if adam:
-            d = _preconditioner(opt_state, optimizer).rsqrt()
+            # before Adam's first step there is no exp_avg_sq: P is what that step divides by, |g| + eps
+            p_diag = (grad.abs() + opt_state["param_groups"][0]["eps"]) if step == 0 else _preconditioner(opt_state, optimizer)
+            d = p_diag.rsqrt()
             pre = float(torch.linalg.eigvalsh(d[:, None] * H * d[None, :])[-1])
             assert abs(pre - h0) > 0.1 * h0  # the preconditioner really changes the value tested
             assert logged["hessian/pre_num_hvps"] >= 1
@@ -159,10 +158,10 @@ def test_pre_h0_is_on_by_default_for_adam_only_and_warm_starts_from_its_own_vect
         _fit([monitor], Regressor(optimizer), max_steps=6, logger=rec)
         runs[optimizer] = (rec, monitor)
     rec, monitor = runs["adamw"]
-    assert [s for s, m in rec.records if "hessian/pre_h0" in m] == [1, 2, 3, 4, 5]
+    assert [s for s, m in rec.records if "hessian/pre_h0" in m] == [0, 1, 2, 3, 4, 5]
     assert all("hessian/batch_sharpness" not in m for _, m in rec.records)  # opt-in
-    # five preconditioned solves (AdamW steps 1-5, none for SGD): cold first, then each from the last vector
-    assert [c[2] for c in calls] == ["PreconditionedOperator"] * 5
+    # six preconditioned solves (AdamW steps 0-5, none for SGD): cold first, then each from the last vector
+    assert [c[2] for c in calls] == ["PreconditionedOperator"] * 6
     assert calls[0][0] is None
     for (init, _, _), (_, previous, _) in zip(calls[1:], calls[:-1]):
         assert torch.equal(init, previous)
