@@ -71,8 +71,8 @@ class QuasiNewtonLR(Callback):
     LR see the new one; a ``LearningRateMonitor`` logs again at a step whose estimate changed the LR.
 
     **Optimisers.** ``torch.optim.SGD``: :math:`c = 1`, or with ``momentum_aware=True`` the heavy-ball factor of
-    :func:`~lyapunov_callbacks.core.stability.stability_factor` (:math:`1+\mu`; Nesterov
-    :math:`(1+\mu)/(1+2\mu)`); the largest coupled ``weight_decay`` :math:`w` is added to h0. ``Adam`` /
+    :func:`~lyapunov_callbacks.core.stability.stability_factor` (:math:`1+\mu`, divided by :math:`1-\tau`
+    with dampening :math:`\tau`; Nesterov :math:`(1+\mu)/(1+2\mu)`); the largest coupled ``weight_decay`` :math:`w` is added to h0. ``Adam`` /
     ``AdamW``: the curvature is the preconditioned sharpness :math:`\lambda_1(P^{-1}H)` (top eigenvalue of
     :math:`P^{-1/2}HP^{-1/2}`, :math:`P` the preconditioner of the coming step,
     :func:`~lyapunov_callbacks.core.preconditioned.step_preconditioner`) and :math:`c = (1+\beta_1)/(1-\beta_1)`;

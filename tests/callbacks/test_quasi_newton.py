@@ -164,11 +164,12 @@ def test_momentum_without_momentum_aware_warns():
         _trainer([QuasiNewtonLR()], max_steps=1).fit(Quadratic(momentum=0.9), _loader())
 
 
-def test_momentum_aware_rejects_dampening():
-    with pytest.raises(ValueError, match="dampening"):
-        _trainer([QuasiNewtonLR(momentum_aware=True)], max_steps=1).fit(
-            Quadratic(momentum=0.9, dampening=0.1), _loader()
-        )
+def test_momentum_aware_with_dampening_takes_the_dampened_heavy_ball_factor():
+    # m <- μm + (1-τ)g is heavy ball with the step α(1-τ): stable for α h < 2(1+μ)/(1-τ), so c = (1+μ)/(1-τ),
+    # the factor stability.stability_factor gives every caller.
+    qn = QuasiNewtonLR(momentum_aware=True)
+    _trainer([qn], max_steps=1).fit(Quadratic(momentum=0.9, dampening=0.1), _loader())
+    assert qn.rule.stability_factor == pytest.approx((1 + 0.9) / (1 - 0.1), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------- linear least squares vs constant LR
