@@ -30,6 +30,7 @@ __all__ = [
     "ProbeBatch",
     "check_choice",
     "check_int",
+    "check_lr_owner",
     "check_positive",
     "check_prefix",
     "check_supported",
@@ -41,6 +42,7 @@ __all__ = [
     "measurement_operator",
     "resolve_dtype",
     "resolve_loss_fn",
+    "run_first",
     "step_loss",
     "world_info",
 ]
@@ -341,6 +343,50 @@ class ProbeBatch:
 # --------------------------------------------------------------------------------------------------------------
 # Optimiser / trainer checks
 # --------------------------------------------------------------------------------------------------------------
+def run_first(trainer: pl.Trainer, callback: pl.Callback) -> None:
+    """Run ``callback`` first, so every other callback (LR monitors, curvature monitors reading the LR in
+    ``on_before_optimizer_step``) sees the LR the step really uses."""
+    callbacks = trainer.callbacks
+    if callback in callbacks and callbacks.index(callback) != 0:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
+
+
+def check_lr_owner(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    """The one optimiser, if QuasiNewtonLR can own its LR; raises one ValueError naming the fix otherwise."""
+    if trainer.lr_scheduler_configs:
+        names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
+        raise ValueError(
+            f"QuasiNewtonLR sets the learning rate itself, but an LR scheduler is configured ({names}): "
+            "remove lr_scheduler (the `lr_scheduler:` section / the scheduler returned by configure_optimizers)."
+        )
+    if len(trainer.optimizers) != 1:
+        raise ValueError(
+            f"QuasiNewtonLR needs exactly one optimiser, got {len(trainer.optimizers)}; return a single "
+            "optimiser from configure_optimizers."
+        )
+    optimizer = trainer.optimizers[0]
+    for i, group in enumerate(optimizer.param_groups):
+        if "lr" not in group:
+            raise ValueError(
+                f"QuasiNewtonLR sets param_group['lr'], but param group {i} of {type(optimizer).__name__} has "
+                "no 'lr'; use an optimiser with a learning rate `lr` (e.g. torch.optim.SGD)."
+            )
+    if not (isinstance(optimizer, torch.optim.SGD) or type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)):
+        raise ValueError(
+            f"QuasiNewtonLR knows the stable step of torch.optim.SGD, Adam and AdamW only, got "
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}: its 1/h0 would mean nothing for this "
+            "update. Use torch.optim.SGD, Adam or AdamW in configure_optimizers, or remove QuasiNewtonLR."
+        )
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    if len(set(lrs)) > 1 and not lrs[0] > 0:
+        raise ValueError(
+            f"QuasiNewtonLR keeps the ratios of the param groups' LRs {lrs} relative to the first group, whose "
+            "lr must then be > 0; give the first group a positive lr."
+        )
+    return optimizer
+
+
 def current_lr(trainer: pl.Trainer) -> float:
     """The learning rate α of the first parameter group of the first optimiser (read it in ``on_before_optimizer_step``).
 

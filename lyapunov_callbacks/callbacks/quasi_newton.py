@@ -23,6 +23,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     StepMicroBatches,
     check_choice,
     check_int,
+    check_lr_owner,
     check_positive,
     check_prefix,
     check_supported,
@@ -32,6 +33,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     measurement_operator,
     resolve_dtype,
     resolve_loss_fn,
+    run_first,
     step_loss,
 )
 from lyapunov_callbacks.core.eigen import METHODS
@@ -235,7 +237,7 @@ class QuasiNewtonLR(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._loss_fn = resolve_loss_fn(pl_module)
-            _move_first(trainer, self)
+            run_first(trainer, self)
             self._lr_monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
             self._hessian_tags = not any(
                 type(c).__name__ == "HessianEigenvalueMonitor" and getattr(c, "prefix", None) == "hessian"
@@ -246,7 +248,7 @@ class QuasiNewtonLR(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, "QuasiNewtonLR")
-        optimizer = _check_optimizer(trainer)
+        optimizer = check_lr_owner(trainer)
         lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._group_ratios = [lr / lrs[0] if len(set(lrs)) > 1 else 1.0 for lr in lrs]
         self._configured_lr = lrs[0]
@@ -452,46 +454,3 @@ class QuasiNewtonLR(Callback):
             for group, ratio in zip(groups, ratios):
                 group["lr"] = self.rule.lr * ratio
 
-
-def _move_first(trainer: pl.Trainer, callback: Callback) -> None:
-    """Run ``callback`` first, so every other callback (LR monitors, curvature monitors reading the LR in
-    ``on_before_optimizer_step``) sees the LR the step really uses."""
-    callbacks = trainer.callbacks
-    if callback in callbacks and callbacks.index(callback) != 0:
-        callbacks.remove(callback)
-        callbacks.insert(0, callback)
-
-
-def _check_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
-    """The one optimiser, if QuasiNewtonLR can own its LR; raises one ValueError naming the fix otherwise."""
-    if trainer.lr_scheduler_configs:
-        names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
-        raise ValueError(
-            f"QuasiNewtonLR sets the learning rate itself, but an LR scheduler is configured ({names}): "
-            "remove lr_scheduler (the `lr_scheduler:` section / the scheduler returned by configure_optimizers)."
-        )
-    if len(trainer.optimizers) != 1:
-        raise ValueError(
-            f"QuasiNewtonLR needs exactly one optimiser, got {len(trainer.optimizers)}; return a single "
-            "optimiser from configure_optimizers."
-        )
-    optimizer = trainer.optimizers[0]
-    for i, group in enumerate(optimizer.param_groups):
-        if "lr" not in group:
-            raise ValueError(
-                f"QuasiNewtonLR sets param_group['lr'], but param group {i} of {type(optimizer).__name__} has "
-                "no 'lr'; use an optimiser with a learning rate `lr` (e.g. torch.optim.SGD)."
-            )
-    if not (isinstance(optimizer, torch.optim.SGD) or type(optimizer) in _ADAM):
-        raise ValueError(
-            f"QuasiNewtonLR knows the stable step of torch.optim.SGD, Adam and AdamW only, got "
-            f"{type(optimizer).__module__}.{type(optimizer).__name__}: its 1/h0 would mean nothing for this "
-            "update. Use torch.optim.SGD, Adam or AdamW in configure_optimizers, or remove QuasiNewtonLR."
-        )
-    lrs = [float(g["lr"]) for g in optimizer.param_groups]
-    if len(set(lrs)) > 1 and not lrs[0] > 0:
-        raise ValueError(
-            f"QuasiNewtonLR keeps the ratios of the param groups' LRs {lrs} relative to the first group, whose "
-            "lr must then be > 0; give the first group a positive lr."
-        )
-    return optimizer
