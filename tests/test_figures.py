@@ -380,6 +380,10 @@ def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_
     committed = (ROOT / "docs" / "results.md").read_text()
     assert text == committed, "docs/results.md is stale: run `make figures FIGURES_ARGS=--page-only`"
     assert "Reproducibility: on one machine a run is deterministic" in committed
+    # the verdict in words comes first, then data, scale and limitations (with what λ ≈ 0 cannot tell apart)
+    assert committed.index("## Verdict") < committed.index("## Data, scale and limitations") < committed.index(
+        "## Criteria") < committed.index("## Data set: synthetic")
+    assert make_figures.LIMITATIONS[0] in committed and "λ ≈ 0 does not tell A from B" in committed
 
 
 def test_plot_only_keeps_the_training_record_of_the_same_logs(tmp_path):
