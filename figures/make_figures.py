@@ -871,7 +871,7 @@ def _render_page(args: argparse.Namespace, defaults: dict[str, Path], spec: dict
 
     figures_root = defaults["figures_root"] if args.out == os.path.relpath(defaults["out"]) else Path(args.out).parent
     every = plan_runs(spec, list(spec["figures"]), "full")
-    captions = {fig: {"caption": f["caption"], "runs": [n for row in f["runs"] for n in row if n is not None]}
+    captions = {fig: {"caption": f.get("caption", ""), "runs": [n for row in f["runs"] for n in row if n is not None]}
                 for fig, f in spec["figures"].items()}
     return render_results_page(args.summary_dir, figures_root, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec),
                                figures=captions, figure_of=figure_of(every), lr_free=LR_FREE_PATH,

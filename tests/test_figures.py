@@ -335,7 +335,14 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
            "seeds": 2, "cyclic_half": 3, "full_loss_batches": 1}
     tiny = {"datasets": spec["datasets"], "cost": spec["cost"], "scales": {"full": {"linear": lin}, "quick": {"linear": lin}},
             "figures": {"tiny": {"title": "tiny", "rows": ["linear"], "cols": ["cyclic", "quasi-Newton"],
-                                 "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]}}}
+                                 "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]},
+                        "ctrl": {"title": "control", "rows": ["GD"], "cols": ["full batch"],
+                                 "runs": [["control_gd/linear_mse_lr0.05"]]}},
+            # a full-batch control: the whole (64-image) two-class training set in one batch every step
+            "runs": {"control_gd/linear_mse_lr0.05": {
+                "config": "constant/linear_mse_lr0.05", "seeds": 1, "batch_size": 64, "epoch_batches": None,
+                "lyapunov_window": None, "data_init": {"synthetic": {"synthetic_train_size": 320}},
+                "sizes": {"synthetic": [64, 2000]}}}}
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny))
     logs, out, page = tmp_path / "logs", tmp_path / "figs" / "synthetic", tmp_path / "results.md"
@@ -347,8 +354,8 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     for run in ("cyclic/linear_ce", "quasi_newton/linear_mse"):
         for seed in (0, 1):
             assert f"{run} seed {seed}: " in stdout
-    assert "trained 4/4 runs" in stdout and "(2 at a time)" in stdout
-    assert (out / "tiny.png").stat().st_size > 10_000
+    assert "trained 5/5 runs" in stdout and "(2 at a time)" in stdout
+    assert (out / "tiny.png").stat().st_size > 10_000 and (out / "ctrl.png").stat().st_size > 10_000
 
     from lyapunov_callbacks._tb_reader import read_scalars
 
@@ -368,6 +375,12 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert rows["cyclic/linear_ce"]["seeds"] == 2 and rows["quasi_newton/linear_mse"]["seeds"] == 2
     text = page.read_text()
     assert "## Data set: synthetic" in text and "Not run: no `docs/results/summary_cifar.json`" in text
+    # the control: every step is an epoch (one batch of the whole set), α·h0 measured; on the page with its answer
+    gd = read_scalars(logs / "control_gd/linear_mse_lr0.05/synthetic/seed0")
+    assert gd["train_full/loss"].steps.tolist() == list(range(7)) and gd["hessian/h0"].steps.size == 6
+    assert rows["control_gd/linear_mse_lr0.05"]["schedule"] == "control_gd"
+    assert "- **Controls**: full-batch GD `control_gd/linear_mse_lr0.05`: late α·h0 " in text
+    assert "(known answer: 2)" in text
 
 
 def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_path, capsys):
