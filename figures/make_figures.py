@@ -757,7 +757,9 @@ def _summarise(runs: list[Run], args: argparse.Namespace, timings: dict[str, dic
     records = summary.collect((r.name, run_dir(r, args.data, logs)) for r in runs)
     meta = {"mode": "quick" if args.quick else "full", "runs": len({r.info.name for r in records}),
             "seeded runs": len(records), "probe h0": "measured" if any(
-                r.stats.get("n_h0_probe") for r in records) else "not measured in these logs"}
+                r.stats.get("n_h0_probe") for r in records) else "not measured in these logs",
+            # which two-class problem the runs trained on (digits: even/odd since 2026-12, 3 vs 5 before)
+            "two-class data": json.dumps(load_spec(args.spec)["datasets"][args.data].get("two_class") or {})}
     if wall is not None:
         meta["training wall time (s)"] = round(wall, 1)
         meta["training CPU time (s)"] = round(sum(t["cpu_seconds"] for t in timings.values()), 1)

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -856,8 +857,9 @@ def plot_grid(
             handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1.0,
                                   label=f"edge {PRECONDITIONED_EDGE:g}"))
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width: a one-column figure cut its title at both edges
+        width = max(30, int(11 * cell_size[0] * ncols))
+        fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")))
     paths = _save(fig, out, formats, dpi)
     return GridPlot(fig, axes, cells, missing, paths, stability_axes, stability)
 

@@ -362,6 +362,7 @@ def aggregate(records: Sequence[Record]) -> list[dict[str, Any]]:
             row[f"n_h0_{source}"] = min(int(r.stats.get(f"n_h0_{source}") or 0) for r in recs)
         row["lambda_late_measured"] = all("lambda_steps" in r.stats for r in recs)
         row["pre_stability_measured"] = all("pre_stability" in r.stats for r in recs)
+        row["n_pre_stability"] = min(int(r.stats.get("n_pre_stability") or 0) for r in recs)
         row["lambda_n"] = min(int(r.stats.get("lambda_n") or 0) for r in recs)
         row["diverged_at"] = [r.stats.get("diverged_at") for r in recs]
         row["did_not_train"] = [did_not_train(r.stats, info.arch, info.loss) for r in recs]
@@ -724,10 +725,11 @@ def verdict_paragraph(data: str, payload: dict[str, Any], rows: list[dict[str, A
         for r in controls:
             if r["schedule"] == "control_gd":
                 parts.append(f"full-batch GD `{r['name']}`: late α·h0 {_fmt(r['alpha_h0_minibatch'])} "
-                             f"(known answer: 2)")
+                             f"(q10–q90 {_fmt(r['alpha_h0_minibatch_q10'])}–{_fmt(r['alpha_h0_minibatch_q90'])}, "
+                             f"{r['n_h0_minibatch']} late estimates; known answer: 2)")
             else:
                 parts.append(f"full-batch Adam `{r['name']}`: late pre_stability {_fmt(r['pre_stability'])} "
-                             f"(known answer: about 2)")
+                             f"({r['n_pre_stability']} late estimates; known answer: about 2)")
         lines.append("- **Controls**: " + "; ".join(parts) + ".")
     else:
         lines.append(f"- **Controls** (full-batch GD and Adam, known answers 2): {NOT_MEASURED}.")

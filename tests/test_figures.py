@@ -380,7 +380,7 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert gd["train_full/loss"].steps.tolist() == list(range(7)) and gd["hessian/h0"].steps.size == 6
     assert rows["control_gd/linear_mse_lr0.05"]["schedule"] == "control_gd"
     assert "- **Controls**: full-batch GD `control_gd/linear_mse_lr0.05`: late α·h0 " in text
-    assert "(known answer: 2)" in text
+    assert "late estimates; known answer: 2)" in text
 
 
 def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_path, capsys):
