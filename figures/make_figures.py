@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the runs import models/, datamodules/ and figures.epoch_loss by class path
     sys.path.insert(0, str(ROOT))
 SPEC_PATH = Path(__file__).resolve().parent / "figures.yaml"
+#: The paper's figure captions, beside the repository (``../shared/paper/`` from its root).
+CAPTIONS_PATH = ROOT.parent / "shared" / "paper" / "figure-captions.txt"
 CONFIG_DIR = ROOT / "configs"
 DATA_CHOICES = ("synthetic", "digits", "cifar")
 MODES = ("full", "quick")
@@ -58,7 +60,9 @@ SCALE_KEYS = ("batch_size", "max_steps", "epoch_batches", "val_batches", "log_ev
 COST_KEYS = ("hvps_per_estimate", "hvps_per_probe_estimate", "hvps_top_k", "run_overhead_s", "epoch_overhead_s")
 #: Optional scale key: QuasiNewtonLR.every_n_steps, for runs too short for their config's re-estimate period.
 QN_EVERY = "quasi_newton_every"
-RUN_KEYS = {"config", "hessian_k", "max_epochs", "quick", QN_EVERY, *SCALE_KEYS}
+#: ``data_init``: per data set, ``--data`` init overrides of one run (a full-batch control on a smaller set).
+#: ``sizes``: per data set, [training, validation] images of such a run (what ``--plan`` counts).
+RUN_KEYS = {"config", "hessian_k", "max_epochs", "quick", "data_init", "sizes", QN_EVERY, *SCALE_KEYS}
 FIGURE_KEYS = {"title", "caption", "rows", "cols", "runs", "kind", "k", "first_epoch_steps", "optional"}
 #: Short class names of the curvature callbacks as they appear in the configs' ``class_path``.
 QUASI_NEWTON = "QuasiNewtonLR"
@@ -89,6 +93,8 @@ class Run:
     hessian_k: int = 1
     max_epochs: int | None = None
     figures: list[str] = field(default_factory=list)
+    data_init: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sizes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -165,7 +171,45 @@ def load_spec(path: str | Path = SPEC_PATH) -> dict[str, Any]:
         for run in plan_runs(spec, list(spec["figures"]), mode):  # optional figures lacking run files are left out
             if not run.config_path.is_file():
                 raise ValueError(f"{path}: run {run.name!r} needs {run.config_path.relative_to(ROOT)}, which does not exist.")
+            aliased = cycle_aliasing(run)
+            if aliased:
+                raise ValueError(f"{path}: scales.{mode} / runs.{run.name}: {'; '.join(aliased)}. A period that "
+                                 "shares a factor with the cycle samples the LR at a few phases only (every "
+                                 "probe at the trough, say); choose a period coprime to the cycle, e.g. "
+                                 f"{_coprime_near(run.scale['probe_every'] or 20, 2 * run.scale['cyclic_half'])}.")
     return spec
+
+
+#: The monitors whose estimates are read at the LR of their step (a cyclic LR must not alias them).
+CYCLE_CHECKED = {"hessian_every": "mini-batch h0", "probe_every": "probe h0", "lyapunov_every": "λ"}
+
+
+def cycle_aliasing(run: Run) -> list[str]:
+    """For a run on a cyclic LR (period ``2 * cyclic_half`` steps: CyclicLR's step_size_up, the same down), each
+    monitor whose period shares a factor with the cycle: such a monitor measures at ``cycle / gcd`` phases of the
+    cycle only (a probe every 100 steps on a 200-step cycle lands at two phases, the trough and the peak), so its
+    late median is the value at those phases, not over the cycle. A period coprime to the cycle visits every
+    phase, in steps of ``period mod cycle``. Runs without a cyclic LR: ``[]``."""
+    if not _uses_cyclic(run.config_path):
+        return []
+    cycle = 2 * int(run.scale["cyclic_half"])
+    out = []
+    for key, what in CYCLE_CHECKED.items():
+        period = run.scale.get(key)
+        if key == "lyapunov_every" and not run.scale.get("lyapunov_window"):
+            continue
+        if period and math.gcd(int(period), cycle) != 1:
+            out.append(f"{what} every {period} steps on a cycle of {cycle} steps (gcd {math.gcd(int(period), cycle)}: "
+                       f"{cycle // math.gcd(int(period), cycle)} phase(s))")
+    return out
+
+
+def _coprime_near(period: int, cycle: int) -> int:
+    """The smallest period >= ``period`` that is coprime to ``cycle`` (what the error message suggests)."""
+    p = max(1, int(period))
+    while math.gcd(p, cycle) != 1:
+        p += 1
+    return p
 
 
 def selected_figures(spec: dict[str, Any], only: Sequence[str] | None) -> list[str]:
@@ -225,7 +269,10 @@ def plan_runs(spec: dict[str, Any], figures: Sequence[str], mode: str = "full") 
                         raise ValueError(f"run {name!r}: no scale for architecture {arch!r} in scales.{mode}.")
                     k = int(extra.pop("hessian_k", 1))
                     max_epochs = extra.pop("max_epochs", None)
-                    runs[name] = Run(name, config, {**scales[arch], **extra}, hessian_k=k, max_epochs=max_epochs)
+                    data_init = extra.pop("data_init", None) or {}
+                    sizes = extra.pop("sizes", None) or {}
+                    runs[name] = Run(name, config, {**scales[arch], **extra}, hessian_k=k, max_epochs=max_epochs,
+                                     data_init=data_init, sizes=sizes)
                 runs[name].figures.append(fig)
     return list(runs.values())
 
@@ -324,7 +371,7 @@ def data_args(run: Run, data: str, data_dir: str, datasets: dict[str, Any]) -> l
     """The ``--data`` overrides selecting the data set (two-class or ten-class by architecture)."""
     ds = datasets[data]
     which = "ten_class" if run.arch in TEN_CLASS_ARCHS else "two_class"
-    init = dict(ds.get(which) or {})
+    init = {**(ds.get(which) or {}), **(run.data_init.get(data) or {})}
     if data == "cifar":
         init["data_dir"] = data_dir
     if ds.get("class_path"):
@@ -396,6 +443,17 @@ def _qn_every(run: Run) -> int | None:
     return None
 
 
+def probe_hvp_seconds(r: dict[str, float], n: int) -> float:
+    """CPU seconds of one HVP on ``n`` samples from the two measured sizes (``batch`` and ``probe``): affine in
+    ``n`` between and beyond them (a fixed cost per product plus a cost per sample), proportional below the
+    batch. A probe of the batch's size then costs what a mini-batch HVP costs, not the 1,024-sample rate scaled
+    down (which for TinyResNet is 2.4x the measured mini-batch HVP at 128)."""
+    b, p, hb, hp = r["batch"], r["probe"], r["hvp_batch_cpu_s"], r["hvp_probe_cpu_s"]
+    if n <= b:
+        return hb * n / b
+    return hb + (hp - hb) * (n - b) / (p - b)
+
+
 def predict_seconds(run: Run, data: str, rates: dict[str, dict[str, float]], spec: dict[str, Any] | None = None,
                     with_probe: bool = True) -> dict[str, float]:
     """Predicted single-threaded CPU seconds of one seed of ``run`` on ``data``, by part, from measured rates.
@@ -412,7 +470,8 @@ def predict_seconds(run: Run, data: str, rates: dict[str, dict[str, float]], spe
     if not r or any(k not in r for k in RATE_KEYS):
         return {}
     cost, s = spec["cost"], run.scale
-    sizes = spec["datasets"][data]["sizes"]["ten_class" if run.arch in TEN_CLASS_ARCHS else "two_class"]
+    sizes = run.sizes.get(data) or spec["datasets"][data]["sizes"]["ten_class" if run.arch in TEN_CLASS_ARCHS
+                                                                   else "two_class"]
     n_train, n_val = int(sizes[0]), int(sizes[1])
     per_epoch = s["epoch_batches"] or math.ceil(n_train / s["batch_size"])
     steps = per_epoch * run.max_epochs if run.max_epochs else s["max_steps"]
@@ -425,9 +484,8 @@ def predict_seconds(run: Run, data: str, rates: dict[str, dict[str, float]], spe
     out = {"steps": steps, "epochs": epochs,
            "train": steps * r["step_cpu_s"] * b,
            "hessian": math.ceil(steps / est_every) * hvps * hvp}
-    probe = min(s["probe_size"], n_train) / r["probe"]
-    out["probe"] = (math.ceil(steps / s["probe_every"]) * cost["hvps_per_probe_estimate"] * r["hvp_probe_cpu_s"]
-                    * probe if with_probe and s["probe_every"] else 0.0)
+    out["probe"] = (math.ceil(steps / s["probe_every"]) * cost["hvps_per_probe_estimate"]
+                    * probe_hvp_seconds(r, min(s["probe_size"], n_train)) if with_probe and s["probe_every"] else 0.0)
     if not s["lyapunov_window"]:
         out["lyapunov"] = 0.0
     elif s["lyapunov_every"] is None:  # back-to-back windows: one HVP every step
@@ -486,7 +544,7 @@ def _print_prediction(runs: Sequence[Run], args: argparse.Namespace, spec: dict[
     if plan["unmeasured"]:
         print(f"  no rates for: {', '.join(plan['unmeasured'])} (run figures/rates.py)")
     print(f"predicted total: {plan['cpu_s'] / 60:.1f} CPU min; wall {plan['wall_s'] / 60:.1f} min with "
-          f"--jobs {plan['jobs']} (budget of `make figures`: 60 min)")
+          f"--jobs {plan['jobs']} (budget of `make figures`: 120 min)")
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -699,7 +757,9 @@ def _summarise(runs: list[Run], args: argparse.Namespace, timings: dict[str, dic
     records = summary.collect((r.name, run_dir(r, args.data, logs)) for r in runs)
     meta = {"mode": "quick" if args.quick else "full", "runs": len({r.info.name for r in records}),
             "seeded runs": len(records), "probe h0": "measured" if any(
-                r.stats.get("n_h0_probe") for r in records) else "not measured in these logs"}
+                r.stats.get("n_h0_probe") for r in records) else "not measured in these logs",
+            # which two-class problem the runs trained on (digits: even/odd since 2026-12, 3 vs 5 before)
+            "two-class data": json.dumps(load_spec(args.spec)["datasets"][args.data].get("two_class") or {})}
     if wall is not None:
         meta["training wall time (s)"] = round(wall, 1)
         meta["training CPU time (s)"] = round(sum(t["cpu_seconds"] for t in timings.values()), 1)
@@ -812,7 +872,30 @@ def _render_page(args: argparse.Namespace, defaults: dict[str, Path], spec: dict
     from lyapunov_callbacks.analysis.summary import render_results_page
 
     figures_root = defaults["figures_root"] if args.out == os.path.relpath(defaults["out"]) else Path(args.out).parent
-    return render_results_page(args.summary_dir, figures_root, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec))
+    every = plan_runs(spec, list(spec["figures"]), "full")
+    captions = {fig: {"caption": f.get("caption", ""), "runs": [n for row in f["runs"] for n in row if n is not None]}
+                for fig, f in spec["figures"].items()}
+    return render_results_page(args.summary_dir, figures_root, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec),
+                               figures=captions, figure_of=figure_of(every), lr_free=LR_FREE_PATH,
+                               limitations=LIMITATIONS)
+
+
+#: The learning-rate-free benchmark's results (QN against tuned SGD, Prodigy, D-Adaptation, schedule-free SGD).
+LR_FREE_PATH = ROOT / "benchmarks" / "results" / "lr_free.md"
+
+#: The fixed limitations of the page (what the runs cannot show; no result is asserted here).
+LIMITATIONS = (
+    "Small data: the two-class problems are 1,438 training images (digits, even against odd, since the plan "
+    "of 2026-12; the committed digits summary predates it and used 3 against 5, 292 images, 3 batches an "
+    "epoch) and 10,000 synthetic images; the paper's CIFAR-10 cannot be downloaded here.",
+    "Short runs: 1,000 to 1,500 steps (figures.yaml); the paper's runs are longer. Late-window values are "
+    "those of these lengths; a run that still drifts reads *not settled*.",
+    "Probe batches below 1,024 samples where 1,024 costs more than the rest of a run (TinyResNet 128, "
+    "LeNet1 256): their probe h0 is closer to a mini-batch h0 than to the full-batch sharpness.",
+    "ResNet-18 (figure 10) runs 10 steps at batch 32: untested at this scale, shown for the pipeline only.",
+    "A committed summary from older code lacks some statistics (late λ, late drift, spreads): they read "
+    "'not measured in the committed runs' until `make figures` reruns on this code.",
+)
 
 
 def scale_text(spec: dict[str, Any]) -> str:
@@ -822,8 +905,8 @@ def scale_text(spec: dict[str, Any]) -> str:
              for arch, s in spec["scales"]["full"].items()]
     fewer = sorted(name for name, run in spec.get("runs", {}).items()
                    if "seeds" in run and run["seeds"] < spec["scales"]["full"][arch_of(run["config"])]["seeds"])
-    text = ("Full scale (`figures/figures.yaml`, sized to the 60-minute budget of `make figures` on 2 CPU cores "
-            "with measured per-step costs; see its cost note for what did not fit): " + "; ".join(parts) + ".")
+    text = ("Full scale (`figures/figures.yaml`, sized to the 120-minute budget of `make figures` per data set on 2 "
+            "CPU cores with measured per-step costs; see its cost note for what was cut): " + "; ".join(parts) + ".")
     if fewer:
         text += " One seed only (the plan's `runs:` overrides): " + ", ".join(f"`{n}`" for n in fewer) + "."
     return text + " Every figure title states its data set, steps, batch and seeds."

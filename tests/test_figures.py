@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import yaml
 
+from lyapunov_callbacks import summary
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("make_figures", ROOT / "figures" / "make_figures.py")
 make_figures = importlib.util.module_from_spec(_spec)
 sys.modules["make_figures"] = make_figures  # dataclasses look their module up there
 _spec.loader.exec_module(make_figures)
 
-CAPTIONS = Path("/work/shared/paper/figure-captions.txt")
+# The paper's captions beside the repository: ../shared/paper/ from its root (make_figures.CAPTIONS_PATH).
+CAPTIONS = make_figures.CAPTIONS_PATH
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,17 @@ def _grid(spec, fig):
     return spec["figures"][fig]["runs"]
 
 
+def test_the_captions_file_is_read_beside_the_repository():
+    assert CAPTIONS == ROOT.parent / "shared" / "paper" / "figure-captions.txt"
+    assert CAPTIONS.is_file(), (f"{CAPTIONS} is missing: the plan is checked against the paper's captions, which "
+                                "live in ../shared/paper/ beside the repository")
+    assert "Figure 4:" in CAPTIONS.read_text()
+
+
 def test_figures_are_numbered_and_paneled_as_the_captions(spec):
     figs = spec["figures"]
-    assert list(figs) == [f"fig{i}" for i in range(1, 11)] + ["adamw"]
+    assert list(figs) == [f"fig{i}" for i in range(1, 11)] + ["control_gd", "control_adam", "adamw"]
+    captions = CAPTIONS.read_text()  # fails, rather than passing, when the captions are missing
     # fig 1: MLP-CE (top), TinyResNet-CE (middle), MLP-MSE (bottom) x constant 0.1, 0.3, cyclic
     assert _grid(spec, "fig1") == [[f"constant/{m}_lr0.1", f"constant/{m}_lr0.3", f"cyclic/{m}"]
                                    for m in ("mlp_ce", "tinyresnet_ce", "mlp_mse")]
@@ -53,7 +64,7 @@ def test_figures_are_numbered_and_paneled_as_the_captions(spec):
     for fig, lr in (("fig4", "0.05"), ("fig5", "0.1"), ("fig6", "0.3")):
         assert _grid(spec, fig) == [[f"constant/{a}_{loss}_lr{lr}" for a in ("linear", "mlp", "lenet1", "tinyresnet")]
                                     for loss in ("mse", "ce")]
-        assert lr in CAPTIONS.read_text().split(f"Figure {fig[3:]}:")[1].split("Figure")[0] if CAPTIONS.is_file() else True
+        assert lr in captions.split(f"Figure {fig[3:]}:")[1].split("Figure")[0]
     # fig 7 (garbled caption): the cyclic member of the series, said so in its title
     assert _grid(spec, "fig7") == [[f"cyclic/{a}_{loss}" for a in ("linear", "mlp", "lenet1", "tinyresnet")]
                                    for loss in ("mse", "ce")]
@@ -76,33 +87,85 @@ def test_shared_runs_are_trained_once(spec):
     assert by["resnet18_comparison/quasi_newton"].figures == ["fig2", "fig8", "fig10"]
     assert by["cyclic/tinyresnet_ce"].figures == ["fig1", "fig7"]
     # 24 constant + 8 cyclic + 7 two-class quasi-Newton + ResNet18 (QN CE, QN MSE, cyclic, 0.05) + 6 spectrum,
-    # + the 6 AdamW runs once their run files exist
-    adamw = 6 if not make_figures.skipped_figures(spec, ["adamw"]) else 0
-    assert len(runs) == 24 + 8 + 7 + 4 + 6 + adamw
+    # + 2 full-batch controls + the 3 AdamW runs once their run files exist
+    adamw = 3 if not make_figures.skipped_figures(spec, ["adamw"]) else 0
+    assert len(runs) == 24 + 8 + 7 + 4 + 6 + 2 + adamw
     for run in runs:
         assert run.config_path.is_file(), run.name
 
 
+def _late_count(run, key):
+    """Estimates of a monitor (every run.scale[key] steps, from step 0) in the last 30 % of the run."""
+    n, every = run.scale["max_steps"], run.scale[key]
+    if not every:
+        return 0
+    start = (1 - summary.THRESHOLDS["late_fraction"]) * n
+    return sum(1 for s in range(0, n + 1, every) if s >= start)
+
+
 def test_full_scale_meets_the_length_and_seed_requirements(spec):
-    full = spec["scales"]["full"]
-    for arch in ("linear", "mlp", "lenet1", "tinyresnet"):
-        assert full[arch]["batch_size"] == 128
-        assert full[arch]["probe_size"] >= (256 if arch == "tinyresnet" else 1024)
-        assert full[arch]["probe_every"] is not None and full[arch]["probe_every"] < full[arch]["max_steps"]
-    for arch in ("linear", "mlp", "lenet1"):
-        assert full[arch]["max_steps"] >= 1000
-    # a TinyResNet cut below 1,000 steps is never silent: the plan's cost note states it and by how much
-    if full["tinyresnet"]["max_steps"] < 1000:
-        text = (ROOT / "figures" / "figures.yaml").read_text()
-        assert "1,000 TinyResNet steps do not fit" in text and f"TinyResNet {full['tinyresnet']['max_steps']} steps" in text
-    if full["tinyresnet"]["probe_size"] < 1024:  # and so is a TinyResNet probe below 1,024 samples
-        text = (ROOT / "figures" / "figures.yaml").read_text()
-        assert f"on {full['tinyresnet']['probe_size']} samples" in text
-    for arch in ("linear", "mlp", "lenet1"):  # the runs deciding the claims: 3 seeds
-        assert full[arch]["seeds"] == 3
+    runs = {r.name: r for r in make_figures.plan_runs(spec, list(spec["figures"]))}
+    need = summary.THRESHOLDS["min_late_estimates"]
+    # the runs deciding A and B: the constant-LR and cyclic runs of figures 1, 5, 6, 7 (linear, MLP, LeNet1) and
+    # figure 1's TinyResNet runs: 3 seeds, >= 10 late estimates of the mini-batch and the probe h0 (and λ)
+    deciding = [n for fig in ("fig1", "fig5", "fig6", "fig7") for row in spec["figures"][fig]["runs"] for n in row
+                if n and (not n.split("/")[1].startswith("tinyresnet") or fig == "fig1")]
+    assert len(set(deciding)) == 3 * 2 * 3 + 3
+    for name in deciding:
+        run = runs[name]
+        assert run.seeds == [0, 1, 2], name
+        assert _late_count(run, "hessian_every") >= need and _late_count(run, "probe_every") >= need, name
+        if run.arch != "tinyresnet":  # TinyResNet's λ is cut for the budget (figures.yaml says so)
+            assert _late_count(run, "lyapunov_every") >= need, name
+        assert run.scale["probe_size"] >= 128 and run.scale["max_steps"] >= 1000
+    assert runs["constant/tinyresnet_ce_lr0.1"].scale["max_steps"] == 1000
+    text = (ROOT / "figures" / "figures.yaml").read_text()
+    for arch in ("tinyresnet", "lenet1"):  # a probe below 1,024 samples is never silent
+        size = spec["scales"]["full"][arch]["probe_size"]
+        assert size >= 1024 or f"probe on {size} samples" in text or f"batch of {size}" in text, arch
+    # the controls: full batch (the whole two-class training set in one batch), on both data sets
+    for name in ("control_gd/mlp_mse_lr0.05", "control_adam/mlp_ce_lr0.003"):
+        run = runs[name]
+        assert run.scale["batch_size"] == spec["datasets"]["digits"]["sizes"]["two_class"][0] == 1438
+        assert run.sizes["synthetic"][0] == 1438 == run.data_init["synthetic"]["synthetic_train_size"] * 2 // 10
     quick = make_figures.plan_runs(spec, list(spec["figures"]), "quick")
     assert all(r.seeds == [0] for r in quick)
     assert [r.name for r in quick] == [r.name for r in make_figures.plan_runs(spec, list(spec["figures"]))]
+
+
+def test_the_plan_fits_the_budget(spec):
+    rates = make_figures.load_rates()
+    for data in ("synthetic", "digits"):
+        plan = make_figures.predict_plan(make_figures.plan_runs(spec, list(spec["figures"])), data, rates, spec, 2)
+        assert not plan["unmeasured"] and plan["wall_s"] <= 120 * 60, (data, plan["wall_s"] / 60)
+
+
+def test_cyclic_runs_cannot_alias_their_estimates(spec, tmp_path):
+    runs = {r.name: r for r in make_figures.plan_runs(spec, list(spec["figures"]))}
+    for mode in make_figures.MODES:
+        for run in make_figures.plan_runs(spec, list(spec["figures"]), mode):
+            assert make_figures.cycle_aliasing(run) == [], run.name
+    cyc = runs["cyclic/lenet1_ce"]
+    # the earlier plan: a probe every 100 (LeNet1: 200) steps on a 200-step cycle reads two phases (one)
+    old = make_figures.Run(cyc.name, cyc.config, {**cyc.scale, "probe_every": 100, "hessian_every": 20})
+    assert make_figures.cycle_aliasing(old) == [
+        "mini-batch h0 every 20 steps on a cycle of 200 steps (gcd 20: 10 phase(s))",
+        "probe h0 every 100 steps on a cycle of 200 steps (gcd 100: 2 phase(s))"]
+    assert make_figures.cycle_aliasing(make_figures.Run(cyc.name, cyc.config, {**cyc.scale, "probe_every": 200}))[0] \
+        .endswith("(gcd 200: 1 phase(s))")
+    # a constant-LR run has no cycle to alias with
+    const = runs["constant/lenet1_ce_lr0.1"]
+    assert make_figures.cycle_aliasing(make_figures.Run(const.name, const.config, {**const.scale, "probe_every": 100})) == []
+    # coprime periods visit every phase of the cycle
+    phases = {(s % 200) for s in range(0, 200 * 41, 41)}
+    assert len(phases) == 200 and make_figures._coprime_near(100, 200) == 101
+    # the plan refuses an aliasing period, naming the fix
+    text = (ROOT / "figures" / "figures.yaml").read_text().replace(
+        "hessian_every: 23, probe_every: 23, probe_size: 256", "hessian_every: 23, probe_every: 100, probe_size: 256")
+    bad = tmp_path / "figures.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=r"probe h0 every 100 steps on a cycle of 200 steps.*coprime.*e\.g\. 101"):
+        make_figures.load_spec(bad)
 
 
 def test_command_lines(spec):
@@ -111,16 +174,16 @@ def test_command_lines(spec):
     mlp = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "synthetic", "data", logs, seed=2,
                                 datasets=spec["datasets"], with_probe=True)
     assert mlp[:3] == ["fit", "--config", str(Path("configs/constant/mlp_ce_lr0.1.yaml"))]
-    assert _flag(mlp, "seed_everything") == "2" and _flag(mlp, "trainer.max_steps") == "1000"
+    assert _flag(mlp, "seed_everything") == "2" and _flag(mlp, "trainer.max_steps") == "1500"
     assert _flag(mlp, "trainer.limit_train_batches") == "1.0"  # whole epochs
     assert _flag(mlp, "data.init_args.batch_size") == "128" and _flag(mlp, "data.init_args.synthetic") == "true"
     assert _flag(mlp, "trainer.logger.init_args.name") == "constant/mlp_ce_lr0.1/synthetic"
     assert _flag(mlp, "trainer.logger.init_args.version") == "seed2"
     assert _callbacks(mlp) == [
-        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 20, "k": 1}},
-        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 100}},
+        {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor", "init_args": {"every_n_steps": 41, "k": 1}},
+        {"class_path": "lyapunov_callbacks.LyapunovExponentMonitor", "init_args": {"window": 10, "every_n_steps": 41}},
         {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor",
-         "init_args": {"every_n_steps": 100, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
+         "init_args": {"every_n_steps": 41, "batch": "fixed", "probe_size": 1024, "prefix": "hessian_probe"}},
         {"class_path": "figures.epoch_loss.FullTrainLoss", "init_args": {"max_batches": None}},
     ]
     no_probe = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "synthetic", "data", logs,
@@ -130,17 +193,23 @@ def test_command_lines(spec):
                  "lr_scheduler.init_args.step_size_up") == "100"
     assert _flag(mlp, "lr_scheduler.init_args.step_size_up") is None
     qn = _callbacks(make_figures.fit_args(runs["quasi_newton/mlp_ce"], "cifar", "/x", logs, datasets=spec["datasets"]))
-    assert [c["class_path"].rsplit(".", 1)[1] for c in qn] == [
-        "QuasiNewtonLR", "LyapunovExponentMonitor", "HessianEigenvalueMonitor", "FullTrainLoss"]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in qn] == ["QuasiNewtonLR", "FullTrainLoss"]  # decides D only
     spectrum = make_figures.fit_args(runs["spectrum/mlp_ce_lr0.1"], "synthetic", "data", logs, datasets=spec["datasets"])
     assert _flag(spectrum, "trainer.max_epochs") == "1" and _flag(spectrum, "trainer.max_steps") == "-1"
     assert _callbacks(spectrum)[0] == {"class_path": "lyapunov_callbacks.HessianEigenvalueMonitor",
                                        "init_args": {"every_n_steps": 10, "k": 14}}
-    # digits: the whole data module replaced, two classes 3 vs 5 with label noise; ResNet18 on ten classes
+    # digits: the whole data module replaced, two classes even against odd with label noise; ResNet18 on ten
     dig = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "digits", "data", logs, datasets=spec["datasets"])
     data = json.loads(_flag(dig, "data"))
     assert data == {"class_path": "lyapunov_callbacks.datamodules.digits.DigitsDataModule",
-                    "init_args": {"classes": [3, 5], "label_noise": 0.1, "batch_size": 128}}
+                    "init_args": {"classes": [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], "label_noise": 0.1,
+                                  "batch_size": 128}}
+    # the full-batch controls: one batch of 1,438 images; on synthetic a training set of that size
+    gd = make_figures.fit_args(runs["control_gd/mlp_mse_lr0.05"], "synthetic", "data", logs, datasets=spec["datasets"])
+    assert _flag(gd, "data.init_args.synthetic_train_size") == "7190" and _flag(gd, "data.init_args.batch_size") == "1438"
+    gd_digits = json.loads(_flag(make_figures.fit_args(runs["control_gd/mlp_mse_lr0.05"], "digits", "data", logs,
+                                                       datasets=spec["datasets"]), "data"))
+    assert gd_digits["init_args"]["batch_size"] == 1438 and "synthetic_train_size" not in gd_digits["init_args"]
     dig10 = make_figures.fit_args(runs["resnet18_comparison/cyclic"], "digits", "data", logs, datasets=spec["datasets"])
     assert json.loads(_flag(dig10, "data"))["init_args"]["classes"] is None
     cifar = make_figures.fit_args(runs["constant/mlp_ce_lr0.1"], "cifar", "/x/y", logs, datasets=spec["datasets"])
@@ -178,7 +247,7 @@ def test_bad_arguments_and_specs(tmp_path, capsys):
     assert make_figures.main(["--spec", str(path), "--list"]) == 2
 
 
-ADAMW_RUNS = [[f"adamw/{a}_ce_lr{lr}" for lr in ("0.0003", "0.001", "0.003")] for a in ("mlp", "tinyresnet")]
+ADAMW_RUNS = [[f"adamw/mlp_ce_lr{lr}" for lr in ("0.0003", "0.001", "0.003")]]  # TinyResNet row cut (budget)
 
 
 def test_adamw_figure_is_planned_and_skipped_with_a_note_while_its_run_files_are_missing(tmp_path, capsys):
@@ -266,7 +335,14 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
            "seeds": 2, "cyclic_half": 3, "full_loss_batches": 1}
     tiny = {"datasets": spec["datasets"], "cost": spec["cost"], "scales": {"full": {"linear": lin}, "quick": {"linear": lin}},
             "figures": {"tiny": {"title": "tiny", "rows": ["linear"], "cols": ["cyclic", "quasi-Newton"],
-                                 "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]}}}
+                                 "runs": [["cyclic/linear_ce", "quasi_newton/linear_mse"]]},
+                        "ctrl": {"title": "control", "rows": ["GD"], "cols": ["full batch"],
+                                 "runs": [["control_gd/linear_mse_lr0.05"]]}},
+            # a full-batch control: the whole (64-image) two-class training set in one batch every step
+            "runs": {"control_gd/linear_mse_lr0.05": {
+                "config": "constant/linear_mse_lr0.05", "seeds": 1, "batch_size": 64, "epoch_batches": None,
+                "lyapunov_window": None, "data_init": {"synthetic": {"synthetic_train_size": 320}},
+                "sizes": {"synthetic": [64, 2000]}}}}
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny))
     logs, out, page = tmp_path / "logs", tmp_path / "figs" / "synthetic", tmp_path / "results.md"
@@ -278,8 +354,8 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     for run in ("cyclic/linear_ce", "quasi_newton/linear_mse"):
         for seed in (0, 1):
             assert f"{run} seed {seed}: " in stdout
-    assert "trained 4/4 runs" in stdout and "(2 at a time)" in stdout
-    assert (out / "tiny.png").stat().st_size > 10_000
+    assert "trained 5/5 runs" in stdout and "(2 at a time)" in stdout
+    assert (out / "tiny.png").stat().st_size > 10_000 and (out / "ctrl.png").stat().st_size > 10_000
 
     from lyapunov_callbacks.analysis.tb_reader import read_scalars
 
@@ -299,6 +375,12 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert rows["cyclic/linear_ce"]["seeds"] == 2 and rows["quasi_newton/linear_mse"]["seeds"] == 2
     text = page.read_text()
     assert "## Data set: synthetic" in text and "Not run: no `docs/results/summary_cifar.json`" in text
+    # the control: every step is an epoch (one batch of the whole set), α·h0 measured; on the page with its answer
+    gd = read_scalars(logs / "control_gd/linear_mse_lr0.05/synthetic/seed0")
+    assert gd["train_full/loss"].steps.tolist() == list(range(7)) and gd["hessian/h0"].steps.size == 6
+    assert rows["control_gd/linear_mse_lr0.05"]["schedule"] == "control_gd"
+    assert "- **Controls**: full-batch GD `control_gd/linear_mse_lr0.05`: late α·h0 " in text
+    assert "late estimates; known answer: 2)" in text
 
 
 def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_path, capsys):
@@ -311,6 +393,10 @@ def test_page_only_rewrites_the_committed_page_from_the_committed_summaries(tmp_
     committed = (ROOT / "docs" / "results.md").read_text()
     assert text == committed, "docs/results.md is stale: run `make figures FIGURES_ARGS=--page-only`"
     assert "Reproducibility: on one machine a run is deterministic" in committed
+    # the verdict in words comes first, then data, scale and limitations (with what λ ≈ 0 cannot tell apart)
+    assert committed.index("## Verdict") < committed.index("## Data, scale and limitations") < committed.index(
+        "## Criteria") < committed.index("## Data set: synthetic")
+    assert make_figures.LIMITATIONS[0] in committed and "λ ≈ 0 does not tell A from B" in committed
 
 
 def test_plot_only_keeps_the_training_record_of_the_same_logs(tmp_path):

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,15 +86,18 @@ SERIES: tuple[Series, ...] = (
 
 
 #: The curves of the AdamW chart (``kind="preconditioned"``): λ, the preconditioned stability ratio
-#: α·λ1(P⁻¹H)·(1−β1)/(1+β1) that AdamW is stable below (edge at :data:`PRECONDITIONED_EDGE`), and the loss.
+#: α·h0(P⁻¹H)·(1−β1)/(1+β1) that AdamW is stable below (edge at :data:`PRECONDITIONED_EDGE`), and the loss.
 PRECONDITIONED_SERIES: tuple[Series, ...] = (
     SERIES[0],
-    Series("pre_stability", "α·λ1(P⁻¹H)·(1−β1)/(1+β1)", ("hessian/pre_stability",), "tab:purple", positive=True,
+    # h0(P⁻¹H), the top eigenvalue of the preconditioned Hessian: not "λ1", which would read as the Lyapunov λ
+    Series("pre_stability", "α·h0(P⁻¹H)·(1−β1)/(1+β1)", ("hessian/pre_stability",), "tab:purple", positive=True,
            linewidth=1.6),
     SERIES[-1],
 )
 #: The edge of stability of the preconditioned ratio (drawn as a dashed line).
 PRECONDITIONED_EDGE = 2.0
+#: The log axis of a spectrum stops this far below its largest mean (smaller eigenvalues are counted, not drawn).
+SPECTRUM_FLOOR = 1e-4
 #: Chart kinds of :func:`plot_grid`: the curves each draws.
 KIND_SERIES: dict[str, tuple[Series, ...]] = {"run": SERIES, "preconditioned": PRECONDITIONED_SERIES}
 
@@ -172,6 +176,10 @@ class GridPlot:
     cells: list[list[RunPlot | SpectrumPlot | None]]
     missing: dict[str, list[str]]
     paths: list[Path] = field(default_factory=list)
+    #: The α·h0 panel under each run chart (``None`` for a spectrum grid; cells without a run are off).
+    stability_axes: np.ndarray | None = None
+    #: ``stability[r][c]``: what :func:`plot_stability` drew in that panel (``None`` for an empty cell).
+    stability: list[list["StabilityPlot | None"]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -284,13 +292,19 @@ def _markers(steps: np.ndarray) -> dict[str, Any]:
     return {"marker": "o", "markersize": 2.5} if sparse and steps.size else {}
 
 
+#: A y-axis label longer than this many characters is broken into lines (one curve per line), so that a
+#: row's label does not run past its axes and over itself (the AdamW chart's ratio is 24 characters alone).
+_LABEL_WIDTH = 30
+
+
 def _left_label(positive: Sequence[Series], log_scale: bool) -> str:
     names = []
     for s in positive:
-        name = s.label.split(" (")[0]
+        name = s.label.split(" (")[0] if not s.label.startswith("α·h0(") else "α·h0(P⁻¹H)·(1−β1)/(1+β1)"
         if name not in names:
             names.append(name)
-    return ", ".join(names) + (" (log)" if log_scale else "")
+    text = ", ".join(names) + (" (log)" if log_scale else "")
+    return text if len(text) <= _LABEL_WIDTH else ",\n".join(names) + (" (log)" if log_scale else "")
 
 
 def _wants_log(values: list[np.ndarray]) -> bool:
@@ -448,6 +462,99 @@ def plot_run(
                    num_runs=len(run_dirs))
 
 
+# ------------------------------------------------------------------------------------------------ α·h0 panel
+
+
+#: The α·h0 panel's y range (log): values outside are drawn at its edge as triangles and counted.
+STABILITY_RANGE = (0.1, 10.0)
+#: The reference lines of the α·h0 panel: the paper's claim A and the edge of stability B.
+STABILITY_LINES = ((1.0, "A: α·h0 = 1"), (2.0, "B: α·h0 = 2"))
+#: The h0 sources of the α·h0 panel: prefix of the tags, label, colour, line style.
+STABILITY_SOURCES = (("hessian", "mini-batch", "tab:orange", "-"), ("hessian_probe", "probe", "tab:brown", ":"))
+
+
+@dataclass
+class StabilityPlot:
+    """What :func:`plot_stability` drew: per h0 source (``"mini-batch"``, ``"probe"``) its ``Line2D``, the
+    number of estimates per seed it rests on, and how many median points fell outside :data:`STABILITY_RANGE`."""
+
+    ax: Axes
+    lines: dict[str, Line2D]
+    estimates: dict[str, int]
+    seeds: int
+    clipped: dict[str, int]
+
+
+def _stability_series(scalars: dict[str, Scalar], prefix: str) -> Scalar | None:
+    """``<prefix>/stability`` (α·h0 as the monitor logged it), else ``<prefix>/h0`` times α at the same steps."""
+    if f"{prefix}/stability" in scalars:
+        return scalars[f"{prefix}/stability"]
+    h0 = scalars.get(f"{prefix}/h0")
+    lr = _series_of(scalars, SERIES_BY_KEY["lr"])
+    if h0 is None or lr is None:
+        return None
+    common, ih, il = np.intersect1d(h0.steps, lr.steps, return_indices=True)
+    return Scalar(common, h0.values[ih] * lr.values[il])
+
+
+def plot_stability(run_dir: str | os.PathLike, ax: Axes, *, late_fraction: float | None = None,
+                   legend: bool = True) -> StabilityPlot:
+    """α·h0 of one run (median over its seeds, min-max band) against the step, per h0 source, on a log axis
+    with the reference lines α·h0 = 1 (claim A) and 2 (claim B) and the late window shaded; the legend says
+    how many estimates (per seed, times the seeds) each curve rests on. Points outside
+    :data:`STABILITY_RANGE` are drawn at its edge as triangles and counted; a diverged run's curve stops at
+    its divergence step. ``late_fraction``: the summary's late window (default its threshold).
+
+    Raises:
+        FileNotFoundError: no such directory or no event files (as :func:`plot_run`).
+    """
+    from lyapunov_callbacks.summary import THRESHOLDS
+
+    late_fraction = THRESHOLDS["late_fraction"] if late_fraction is None else late_fraction
+    run_dirs = find_runs(run_dir)
+    all_scalars = [read_scalars(d) for d in run_dirs]
+    diverged = [_divergence(sc) for sc in all_scalars]
+    lo_y, hi_y = STABILITY_RANGE
+    lines: dict[str, Line2D] = {}
+    estimates: dict[str, int] = {}
+    clipped: dict[str, int] = {}
+    last = 0
+    for prefix, label, color, style in STABILITY_SOURCES:
+        per = [_clipped(_stability_series(sc, prefix), d) for sc, d in zip(all_scalars, diverged)]
+        steps, mid, lo, hi = _aggregate(per)
+        if not steps.size:
+            continue
+        last = max(last, int(steps[-1]))
+        estimates[label] = max(s.steps.size for s in per if s is not None)
+        seeds = sum(s is not None and s.steps.size > 0 for s in per)
+        shown = np.clip(mid, lo_y, hi_y)
+        (lines[label],) = ax.plot(steps, shown, color=color, linestyle=style, linewidth=1.2, marker="o",
+                                  markersize=2.0, label=f"{label}: {estimates[label]} estimates × {seeds} seed(s)")
+        if len(run_dirs) > 1:
+            ax.fill_between(steps, np.clip(lo, lo_y, hi_y), np.clip(hi, lo_y, hi_y), color=color, alpha=0.15,
+                            linewidth=0)
+        out = (mid < lo_y) | (mid > hi_y)
+        clipped[label] = int(out.sum())
+        if out.any():
+            ax.scatter(steps[out], shown[out], marker="^", s=10, color=color, zorder=3)
+    for value, text in STABILITY_LINES:
+        ax.axhline(value, color="k", linestyle="--" if value == 1.0 else "-.", linewidth=0.8)
+        ax.text(0.005, value, text, transform=ax.get_yaxis_transform(), fontsize="xx-small", va="bottom")
+    ax.set_yscale("log")
+    ax.set_ylim(lo_y, hi_y)
+    if last:
+        ax.axvspan((1.0 - late_fraction) * last, last, color="0.5", alpha=0.1, linewidth=0)
+    if not lines:
+        ax.text(0.5, 0.5, "no α·h0 logged", ha="center", va="center", transform=ax.transAxes, fontsize="small")
+    elif legend:
+        note = [f"{n} outside {lo_y:g}–{hi_y:g}" for n in clipped.values() if n]
+        ax.legend(fontsize="xx-small", loc="upper right", title=("; ".join(note) or None),
+                  title_fontsize="xx-small")
+    ax.set_xlabel("global step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return StabilityPlot(ax, lines, estimates, len(run_dirs), clipped)
+
+
 # ------------------------------------------------------------------------------------------------ spectrum
 
 
@@ -572,7 +679,21 @@ def plot_spectrum(
     ax.bar(index[present], means[present], color=SPECTRUM_COLOR, width=0.7, log=log_scale)
     if not log_scale:
         ax.axhline(0.0, color=_ZERO_LINE_COLOR, linewidth=0.8)
-    ax.set_xticks(index, [f"h{i}" for i in index], fontsize="small" if means.size > 10 else "medium")
+    elif present.any():
+        # A log axis down to the smallest mean (1e-15 for an MSE model's near-null directions) squeezes the
+        # eigenvalues that matter into the top of the panel: the axis stops SPECTRUM_FLOOR below the largest mean,
+        # and the bars below it are counted in the panel.
+        top = float(np.nanmax(means[present]))
+        floor = top * SPECTRUM_FLOOR
+        low = int((means[present] < floor).sum())
+        ax.set_ylim(floor, top * 2.0)
+        if low:
+            ax.text(0.98, 0.96, f"{low} below {SPECTRUM_FLOOR:g}·h0", transform=ax.transAxes, ha="right", va="top",
+                    fontsize="x-small")
+    # every second index labelled when the bars are many (h10..h13 collided at the grid's cell width)
+    step = 2 if means.size > 8 else 1
+    ax.set_xticks(index, [f"h{i}" if i % step == 0 else "" for i in index],
+                  fontsize="small" if means.size > 10 else "medium")
     ax.set_xlabel("eigenvalue index i")
     if axis_labels:
         window = f"steps < {end}" if end is not None else "all steps"
@@ -649,8 +770,16 @@ def plot_grid(
     if out is not None:
         _output_paths(out, formats)
 
-    fig = _new_figure((cell_size[0] * ncols, cell_size[1] * nrows))
-    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+    with_stability = kind != "spectrum"
+    if with_stability:  # under every run chart its α·h0 panel, a third of its height
+        fig = _new_figure((cell_size[0] * ncols, cell_size[1] * nrows * 1.45))
+        both = np.asarray(fig.subplots(2 * nrows, ncols, squeeze=False,
+                                       gridspec_kw={"height_ratios": [3.0, 1.35] * nrows}))
+        axes, stability_axes = both[0::2], both[1::2]
+    else:
+        fig = _new_figure((cell_size[0] * ncols, cell_size[1] * nrows))
+        axes, stability_axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)), None
+    stability: list[list[StabilityPlot | None]] | None = [] if with_stability else None
     labelled = row_labels is not None or col_labels is not None
     cells: list[list[RunPlot | SpectrumPlot | None]] = []
     missing: dict[str, list[str]] = {}
@@ -661,6 +790,8 @@ def plot_grid(
             ax = axes[r, c]
             if run is None:
                 ax.set_axis_off()
+                if stability_axes is not None:
+                    stability_axes[r, c].set_axis_off()
                 row_cells.append(None)
                 continue
             cell_title = None if not labelled else ""
@@ -678,7 +809,17 @@ def plot_grid(
             if cell.missing:
                 missing[str(cell.run_dir)] = cell.missing
             row_cells.append(cell)
+            if stability_axes is not None:
+                ax.set_xlabel("")
         cells.append(row_cells)
+        if stability is not None:
+            stability.append([None if cell is None else plot_stability(runs[r][c], stability_axes[r, c])
+                              for c, cell in enumerate(row_cells)])
+            if row_cells[0] is not None or any(x is not None for x in row_cells):
+                stability_axes[r, 0].set_ylabel("α·h0 (log)", fontsize="small")
+            if r < nrows - 1:
+                for c in range(ncols):
+                    stability_axes[r, c].set_xlabel("")
     _share_row_scales(cells)
     for c, label in enumerate(col_labels or []):
         axes[0, c].set_title(label, fontsize="medium", fontweight="bold")  # a title shows on an empty cell too
@@ -716,16 +857,24 @@ def plot_grid(
             handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1.0,
                                   label=f"edge {PRECONDITIONED_EDGE:g}"))
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width: a one-column figure cut its title at both edges
+        width = max(30, int(11 * cell_size[0] * ncols))
+        fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")))
     paths = _save(fig, out, formats, dpi)
-    return GridPlot(fig, axes, cells, missing, paths)
+    return GridPlot(fig, axes, cells, missing, paths, stability_axes, stability)
 
 
 def _share_row_scales(cells: list[list[RunPlot | SpectrumPlot | None]]) -> None:
-    """One scale per figure row: the left axes of a row share scale type and limits, and so do its λ axes."""
+    """One scale per figure row: the left axes of a row share scale type and limits, and so do its λ axes. A
+    run that diverged keeps its own axes (its last values, up to 1e37, would squash the row), marked so."""
     for row in cells:
-        drawn = [cell for cell in row if cell is not None]
+        for cell in row:
+            if isinstance(cell, RunPlot) and cell.diverged_at is not None:
+                cell.ax.text(0.98, 0.96, "own y-axis (diverged)", transform=cell.ax.transAxes, ha="right",
+                             va="top", fontsize="x-small", color="k",
+                             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        drawn = [cell for cell in row if cell is not None
+                 and not (isinstance(cell, RunPlot) and cell.diverged_at is not None)]
         if len(drawn) < 2:
             continue
         log = any(cell.log_scale for cell in drawn)
@@ -956,7 +1105,7 @@ def _record_groups(payload: dict[str, Any]) -> list[tuple[dict[str, Any], dict[s
     is not the SGD stability ratio; they have their own figure against the preconditioned edge)."""
     rows = {r["name"]: r for r in payload["runs"]}
     return [(rows[rec["name"]], rec) for rec in payload["records"]
-            if rec["name"] in rows and rows[rec["name"]]["schedule"] not in ("spectrum", "adamw")]
+            if rec["name"] in rows and rows[rec["name"]]["schedule"] not in ("spectrum", "adamw", "control_adam")]
 
 
 def _steps_text(payload: dict[str, Any]) -> str:
@@ -966,10 +1115,15 @@ def _steps_text(payload: dict[str, Any]) -> str:
     return f"{steps[0]}-{steps[-1]} steps" if len(steps) > 1 else f"{steps[0]} steps"
 
 
+#: Schedules whose α is set to 1/h0: their points would sit on the line 1/h0 = α by definition, not as evidence.
+_BY_CONSTRUCTION = ("quasi_newton",)
+
+
 def plot_analysis(payload: dict[str, Any], out_dir: str | os.PathLike, *, dpi: float = 100) -> list[Path]:
     """The three analysis figures of a :mod:`lyapunov_callbacks.analysis.summary` payload (``summary_<data>.json``).
 
-    - ``analysis_alpha_h0.png``: late-training median 1/h0 against median α, one point per run and seed, log-log,
+    - ``analysis_alpha_h0.png``: late-training median 1/h0 against median α, one point per run and seed, log-log
+      (quasi-Newton runs left out: their α is 1/h0 by construction),
       with the lines 1/h0 = α (the paper's claim) and 1/h0 = α/2 (the edge of stability); rows: loss, columns:
       mini-batch and probe-batch h0; colour: architecture, marker: schedule.
     - ``analysis_lambda.png``: the distribution of λ (every estimate before divergence, seeds pooled) per run,
@@ -996,6 +1150,8 @@ def plot_analysis(payload: dict[str, Any], out_dir: str | os.PathLike, *, dpi: f
                 xs, ys = [], []
                 for row, rec in pairs:
                     a, inv = rec.get("alpha", math.nan), rec.get(f"inv_h0_{source}", math.nan)
+                    if row["schedule"] in _BY_CONSTRUCTION:  # α = 1/h0 there: a point on the line by definition
+                        continue
                     if row["loss"] != loss or not (np.isfinite(a) and np.isfinite(inv) and a > 0 and inv > 0):
                         continue
                     ax.scatter([a], [inv], color=_ARCH_COLOR.get(row["arch"], "k"),
@@ -1018,9 +1174,10 @@ def plot_analysis(payload: dict[str, Any], out_dir: str | os.PathLike, *, dpi: f
                 ax.set_title(f"{loss.upper()}, {'mini-batch' if source == 'minibatch' else 'probe-batch'} h0",
                              fontsize="medium")
         handles = [Line2D([], [], color=col, marker="o", linestyle="", label=arch) for arch, col in _ARCH_COLOR.items()]
-        handles += [Line2D([], [], color="k", marker=m, linestyle="", label=sch) for sch, m in _SCHEDULE_MARKER.items()]
+        handles += [Line2D([], [], color="k", marker=m, linestyle="", label=sch) for sch, m in _SCHEDULE_MARKER.items()
+                    if sch not in _BY_CONSTRUCTION]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
-        fig.suptitle(f"Late-training 1/h0 against α\n{head}")
+        fig.suptitle(f"Late-training 1/h0 against α (quasi-Newton runs left out: α = 1/h0 by construction)\n{head}")
         paths += _save(fig, out_dir / "analysis_alpha_h0.png", ("png",), dpi)
 
     # λ distribution

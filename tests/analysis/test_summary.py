@@ -91,7 +91,7 @@ def fits(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
     h0 = exact_h0()
     # α·h0 = 1 (the paper's point) and 1.9 (near the edge of stability); 2.5 diverges
-    return root, h0, {ratio: fit(root, f"constant/tiny_mse_lr{ratio / h0:.6g}", ratio / h0) for ratio in (1.0, 1.9, 2.5)}
+    return root, h0, {ratio: fit(root, f"constant/linear_mse_lr{ratio / h0:.6g}", ratio / h0) for ratio in (1.0, 1.9, 2.5)}
 
 
 def test_describe_run():
@@ -139,7 +139,10 @@ def test_run_stats_from_a_real_fit(fits):
     assert stats["full_loss"][-1] == pytest.approx(final, rel=1e-6)
     assert stats["full_loss_rises"] == 0
     lam = read_scalars(log_dir)["lyapunov/lambda"]
-    assert stats["lambda_n"] == lam.values.size and stats["lambda_values"] == pytest.approx(lam.values.tolist())
+    # λ: every estimate kept for the distribution, the statistics from the late window (steps >= 8.4) only
+    assert stats["lambda_values"] == pytest.approx(lam.values.tolist())
+    assert stats["lambda_steps"] == lam.steps.tolist()
+    assert stats["lambda_n"] == int((lam.steps >= 0.7 * STEPS).sum())
 
 
 def test_diverging_fit_and_verdicts(fits, tmp_path, monkeypatch):
@@ -149,28 +152,38 @@ def test_diverging_fit_and_verdicts(fits, tmp_path, monkeypatch):
     losses = runs[2.5][2]
     first_over = next(i for i, v in enumerate(np.float32(losses)) if v > 10 * np.float32(losses[0]))
     assert div["diverged_at"] == first_over
-    records = summary.collect([(f"constant/tiny_mse_lr{r / h0:.6g}", root / f"constant/tiny_mse_lr{r / h0:.6g}")
-                               for r in (1.0, 1.9, 2.5)] + [("constant/tiny_mse_lr9", root / "absent")])
+    records = summary.collect([(f"constant/linear_mse_lr{r / h0:.6g}", root / f"constant/linear_mse_lr{r / h0:.6g}")
+                               for r in (1.0, 1.9, 2.5)] + [("constant/linear_mse_lr9", root / "absent")])
     assert len(records) == 3 and {r.seed for r in records} == {"seed0"}
     verdicts = {(v["claim"][0], v["h0"]): v for v in summary.verdicts(summary.aggregate(records),
                                                                       {records[0].info.name: "fig4"})}
     a, b = verdicts[("A", "minibatch")], verdicts[("B", "minibatch")]
-    # α·h0 = 1 agrees with A only, 1.9 with B only (bands 0.67-1.5 and 1.33-3): each claim "partly"
-    assert a["verdict"] == "partly" and b["verdict"] == "partly"
-    assert "(agrees)" in a["evidence"] and "1.9 (above)" in a["evidence"] and "1 (below)" in b["evidence"]
+    # α·h0 = 1 sides with A only, 1.9 with B only (boundary √2); but one late estimate each (12 steps, h0 every
+    # 2): neither is settled, so neither claim is judged on them
+    assert a["verdict"] == b["verdict"] == "not settled"
+    assert "1 [1 seed; late q10–q90 1–1; n=1] → not settled (1 late estimates < 10)" in a["evidence"]
+    assert "1.9 [1 seed; late q10–q90 1.9–1.9; n=1] → not settled" in a["evidence"]
+    assert a["counts"] == {"not settled": 2, "diverged": 1}
     assert "diverged at step" in a["diverged"] and a["figures"] == "fig4"
     assert verdicts[("A", "probe")]["verdict"] == "no data"
+    rows = {r["name"]: r for r in summary.aggregate(records)}
+    assert summary.ab_side(rows[records[0].info.name]["alpha_h0_minibatch"]) == "A"
+    assert summary.ab_side(rows[records[1].info.name]["alpha_h0_minibatch"]) == "B"
 
     paths = summary.write_summary(records, tmp_path / "results", "synthetic", meta={"mode": "test"})
     payload = json.loads(paths["json"].read_text())
     assert payload["thresholds"] == summary.THRESHOLDS and len(payload["runs"]) == 3
     assert paths["csv"].read_text().splitlines()[0].startswith("name,seeds,steps,alpha,alpha_h0_minibatch")
     md = paths["md"].read_text()
-    assert "| A: α·h0 ≈ 1 (paper) | tiny | mse | minibatch | partly |" in md
+    assert "| A: α·h0 ≈ 1 (paper) | linear | mse | minibatch | not settled |" in md
     page = summary.render_results_page(tmp_path / "results", tmp_path / "figures", tmp_path / "results.md")
     text = page.read_text()
-    assert "## Data set: synthetic" in text and "| A: α·h0 ≈ 1 (paper) [minibatch] | 0 | 1 | 0 | 0 |" in text
+    assert "## Data set: synthetic" in text and "| linear | mse | not settled | no data | not settled |" in text
+    assert ("- **A (α·h0 ≈ 1, the paper)**, minibatch h0: architecture/loss pairs: 1 not settled; runs: "
+            "2 not settled, 1 diverged.") in text
     assert summary.NOT_RUN.format(data="digits") in text and summary.NOT_RUN.format(data="cifar") in text
+    # the page recomputes the verdicts from the per-seed records with the current rules
+    assert summary.verdicts(summary.payload_rows(payload)) == payload["verdicts"]
 
     # make_figures passes the page as a relative path and the figures root as an absolute one: the image links
     # must still be relative to the page (an absolute /home/... link is broken everywhere else).
