@@ -508,7 +508,7 @@ def plot_stability(run_dir: str | os.PathLike, ax: Axes, *, late_fraction: float
     Raises:
         FileNotFoundError: no such directory or no event files (as :func:`plot_run`).
     """
-    from lyapunov_callbacks.summary import THRESHOLDS
+    from lyapunov_callbacks.analysis.summary import THRESHOLDS
 
     late_fraction = THRESHOLDS["late_fraction"] if late_fraction is None else late_fraction
     run_dirs = find_runs(run_dir)

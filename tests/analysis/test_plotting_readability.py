@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from lyapunov_callbacks import plotting
+from lyapunov_callbacks.analysis import plotting
 
 
 def write_run(run_dir: Path, series: dict) -> Path:

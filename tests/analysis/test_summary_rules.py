@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from lyapunov_callbacks import summary
-from lyapunov_callbacks._tb_reader import Scalar
+from lyapunov_callbacks.analysis import summary
+from lyapunov_callbacks.analysis.tb_reader import Scalar
 
 STEPS = 1000
 
