@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 
@@ -29,6 +29,7 @@ from lyapunov_callbacks._lightning import (
     resolve_loss_fn,
 )
 from lyapunov_callbacks._state import preserved_state, restore_rng
+from lyapunov_callbacks.cadence import AdaptiveCadence, check_every_n_steps, is_auto
 from lyapunov_callbacks.eigen import (
     METHODS,
     EigenResult,
@@ -114,8 +115,20 @@ class HessianEigenvalueMonitor(Callback):
     h0 is that of the loss DDP optimises (the mean of the per-rank losses); with ``batch="fixed"`` each rank
     takes its own shard of the probe batch.
 
+    **Adaptive cadence.** With ``every_n_steps="auto"`` the steps are chosen by an
+    :class:`~lyapunov_callbacks.cadence.AdaptiveCadence`: after each estimate the next one is scheduled from the
+    rate of change of h0 over the last estimates, so that h0 is predicted to move by ``drift_tol`` (relatively)
+    until then, within ``[min_every, max_every]`` steps; a training loss above twice its mean since the last
+    estimate (read in ``on_before_backward``; the all-rank mean under DDP) makes the next step measured. The
+    schedule depends on the logged h0 and losses only (never on wall time), so two runs of one seed measure at
+    the same steps. Each estimate also logs ``{prefix}/every_n_steps``, the interval it scheduled.
+
     Args:
-        every_n_steps: measure every this many optimiser steps (default 10). Must be >= 1.
+        every_n_steps: measure every this many optimiser steps (default 10; must be >= 1), or ``"auto"``
+            (adaptive, see above).
+        drift_tol: ``"auto"`` only: predicted relative change of h0 between two estimates (> 0), default 0.05.
+        min_every: ``"auto"`` only: shortest interval in steps (>= 1), default 5.
+        max_every: ``"auto"`` only: longest interval in steps (>= ``min_every``), default 200.
         k: number of top eigenvalues (default 1). Must be >= 1.
         method: eigen-solver: ``"lanczos"`` (default, fastest), ``"power"`` (power iteration) or ``"lyapunov"``
             (the paper's growth rate of tangent vectors under the ascent map ``I + αH``, α chosen ≈ 1/h0).
@@ -170,7 +183,7 @@ class HessianEigenvalueMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: Union[int, Literal["auto"]] = 10,
         k: int = 1,
         method: str = "lanczos",
         hvp: str = "autograd",
@@ -186,6 +199,9 @@ class HessianEigenvalueMonitor(Callback):
         pre_h0: bool | None = None,
         batch_sharpness: bool = False,
         gap_safety: float = 10.0,
+        drift_tol: float = 0.05,
+        min_every: int = 5,
+        max_every: int = 200,
     ) -> None:
         super().__init__()
         self.prefix = check_prefix(prefix)
@@ -196,7 +212,9 @@ class HessianEigenvalueMonitor(Callback):
                 raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
         self.pre_h0 = pre_h0
         self.batch_sharpness = batch_sharpness
-        check_int("every_n_steps", every_n_steps, "every_n_steps=10")
+        check_every_n_steps(every_n_steps)
+        self._cadence_settings = dict(drift_tol=drift_tol, min_every=min_every, max_every=max_every)
+        AdaptiveCadence(**self._cadence_settings)  # validates them, naming the bad one
         check_int("k", k, "k=1 (h0 alone)")
         check_choice("method", method, METHODS)
         check_choice("hvp", hvp, BACKENDS)
@@ -251,20 +269,29 @@ class HessianEigenvalueMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps != 0 or step == self._last_step:
+        due = self._cadence.due(step) if self._cadence is not None else step % self.every_n_steps == 0
+        if not due or step == self._last_step:
             self._micro.clear()
             return
         self._micro.add(step, batch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # The adaptive cadence's loss trigger: Lightning passes each micro-batch loss divided by
+        # accumulate_grad_batches, so the sum over the step is the mean loss the step optimises.
+        if self._cadence is not None and self._cadence.loss_rise is not None:
+            value = loss.detach().float()
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
         micro = self._micro.take(step)
-        if micro is None:
-            return
-        self._last_step = step
-        self._measure(trainer, pl_module, micro, step)
+        if micro is not None:
+            self._last_step = step
+            self._measure(trainer, pl_module, micro, step)
+        if self._cadence is not None:
+            self._observe_loss(trainer, step)
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _reset(self) -> None:
@@ -278,6 +305,22 @@ class HessianEigenvalueMonitor(Callback):
         self._micro = StepMicroBatches()  # the micro-batches of the step to measure
         self._pre_vector: torch.Tensor | None = None  # warm start of the pre_h0 solve (eigenvector of P^-½HP^-½)
         self._pre_on = False
+        self._cadence = AdaptiveCadence(**self._cadence_settings) if is_auto(self.every_n_steps) else None
+        self._loss_sum: torch.Tensor | None = None  # the step's loss, for the adaptive cadence's trigger
+
+    def _observe_loss(self, trainer: pl.Trainer, step: int) -> None:
+        """Pass the step's loss (the all-rank mean, so every rank schedules alike) to the adaptive cadence."""
+        total, self._loss_sum = self._loss_sum, None
+        if total is None:
+            return
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(total, reduce_op="mean")
+        self._cadence.observe_loss(step, float(total))
+
+    def _schedule(self, trainer: pl.Trainer, step: int, h0: float) -> float:
+        """Schedule the adaptive cadence's next estimate from ``h0`` (rank 0's, so every rank decides alike)."""
+        h0 = float(trainer.strategy.broadcast(h0, src=0)) if trainer.world_size > 1 else h0
+        return float(self._cadence.update(step, h0))
 
     def _check_preconditioning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether ``pre_h0`` is measured with this optimiser; raises for ``pre_h0=True`` where it cannot be."""
@@ -330,6 +373,8 @@ class HessianEigenvalueMonitor(Callback):
         metrics[f"{p}/stability"] = finite_or_nan(lr * h0)
         metrics[f"{p}/num_hvps"] = float(result.num_hvps)
         metrics["optim/lr"] = lr
+        if self._cadence is not None:
+            metrics[f"{p}/every_n_steps"] = self._schedule(trainer, step, h0)
         if self._pre_on or self.batch_sharpness:
             with preserved_state(pl_module, copy_tensors=False):
                 metrics.update(self._measure_extra(trainer, pl_module, loss_fn, batch, rng, micro, h0, lr))
@@ -409,6 +454,7 @@ class HessianEigenvalueMonitor(Callback):
             "probe": None if self._probe is None else self._probe.state_dict(),
             "last_step": self._last_step,
             "pre_vector": None if self._pre_vector is None else self._pre_vector.detach().cpu().clone(),
+            "cadence": None if self._cadence is None else self._cadence.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -418,3 +464,5 @@ class HessianEigenvalueMonitor(Callback):
         self._last_step = state_dict.get("last_step")
         pre_vector = state_dict.get("pre_vector")
         self._pre_vector = None if pre_vector is None else pre_vector.clone()
+        if self._cadence is not None and state_dict.get("cadence") is not None:
+            self._cadence.load_state_dict(state_dict["cadence"])
