@@ -46,11 +46,16 @@ class AdaptiveCadence:
     like an integrator choosing its step from the error it sees. The line over several estimates, not the last
     difference, is what makes the rate that of the trend: at the edge of stability h0 oscillates by a few percent
     from step to step, and a two-point difference of that noise would read as drift and keep the cadence at
-    ``min_every``; over ``history = 3`` estimates noise of relative size σ gives a slope of about
-    :math:`\sigma/(\sqrt2\,n)`, so the interval still grows when :math:`\sigma < \sqrt2\,\text{drift\_tol}`.
-    A jump of relative size J at the last estimate gives a slope J/(2n): the next interval is
-    :math:`2n\,\text{drift\_tol}/J` at once (a sharpening is answered at the first estimate after it, within one interval)
-    and the following estimates, seeing the trend in more points, converge on ``drift_tol/r``.
+    ``min_every``; over ``history = 4`` equally spaced estimates noise of relative size σ gives a slope of about
+    :math:`\sigma/(\sqrt5\,n)`, so the interval still grows when :math:`\sigma < \sqrt5\,\text{drift\_tol}`.
+    A jump of relative size J at the last estimate gives a slope 0.3 J/n: the next interval is
+    :math:`n\,\text{drift\_tol}/(0.3 J)` at once: a sharpening that moved h0 by more than
+    :math:`\text{drift\_tol}/0.3` (17 % at the default) by the first estimate after it, i.e. within one interval,
+    shortens the next interval there; a smaller move is answered over the following estimates, which see the
+    trend in more points and converge on ``drift_tol/r``. (An instability that the step makes blow up is the
+    loss trigger's: it answers at the next step.)
+    On the small MLP of ``benchmarks/cadence.py`` (h0 oscillating by 10-20 % from step to step at the edge of
+    stability) 4 points kept the interval from collapsing where 3 did not (``benchmarks/results/cadence.md``).
 
     The growth limit ``max_growth`` (an interval may at most double per estimate by default) keeps one quiet
     stretch from jumping to ``max_every``; a shrink applies at once. The first interval is ``min_every``; an
@@ -68,9 +73,10 @@ class AdaptiveCadence:
 
     Args:
         drift_tol: predicted relative change of h0 (> 0) between two estimates, default 0.05.
-        min_every: shortest interval in steps (≥ 1), default 5.
+        min_every: shortest interval in steps (≥ 1), default 10 (the fixed default: ``"auto"`` never
+            schedules more often; a loss trigger may come earlier).
         max_every: longest interval in steps (≥ ``min_every``), default 200.
-        history: number of recent estimates (≥ 2) the rate is fitted to, default 3.
+        history: number of recent estimates (≥ 2) the rate is fitted to, default 4.
         max_growth: largest factor (> 1) by which one interval may exceed the previous one, default 2.
         loss_rise: relative loss rise (> 0) that brings the next estimate forward, default 1.0 (the loss
             doubled over its recent mean); ``None`` disables it.
@@ -84,7 +90,7 @@ class AdaptiveCadence:
 
         from lyapunov_callbacks.cadence import AdaptiveCadence
 
-        cadence = AdaptiveCadence(drift_tol=0.05, min_every=5, max_every=200)
+        cadence = AdaptiveCadence(drift_tol=0.05, min_every=10, max_every=200)
         for step, batch in enumerate(loader):
             if cadence.due(step):
                 h0 = top_hessian_eigenvalues(model, loss_fn, probe, tol=1e-2).eigenvalues[0]
@@ -96,15 +102,15 @@ class AdaptiveCadence:
     def __init__(
         self,
         drift_tol: float = 0.05,
-        min_every: int = 5,
+        min_every: int = 10,
         max_every: int = 200,
-        history: int = 3,
+        history: int = 4,
         max_growth: float = 2.0,
         loss_rise: Optional[float] = 1.0,
         loss_window: int = 10,
     ) -> None:
         check_positive("drift_tol", drift_tol, "drift_tol=0.05")
-        check_int("min_every", min_every, "min_every=5")
+        check_int("min_every", min_every, "min_every=10")
         check_int("max_every", max_every, f"max_every=200 (at least min_every={min_every})", minimum=min_every)
         check_int("history", history, "history=3", minimum=2)
         if not is_number(max_growth) or not max_growth > 1.0 or not math.isfinite(max_growth):

@@ -127,7 +127,7 @@ class HessianEigenvalueMonitor(Callback):
         every_n_steps: measure every this many optimiser steps (default 10; must be >= 1), or ``"auto"``
             (adaptive, see above).
         drift_tol: ``"auto"`` only: predicted relative change of h0 between two estimates (> 0), default 0.05.
-        min_every: ``"auto"`` only: shortest interval in steps (>= 1), default 5.
+        min_every: ``"auto"`` only: shortest interval in steps (>= 1), default 10.
         max_every: ``"auto"`` only: longest interval in steps (>= ``min_every``), default 200.
         k: number of top eigenvalues (default 1). Must be >= 1.
         method: eigen-solver: ``"lanczos"`` (default, fastest), ``"power"`` (power iteration) or ``"lyapunov"``
@@ -200,7 +200,7 @@ class HessianEigenvalueMonitor(Callback):
         batch_sharpness: bool = False,
         gap_safety: float = 10.0,
         drift_tol: float = 0.05,
-        min_every: int = 5,
+        min_every: int = 10,
         max_every: int = 200,
     ) -> None:
         super().__init__()

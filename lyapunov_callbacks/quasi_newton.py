@@ -152,7 +152,7 @@ class QuasiNewtonLR(Callback):
             (:class:`~lyapunov_callbacks.cadence.AdaptiveCadence`; the loss trigger still applies). The
             interval in use is logged as ``{prefix}/every_n_steps``.
         drift_tol: ``"auto"`` only: predicted relative change of h0 between two estimates (> 0), default 0.05.
-        min_every: ``"auto"`` only: shortest interval in steps (≥ 1), default 5.
+        min_every: ``"auto"`` only: shortest interval in steps (≥ 1), default 10.
         max_every: ``"auto"`` only: longest interval in steps (≥ ``min_every``), default 200.
         method: eigen-solver, ``"lanczos"`` (default), ``"power"`` or ``"lyapunov"``.
         hvp: Hessian-vector products, ``"autograd"`` (exact) or ``"finite_difference"``.
@@ -225,7 +225,7 @@ class QuasiNewtonLR(Callback):
         prefix: str = "quasi_newton",
         prog_bar: bool = False,
         drift_tol: float = 0.05,
-        min_every: int = 5,
+        min_every: int = 10,
         max_every: int = 200,
     ) -> None:
         super().__init__()

@@ -97,7 +97,7 @@ class QuasiNewtonRule:
         every_n_steps: scheduled re-estimate this many steps after the last one (≥ 1), default 10, or
             ``"auto"``: the interval adapts to the rate of change of h0 (see :class:`AdaptiveCadence`).
         drift_tol: ``"auto"`` only: predicted relative change of h0 between estimates (> 0), default 0.05.
-        min_every: ``"auto"`` only: shortest interval (≥ 1), default 5.
+        min_every: ``"auto"`` only: shortest interval (≥ 1), default 10.
         max_every: ``"auto"`` only: longest interval (≥ ``min_every``), default 200.
         warmup_tol: relative agreement of consecutive warm-up estimates (> 0), default 1e-3.
         warmup_max_hvps: HVP budget of the warm-up (≥ 1), default 200.
@@ -162,7 +162,7 @@ class QuasiNewtonRule:
         rayleigh_rise: float = 0.1,
         growth_limit: float = 1.1,
         drift_tol: float = 0.05,
-        min_every: int = 5,
+        min_every: int = 10,
         max_every: int = 200,
     ) -> None:
         if rule not in RULES:
