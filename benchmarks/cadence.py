@@ -12,6 +12,7 @@ with the weights.
   edge-of-stability oscillation of h0 is not trackable by any cadence above 1.
 - **Variants**: ``HessianEigenvalueMonitor(batch="fixed")`` at its defaults (``tol=1e-2``) with
   ``every_n_steps`` 10, 50, 100, and ``"auto"`` at two ``drift_tol`` (default ``min_every``/``max_every``).
+  A third ``"auto"`` row adds the loss trigger (``loss_rise=1``, off by default in the monitor).
   Each variant's tracked curve is the linear interpolation between its estimates (held flat after the last one);
   at every reference step its relative error against the smoothed reference is taken; the table gives the
   median and the 90th percentile over the run, the number of estimates, the mean HVPs per estimate, and the
@@ -45,6 +46,7 @@ VARIANTS = {
     "every 100": dict(every_n_steps=100),
     "auto, drift_tol 0.05": dict(every_n_steps="auto", drift_tol=0.05),
     "auto, drift_tol 0.1": dict(every_n_steps="auto", drift_tol=0.1),
+    "auto, drift_tol 0.05, loss_rise 1": dict(every_n_steps="auto", drift_tol=0.05, loss_rise=1.0),
 }
 REFERENCE = dict(every_n_steps=5, tol=1e-3)
 TARGET_MEDIAN, TARGET_P90, TARGET_RATIO = 0.05, 0.20, 1.2

@@ -41,9 +41,10 @@ class AdaptiveCadence:
     and the next estimate is :math:`n` steps later,
 
     .. math:: n = \mathrm{clamp}\big(\lfloor \text{drift\_tol} / |r| \rfloor,\ \text{min\_every},\
-       \min(\text{max\_every},\ \lfloor\text{max\_growth}\cdot(t_i - t_{i-1})\rfloor)\big),
+       \min(\text{max\_every},\ \lfloor\text{max\_growth}\cdot n_{i-1}\rfloor)\big),
 
-    like an integrator choosing its step from the error it sees. The line over several estimates, not the last
+    :math:`n_{i-1}` the interval scheduled at the estimate before, like an integrator choosing its step from
+    the error it sees. The line over several estimates, not the last
     difference, is what makes the rate that of the trend: at the edge of stability h0 oscillates by a few percent
     from step to step, and a two-point difference of that noise would read as drift and keep the cadence at
     ``min_every``; over ``history = 4`` equally spaced estimates noise of relative size σ gives a slope of about
@@ -54,11 +55,13 @@ class AdaptiveCadence:
     shortens the next interval there; a smaller move is answered over the following estimates, which see the
     trend in more points and converge on ``drift_tol/r``. (An instability that the step makes blow up is the
     loss trigger's: it answers at the next step.)
-    On the small MLP of ``benchmarks/cadence.py`` (h0 oscillating by 10-20 % from step to step at the edge of
-    stability) 4 points kept the interval from collapsing where 3 did not (``benchmarks/results/cadence.md``).
+    ``history = 4`` rather than 3 because h0 of the small MLP of ``benchmarks/cadence.py`` oscillates by 10-20 %
+    from step to step at the edge of stability, a noise the line through 3 points still read as drift.
 
     The growth limit ``max_growth`` (an interval may at most double per estimate by default) keeps one quiet
-    stretch from jumping to ``max_every``; a shrink applies at once. The first interval is ``min_every``; an
+    stretch from jumping to ``max_every``; a shrink applies at once. It is taken on the interval scheduled, not
+    on the steps since the last estimate, so an estimate brought forward by the loss trigger does not by itself
+    shorten the schedule (only the rate it measures does). The first interval is ``min_every``; an
     estimate that is NaN, infinite or ≤ 0 is not used for the rate and the next estimate comes ``min_every``
     steps later.
 
@@ -207,18 +210,18 @@ class AdaptiveCadence:
             interval = self.min_every
         else:
             self._points.append((int(step), math.log(h0)))
-            interval = self._interval(None if previous is None else step - previous)
+            interval = self._interval(previous is None)
         self.every_n_steps = interval
         self.next_step = step + interval
         return interval
 
     # --------------------------------------------------------------------------------------------- helpers
-    def _interval(self, gap: Optional[int]) -> int:
-        if len(self._points) < 2 or gap is None:
+    def _interval(self, first: bool) -> int:
+        if len(self._points) < 2 or first:
             self.rate = None
             return self.min_every
         self.rate = abs(_slope(self._points))
-        longest = min(self.max_every, max(self.min_every, math.floor(self.max_growth * gap)))
+        longest = min(self.max_every, max(self.min_every, math.floor(self.max_growth * self.every_n_steps)))
         if self.rate * longest <= self.drift_tol:
             return longest
         return max(self.min_every, min(longest, math.floor(self.drift_tol / self.rate)))

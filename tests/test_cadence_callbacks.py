@@ -80,6 +80,33 @@ def test_monitor_auto_reacts_to_a_constructed_sharpening_within_one_interval():
     assert max(every[s] for s in after[2:]) <= 2 * 0.05 / RATE
 
 
+class SpikingQuadratic(SharpeningQuadratic):
+    """½θᵀAθ, ten times larger at step ``SPIKE`` alone (a loss spike)."""
+
+    def training_loss(self, batch):
+        return 0.5 * (10.0 if self.trainer.global_step == SPIKE else 1.0) * self.theta @ (A @ self.theta)
+
+
+SPIKE = 57
+
+
+@pytest.mark.parametrize("loss_rise", [1.0, None])
+def test_monitor_auto_loss_spike_brings_the_next_estimate_forward(loss_rise):
+    logger = RecordingLogger()
+    monitor = HessianEigenvalueMonitor(every_n_steps="auto", min_every=4, max_every=32, loss_rise=loss_rise,
+                                       tol=1e-8, dtype="float64")
+    _trainer([monitor], 80, logger=logger).fit(SpikingQuadratic(), _zeros(80))
+    steps = sorted(logger.series("hessian/h0"))
+    if loss_rise is None:
+        assert steps == [0, 4, 12, 28, 60]
+        return
+    # the spike at step 57 is seen in its own step's loss: step 58 is measured, before the scheduled 60
+    assert steps == [0, 4, 12, 28, 58] + [s for s in steps if s > 58]
+    assert monitor._cadence.loss_triggers == 1
+    # h0 did not move (5 everywhere but at the spike's own step, not measured): the schedule grows on from there
+    assert logger.series("hessian/every_n_steps")[58] == 32
+
+
 def _mlp_fit(callbacks, seed=0, steps=40):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
