@@ -55,8 +55,9 @@ class AdaptiveCadence:
     shortens the next interval there; a smaller move is answered over the following estimates, which see the
     trend in more points and converge on ``drift_tol/r``. (An instability that the step makes blow up is the
     loss trigger's: it answers at the next step.)
-    ``history = 4`` rather than 3 because h0 of the small MLP of ``benchmarks/cadence.py`` oscillates by 10-20 %
-    from step to step at the edge of stability, a noise the line through 3 points still read as drift.
+    ``history = 4`` rather than 3 because h0 of the small MLP of ``benchmarks/cadence.py`` oscillates from step
+    to step at the edge of stability, a noise the line through 3 points read as drift often enough to keep the
+    interval near ``min_every``.
 
     The growth limit ``max_growth`` (an interval may at most double per estimate by default) keeps one quiet
     stretch from jumping to ``max_every``; a shrink applies at once. It is taken on the interval scheduled, not

@@ -65,3 +65,34 @@ def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
     assert result["table"]["every 10"]["steps"] == list(range(0, 60, 10))
     assert result["table"]["auto, drift_tol 0.05"]["steps"][:2] == [0, 10]
     assert "Targets of `auto, drift_tol 0.05`:" in text
+
+
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def test_benchmarks_readme_quotes_the_committed_results_file():
+    results = open(os.path.join(ROOT, "benchmarks", "results", "cadence.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md"), encoding="utf-8").read()
+    bench = _load()
+    rows = {_cells(line)[0]: _cells(line) for line in results.splitlines() if line.startswith("| ")}
+    assert set(bench.VARIANTS) <= set(rows)
+    section = readme.split("## Measuring as often as h0 moves")[1].split("\n## ")[0]
+    for name in bench.VARIANTS:  # the table is the results file's, row for row
+        row = next(line for line in results.splitlines() if line.startswith(f"| {name} |"))
+        assert row in section
+    section = " ".join(section.split())  # the prose, line breaks as spaces
+    auto, ten, fifty = rows["auto, drift_tol 0.05"], rows["every 10"], rows["every 50"]
+    # the numbers the bullets quote: estimates, median, p90, CPU and wall ratios
+    assert f"median error {auto[4]} ≤ 0.05 and 90th percentile {auto[5]} ≤ 0.20" in section
+    assert f"(every 10 steps: {ten[4]} and {ten[5]})" in section
+    assert f"{auto[8]} CPU / {auto[7]} wall" in section and f"with {auto[1].split()[0]} estimates" in section
+    assert f"every-10 row costs {ten[8]}" in section
+    loose = rows["auto, drift_tol 0.1"]
+    assert f"{loose[1].split()[0]} estimates (every 50 steps' count), {loose[8]} CPU" in section
+    assert f"({loose[5]}) is far below every 50 steps' ({fifty[5]})" in section
+    assert f"its median ({loose[4]}) a little above ({fifty[4]})" in section
+    triggered = rows["auto, drift_tol 0.05, loss_rise 1"]
+    assert f"fired {triggered[1].split('(')[1].rstrip(')')} times" in section
+    assert f"count ({triggered[1].split()[0]}) at no gain in error ({triggered[4]} / {triggered[5]})" in section
+    assert "Every fit trains bit-identical weights to the plain fit: yes." in results
