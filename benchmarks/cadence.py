@@ -213,7 +213,8 @@ def _run(steps: int, repeats: int, seed: int, window: int) -> dict:
             "same_steps": all(sorted(r["h0"]) == est for r in runs[name]),
         }
         table[name] = row
-        print(f"| {name} | {row['estimates']} ({rec['loss_triggers']}) | {row['mean_interval']:.1f} | {row['hvps']:.1f} | "
+        print(f"| {name} | {row['estimates']} ({rec['loss_triggers']}) | {row['mean_interval']:.1f} | "
+              f"{row['hvps']:.1f} | "
               f"{row['median']:.3f} | {row['p90']:.3f} | {row['max']:.3f} | {row['wall']:.2f}× | {row['cpu']:.2f}× |")
 
     auto = table[DEFAULT_AUTO]

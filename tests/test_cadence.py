@@ -1,4 +1,4 @@
-"""The adaptive cadence (``every_n_steps="auto"``) on constructed h0 sequences: bounds, reaction, growth, determinism."""
+"""The adaptive cadence (``every_n_steps="auto"``) on constructed h0 sequences: bounds, reaction, determinism."""
 
 import math
 import random

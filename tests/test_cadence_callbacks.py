@@ -249,9 +249,54 @@ def test_cli_accepts_auto_in_yaml_and_trains(cifar_dir, tmp_path, monkeypatch):
 def test_cli_refuses_a_misspelt_auto(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["lyapunov-cli"])
     callbacks = tmp_path / "callbacks.yaml"
-    callbacks.write_text(CALLBACKS_AUTO.replace("every_n_steps: auto\n    drift_tol", "every_n_steps: atuo\n    drift_tol"))
+    misspelt = CALLBACKS_AUTO.replace("every_n_steps: auto\n    drift_tol", "every_n_steps: atuo\n    drift_tol")
+    assert misspelt != CALLBACKS_AUTO
+    callbacks.write_text(misspelt)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["--config", str(CONFIG_ROOT / "quasi_newton" / "mlp_ce.yaml"), "--trainer.callbacks", str(callbacks)],
                 run=False)
     assert exit_info.value.code != 0
     assert "every_n_steps" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.filterwarnings("ignore:.*smaller than the logging interval")
+def test_resumed_auto_run_estimates_at_the_uninterrupted_steps(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lyapunov_callbacks.models import LinearModel
+    from test_resume import _data, _model
+
+    tags = ("hessian/h0", "hessian/every_n_steps", "quasi_newton/h0", "quasi_newton/every_n_steps")
+
+    def trainer(root, epochs, logger, checkpoint=None):
+        callbacks = [
+            QuasiNewtonLR(every_n_steps="auto", min_every=2, max_every=8, warmup_max_hvps=60),
+            HessianEigenvalueMonitor(every_n_steps="auto", min_every=3, max_every=12),
+        ] + ([checkpoint] if checkpoint is not None else [])
+        return L.Trainer(
+            accelerator="cpu", max_epochs=epochs, logger=logger, callbacks=callbacks, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root,
+            enable_checkpointing=checkpoint is not None,
+        )
+
+    def series(logger):
+        return {(tag, int(s)): float(v) for tag in tags for s, v in logger.series(tag).items()}
+
+    whole = RecordingLogger()
+    trainer(tmp_path / "whole", 3, whole).fit(_model(), datamodule=_data())
+    first = RecordingLogger()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    trainer(tmp_path / "first", 1, first, checkpoint).fit(_model(), datamodule=_data())
+    resumed = RecordingLogger()
+    L.seed_everything(123, verbose=False)
+    trainer(tmp_path / "resumed", 3, resumed).fit(
+        LinearModel(num_classes=2, loss="mse"), datamodule=_data(), ckpt_path=checkpoint.last_model_path
+    )
+    whole, first, resumed = series(whole), series(first), series(resumed)
+    split = max(step for _, step in first) + 1
+    assert any(step >= split for tag, step in resumed if tag == "hessian/h0")
+    combined = {**first, **resumed}
+    assert set(combined) == set(whole)  # the same tags at the same steps
+    for key, value in whole.items():
+        assert math.isclose(combined[key], value, rel_tol=1e-6, abs_tol=1e-9), (key, combined[key], value)
