@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 
@@ -29,6 +29,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     step_loss,
 )
 from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout
+from lyapunov_callbacks.core.cadence import AdaptiveCadence, check_every_n_steps, is_auto
 from lyapunov_callbacks.core.checks import check_gap_safety
 from lyapunov_callbacks.core.eigen import METHODS
 from lyapunov_callbacks.core.hessian import BACKENDS, HessianOperator, trainable_parameters
@@ -79,8 +80,24 @@ class HessianEigenvalueMonitor(Callback):
     checkpoint. Under ``fast_dev_run`` each estimate is capped at a handful of HVPs. Under DDP the HVPs are
     averaged over ranks (h0 of the loss DDP optimises); with ``batch="fixed"`` each rank takes its shard of the probe.
 
+    **Adaptive cadence.** With ``every_n_steps="auto"`` the steps are chosen by an
+    :class:`~lyapunov_callbacks.core.cadence.AdaptiveCadence`: after each estimate the next one is scheduled from
+    the rate of change of h0 over the last estimates, so that h0 is predicted to move by ``drift_tol``
+    (relatively) until then, within ``[min_every, max_every]`` steps. With ``loss_rise`` set, a training loss above
+    ``(1 + loss_rise)`` times its mean since the last estimate (the all-rank mean under DDP) makes the next step
+    measured; it is off by default because at the edge of stability the mini-batch loss doubles over its recent
+    mean routinely (``benchmarks/results/cadence.md``). The schedule depends on the logged h0 and losses only
+    (never on wall time), so two runs of one seed measure at the same steps. Each estimate also logs
+    ``{prefix}/every_n_steps``, the interval it scheduled.
+
     Args:
-        every_n_steps: measure every this many optimiser steps (default 10). Must be >= 1.
+        every_n_steps: measure every this many optimiser steps (default 10; must be >= 1), or ``"auto"``
+            (adaptive, see above).
+        drift_tol: ``"auto"`` only: predicted relative change of h0 between two estimates (> 0), default 0.05.
+        min_every: ``"auto"`` only: shortest interval in steps (>= 1), default 10.
+        max_every: ``"auto"`` only: longest interval in steps (>= ``min_every``), default 200.
+        loss_rise: ``"auto"`` only: relative rise (> 0) of the step's loss over its mean since the last estimate
+            that makes the next step measured, or ``None`` (default: no loss trigger).
         k: number of top eigenvalues (default 1). Must be >= 1.
         method: eigen-solver: ``"lanczos"`` (default, fastest), ``"power"`` or ``"lyapunov"`` (the paper's growth
             rate of tangent vectors under the ascent map ``I + αH``, α chosen ≈ 1/h0).
@@ -126,7 +143,7 @@ class HessianEigenvalueMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: Union[int, Literal["auto"]] = 10,
         k: int = 1,
         method: str = "lanczos",
         hvp: str = "autograd",
@@ -142,6 +159,10 @@ class HessianEigenvalueMonitor(Callback):
         pre_h0: bool | None = None,
         batch_sharpness: bool = False,
         gap_safety: float = 10.0,
+        drift_tol: float = 0.05,
+        min_every: int = 10,
+        max_every: int = 200,
+        loss_rise: float | None = None,
     ) -> None:
         super().__init__()
         self.prefix = check_prefix(prefix)
@@ -150,7 +171,9 @@ class HessianEigenvalueMonitor(Callback):
             if not (isinstance(value, bool) or (name == "pre_h0" and value is None)):
                 allowed = "None, True or False" if name == "pre_h0" else "True or False"
                 raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-        check_int("every_n_steps", every_n_steps, "every_n_steps=10")
+        check_every_n_steps(every_n_steps)
+        self._cadence_settings = dict(drift_tol=drift_tol, min_every=min_every, max_every=max_every, loss_rise=loss_rise)
+        AdaptiveCadence(**self._cadence_settings)  # validates them, naming the bad one
         check_int("k", k, "k=1 (h0 alone)")
         check_choice("method", method, METHODS)
         check_choice("hvp", hvp, BACKENDS)
@@ -205,19 +228,34 @@ class HessianEigenvalueMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps != 0 or step == self._last_step:
+        due = self._cadence.due(step) if self._cadence is not None else step % self.every_n_steps == 0
+        if not due or step == self._last_step:
             self._micro.clear()
             return
         self._micro.add(step, batch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # The adaptive cadence's loss trigger: Lightning passes each micro-batch loss divided by
+        # accumulate_grad_batches, so the sum over the step is the mean loss the step optimises.
+        if self._cadence is not None and self._cadence.loss_rise is not None:
+            value = loss.detach().float()
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
         micro = self._micro.take(step)
-        if micro is None:
-            return
-        self._last_step = step
+        if micro is not None:
+            self._last_step = step
+            self._measure_step(trainer, pl_module, micro, step)
+        if self._cadence is not None:
+            self._observe_loss(trainer, step)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _measure_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list[tuple[Any, dict]], step: int
+    ) -> None:
         if self._probe is not None:
             measured = (self._loss_fn, self._probe.get(trainer, pl_module), micro[0][1])
         else:
@@ -233,7 +271,6 @@ class HessianEigenvalueMonitor(Callback):
         self.last_metrics = metrics
         log_measurements(trainer, pl_module, metrics, step, prog_bar=(f"{self.prefix}/h0",) if self.prog_bar else ())
 
-    # ---------------------------------------------------------------------------------------------- helpers
     def _reset(self) -> None:
         """Forget everything measured: a fresh warm start, probe draw and step bookkeeping."""
         self._tracker = EigenTracker(
@@ -249,6 +286,22 @@ class HessianEigenvalueMonitor(Callback):
         self._last_step: int | None = None  # global step of the last measurement (one per optimiser step)
         self._micro = StepMicroBatches()  # the micro-batches of the step to measure
         self._pre_on = False
+        self._cadence = AdaptiveCadence(**self._cadence_settings) if is_auto(self.every_n_steps) else None
+        self._loss_sum: torch.Tensor | None = None  # the step's loss, for the adaptive cadence's trigger
+
+    def _observe_loss(self, trainer: pl.Trainer, step: int) -> None:
+        """Pass the step's loss (the all-rank mean, so every rank schedules alike) to the adaptive cadence."""
+        total, self._loss_sum = self._loss_sum, None
+        if total is None:
+            return
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(total, reduce_op="mean")
+        self._cadence.observe_loss(step, float(total))
+
+    def _schedule(self, trainer: pl.Trainer, h0: float) -> float:
+        """Schedule the adaptive cadence's next estimate from ``h0`` (rank 0's, so every rank decides alike)."""
+        h0 = float(trainer.strategy.broadcast(h0, src=0)) if trainer.world_size > 1 else h0
+        return float(self._cadence.update(trainer.global_step, h0))
 
     def _check_preconditioning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether ``pre_h0`` is measured with this optimiser; raises for ``pre_h0=True`` where it cannot be."""
@@ -286,6 +339,8 @@ class HessianEigenvalueMonitor(Callback):
             metrics[f"{p}/stability"] = finite_or_nan(lr * h0)
             metrics[f"{p}/num_hvps"] = float(result.num_hvps)
             metrics["optim/lr"] = lr
+            if self._cadence is not None:
+                metrics[f"{p}/every_n_steps"] = self._schedule(trainer, h0)
             if self._pre_on:
                 metrics.update(self._measure_preconditioned(trainer, pl_module, op, h0, lr))
             if self.batch_sharpness and self._probe is None:
@@ -321,6 +376,7 @@ class HessianEigenvalueMonitor(Callback):
             "pre_tracker": self._pre_tracker.state_dict(),
             "probe": None if self._probe is None else self._probe.state_dict(),
             "last_step": self._last_step,
+            "cadence": None if self._cadence is None else self._cadence.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -332,3 +388,5 @@ class HessianEigenvalueMonitor(Callback):
         if self._probe is not None and state_dict.get("probe") is not None:
             self._probe.load_state_dict(state_dict["probe"])
         self._last_step = state_dict.get("last_step")
+        if self._cadence is not None and state_dict.get("cadence") is not None:
+            self._cadence.load_state_dict(state_dict["cadence"])

@@ -8,7 +8,7 @@ Lightning's hooks.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -96,7 +96,14 @@ class QuasiNewtonLR(Callback):
 
     Args:
         scale: α = scale·c/h0; 1 is the quasi-Newton step, must be > 0.
-        every_n_steps: scheduled re-estimate this many optimiser steps after the last estimate (≥ 1).
+        every_n_steps: scheduled re-estimate this many optimiser steps after the last estimate (≥ 1), or
+            ``"auto"``: each interval chosen from the rate of change of h0 so that h0 is predicted to move by
+            ``drift_tol`` until the next estimate, in ``[min_every, max_every]``
+            (:class:`~lyapunov_callbacks.core.cadence.AdaptiveCadence`; the loss trigger still applies). The
+            interval in use is logged as ``{prefix}/every_n_steps``.
+        drift_tol: ``"auto"`` only: predicted relative change of h0 between two estimates (> 0), default 0.05.
+        min_every: ``"auto"`` only: shortest interval in steps (≥ 1), default 10.
+        max_every: ``"auto"`` only: longest interval in steps (≥ ``min_every``), default 200.
         method: eigen-solver, ``"lanczos"`` (default), ``"power"`` or ``"lyapunov"``.
         hvp: Hessian-vector products, ``"autograd"`` (exact) or ``"finite_difference"``.
         batch: ``"current"`` (the step's batch) or ``"fixed"`` (a probe batch drawn once).
@@ -142,7 +149,7 @@ class QuasiNewtonLR(Callback):
     def __init__(
         self,
         scale: float = 1.0,
-        every_n_steps: int = 10,
+        every_n_steps: Union[int, Literal["auto"]] = 10,
         method: str = "lanczos",
         hvp: str = "autograd",
         batch: str = "current",
@@ -166,6 +173,9 @@ class QuasiNewtonLR(Callback):
         dtype: Optional[Union[str, torch.dtype]] = None,
         prefix: str = "quasi_newton",
         prog_bar: bool = False,
+        drift_tol: float = 0.05,
+        min_every: int = 10,
+        max_every: int = 200,
     ) -> None:
         super().__init__()
         self.prefix = check_prefix(prefix)
@@ -184,6 +194,7 @@ class QuasiNewtonLR(Callback):
             warmup_max_hvps=warmup_max_hvps, smoothing=smoothing, min_lr=min_lr, max_lr=max_lr,
             max_lr_growth=max_lr_growth, loss_rise=loss_rise, loss_window=loss_window,
             rayleigh_every=rayleigh_every, rayleigh_rise=rayleigh_rise,
+            drift_tol=drift_tol, min_every=min_every, max_every=max_every,
         )
         self.rule = QuasiNewtonRule(**self._rule_settings)
         self.method = method
@@ -427,6 +438,8 @@ class QuasiNewtonLR(Callback):
         metrics[f"{self.prefix}/rejected_estimates"] = float(rule.rejected_estimates)
         metrics[f"{self.prefix}/clamped_estimates"] = float(rule.clamped_estimates)
         metrics[f"{self.prefix}/triggered_estimates"] = float(rule.triggers["loss"] + rule.triggers["rayleigh"])
+        if rule.cadence is not None:
+            metrics[f"{self.prefix}/every_n_steps"] = float(rule.every_n_steps_in_use)
         prog_bar = (f"{self.prefix}/lr",) if self.prog_bar else ()
         log_measurements(trainer, pl_module, metrics, step, prog_bar=prog_bar)
         if self._hessian_tags and trainer.is_global_zero:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from lyapunov_callbacks.core.cadence import AdaptiveCadence, check_every_n_steps, is_auto
 
 # One definition of each stability factor (re-exported here for the rule's callers).
 from lyapunov_callbacks.core.checks import check_int, check_positive, is_number
@@ -58,7 +60,11 @@ class QuasiNewtonRule:
     - ``"warmup"``: until the warm-up is done, at the initial weights. Warm-started estimates are repeated until
       two consecutive ones agree to ``warmup_tol`` relatively, or ``warmup_max_hvps`` HVPs are spent
       (:attr:`warmup_hvps_left` is the budget of the next estimate). A NaN/inf/≤ 0 warm-up estimate ends it.
-    - ``"schedule"``: ``every_n_steps`` steps after the last estimate (a triggered estimate restarts the count).
+    - ``"schedule"``: ``every_n_steps`` steps after the last estimate (a triggered estimate restarts the count);
+      with ``every_n_steps="auto"`` an :class:`~lyapunov_callbacks.core.cadence.AdaptiveCadence` (``drift_tol``,
+      ``min_every``, ``max_every``) picks each interval from the rate of change of the estimates so far (the
+      good post-warm-up ones, the last warm-up estimate first), so that h0 is predicted to move by
+      ``drift_tol`` until the next; :attr:`every_n_steps_in_use` is the interval scheduled last.
     - Triggers, cheap signals that the curvature has moved, ask for an estimate at once:
 
       * ``"loss"``: the loss passed in rose above ``(1 + loss_rise)`` times the mean of the last ``loss_window``
@@ -89,7 +95,11 @@ class QuasiNewtonRule:
         edge: target of α·(h0 + w)/c under ``rule="edge"``, in (0, 2); default 1.8.
         stability_factor: c > 0, the optimiser's stability limit over plain GD's (1 for SGD).
         weight_decay: w ≥ 0, coupled weight decay added to h0.
-        every_n_steps: scheduled re-estimate this many steps after the last one (≥ 1), default 10.
+        every_n_steps: scheduled re-estimate this many steps after the last one (≥ 1), default 10, or
+            ``"auto"``: the interval adapts to the rate of change of h0 (see :class:`AdaptiveCadence`).
+        drift_tol: ``"auto"`` only: predicted relative change of h0 between estimates (> 0), default 0.05.
+        min_every: ``"auto"`` only: shortest interval (≥ 1), default 10.
+        max_every: ``"auto"`` only: longest interval (≥ ``min_every``), default 200.
         warmup_tol: relative agreement of consecutive warm-up estimates (> 0), default 1e-3.
         warmup_max_hvps: HVP budget of the warm-up (≥ 1), default 200.
         smoothing: EMA factor s of h0 in [0, 1) (0: none).
@@ -107,7 +117,8 @@ class QuasiNewtonRule:
     Raises:
         ValueError: for an unknown ``rule``, ``scale``/``stability_factor``/``warmup_tol``/``min_lr``/
             ``rayleigh_rise``/``growth_limit``/``loss_rise`` ≤ 0 or not finite, ``edge`` outside (0, 2),
-            ``weight_decay`` < 0, ``every_n_steps``/``warmup_max_hvps``/``loss_window``/``rayleigh_every`` < 1,
+            ``weight_decay`` < 0, ``every_n_steps`` neither ≥ 1 nor ``"auto"``, ``drift_tol`` ≤ 0, ``min_every`` <
+            1, ``max_every`` < ``min_every``, ``warmup_max_hvps``/``loss_window``/``rayleigh_every`` < 1,
             ``smoothing`` outside [0, 1), ``max_lr`` < ``min_lr`` or ``max_lr_growth`` ≤ 1.
 
     Example::
@@ -139,7 +150,7 @@ class QuasiNewtonRule:
         edge: float = 1.8,
         stability_factor: float = 1.0,
         weight_decay: float = 0.0,
-        every_n_steps: int = 10,
+        every_n_steps: Union[int, str] = 10,
         warmup_tol: float = 1e-3,
         warmup_max_hvps: int = 200,
         smoothing: float = 0.0,
@@ -151,6 +162,9 @@ class QuasiNewtonRule:
         rayleigh_every: Optional[int] = None,
         rayleigh_rise: float = 0.1,
         growth_limit: float = 1.1,
+        drift_tol: float = 0.05,
+        min_every: int = 10,
+        max_every: int = 200,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, got {rule!r}.")
@@ -160,7 +174,10 @@ class QuasiNewtonRule:
         check_positive("stability_factor", stability_factor, "stability_factor=1.0 (plain SGD)")
         if not is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
             raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}; e.g. 0.0.")
-        check_int("every_n_steps", every_n_steps, "every_n_steps=10")
+        check_every_n_steps(every_n_steps)
+        # The loss trigger is the rule's own (below): the cadence only schedules.
+        self._cadence_settings = dict(drift_tol=drift_tol, min_every=min_every, max_every=max_every, loss_rise=None)
+        AdaptiveCadence(**self._cadence_settings)  # validates drift_tol/min_every/max_every, naming them
         check_positive("warmup_tol", warmup_tol, "warmup_tol=1e-3")
         check_int("warmup_max_hvps", warmup_max_hvps, "warmup_max_hvps=200")
         if not is_number(smoothing) or not 0.0 <= smoothing < 1.0:
@@ -187,6 +204,9 @@ class QuasiNewtonRule:
         self.stability_factor = float(stability_factor)
         self.weight_decay = float(weight_decay)
         self.every_n_steps = every_n_steps
+        self.drift_tol = float(drift_tol)
+        self.min_every = min_every
+        self.max_every = max_every
         self.warmup_tol = float(warmup_tol)
         self.warmup_max_hvps = warmup_max_hvps
         self.smoothing = float(smoothing)
@@ -226,6 +246,14 @@ class QuasiNewtonRule:
         self._losses: deque = deque(maxlen=self.loss_window)
         self._loss_step: Optional[int] = None
         self._last_loss: Optional[float] = None
+        self.cadence: Optional[AdaptiveCadence] = (
+            AdaptiveCadence(**self._cadence_settings) if is_auto(self.every_n_steps) else None
+        )
+
+    @property
+    def every_n_steps_in_use(self) -> int:
+        """The interval to the next scheduled estimate: ``every_n_steps``, or the adaptive cadence's last choice."""
+        return self.every_n_steps if self.cadence is None else self.cadence.every_n_steps
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the decisions depend on besides the settings: estimates, LR, counters, loss history."""
@@ -249,6 +277,7 @@ class QuasiNewtonRule:
             "losses": list(self._losses),
             "loss_step": self._loss_step,
             "last_loss": self._last_loss,
+            "cadence": None if self.cadence is None else self.cadence.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,6 +301,8 @@ class QuasiNewtonRule:
         self._losses = deque(state_dict["losses"], maxlen=self.loss_window)
         self._loss_step = state_dict["loss_step"]
         self._last_loss = state_dict["last_loss"]
+        if self.cadence is not None and state_dict.get("cadence") is not None:
+            self.cadence.load_state_dict(state_dict["cadence"])
 
     @property
     def warmup_hvps_left(self) -> int:
@@ -337,9 +368,7 @@ class QuasiNewtonRule:
             if self._losses and _loss_rose(loss, self._losses, self.loss_rise):
                 reason = "loss"
         self._record_loss(step, loss)
-        if reason is None and (
-            self._last_estimate_step is None or step - self._last_estimate_step >= self.every_n_steps
-        ):
+        if reason is None and self._scheduled(step):
             reason = "schedule"
         return False if reason is None else self._ask(reason)
 
@@ -366,6 +395,8 @@ class QuasiNewtonRule:
             self.warmup_converged = agreed
             if agreed or not good or self.warmup_max_hvps - self.warmup_hvps < _MIN_WARMUP_HVPS:
                 self.warmup_done = True
+                if self.cadence is not None:  # the warm-up's last estimate is the cadence's first
+                    self.cadence.update(step, h0)
             if not good:
                 self._reject()
                 return self.lr
@@ -374,6 +405,8 @@ class QuasiNewtonRule:
             self.lr = self._clamp(self.lr_for(h0))
             self.clamped_estimates += int(self.clamped)
             return self.lr
+        if self.cadence is not None:
+            self.cadence.update(step, h0)  # a bad estimate schedules the next one min_every steps later
         if not good:
             self._reject()
             return self.lr
@@ -406,6 +439,13 @@ class QuasiNewtonRule:
         self._loss_step, self._last_loss = step, loss
         if math.isfinite(loss):
             self._losses.append(loss)
+
+    def _scheduled(self, step: int) -> bool:
+        if self._last_estimate_step is None:
+            return True
+        if self.cadence is not None:
+            return self.cadence.due(step)
+        return step - self._last_estimate_step >= self.every_n_steps
 
     def _reject(self) -> None:
         self.rejected_estimates += 1
