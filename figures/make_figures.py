@@ -921,7 +921,8 @@ run plan (steps, batch, seeds, monitors) and the choice made for the garbled cap
 schedule, completing the constant-LR series 4-6). `analysis_*.png` are not paper figures: late-training 1/h0
 against α (with the lines 1/h0 = α and 1/h0 = α/2), the distribution of λ per run, and the quasi-Newton loss
 beside the constant-LR runs; `adamw.png` (not a paper figure) shows AdamW's preconditioned stability ratio
-α·λ1(P⁻¹H)·(1−β1)/(1+β1) against its edge 2, and λ, per LR, once its run files exist.
+α·h0(P⁻¹H)·(1−β1)/(1+β1) (h0(P⁻¹H): the top eigenvalue of the preconditioned Hessian) against its edge 2, and λ,
+per LR, once its run files exist; `control_gd.png` and `control_adam.png` are the controls with known answers.
 
 Reproducibility: on one machine a run is deterministic (the same code, seed and data give the same logs bit for
 bit). Another CPU or PyTorch build may round differently, so the first logged losses can differ in their
