@@ -38,8 +38,10 @@ test-fast: install
 # CIFAR-shaped stand-in), DATA=digits (scikit-learn's real 8x8 digits), DATA=cifar ($(DATA_DIR)/cifar-10-batches-py;
 # also what the default DATA=auto means here).
 # Full scale (default): writes docs/figures/$(DATA)/, docs/results/summary_$(DATA).{md,json,csv} and regenerates
-# docs/results.md. QUICK=1: the same runs and figures, one seed, a few dozen steps; writes under figures/quick/
-# (not committed). Runs train JOBS at a time (default: one single-threaded process per core).
+# docs/results.md. QUICK=1: every run of the plan and every figure, one seed and a few dozen steps each; still
+# every run (55 for DATA=synthetic), so it costs minutes, not seconds: it writes under figures/quick/ (not
+# committed). Both print the number of runs and the predicted time before they start (FIGURES_ARGS=--plan: per
+# run). Runs train JOBS at a time (default: one single-threaded process per core).
 # FIGURES_ARGS e.g. --only fig2, --list, --plan (predicted time from figures/rates.json), --plot-only, --page-only
 # (rewrite docs/results.md from the committed summaries after a change to its text).
 QUICK ?=

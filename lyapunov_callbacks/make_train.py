@@ -71,10 +71,13 @@ class DataChoice:
             return "==> make train: data = synthetic, the offline CIFAR-shaped stand-in (DATA=synthetic), not CIFAR-10."
         return (
             f"==> make train: data = SYNTHETIC, the offline CIFAR-shaped stand-in, NOT CIFAR-10: {self.reason}. "
-            f"For real data put CIFAR-10 there (or pass DATA_DIR), or run make train DATA=digits."
+            f"To train on CIFAR-10, put its python-version batches there (or pass DATA_DIR=...); real offline "
+            f"data: make train DATA=digits."
         )
 
-    def last_line(self, requested: str) -> str:
+    def last_line(self, requested: str, status: int = 0) -> str:
+        if status != 0:
+            return f"==> make train: the run on {self.name} failed (exit status {status})."
         if self.name == "synthetic" and requested == "auto":
             return (
                 "==> make train: this run trained on the SYNTHETIC offline stand-in, NOT CIFAR-10 "
@@ -204,8 +207,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(choice.first_line(args.data), flush=True)
     from lyapunov_callbacks.cli import main as cli_main
 
-    status = cli_main(fit_args(args.config, choice, args.cli_args))
-    print(choice.last_line(args.data), flush=True)
+    argv = fit_args(args.config, choice, args.cli_args)
+    saved, sys.argv = sys.argv, ["lyapunov-cli", *argv]  # LightningCLI reads (and checks) sys.argv itself
+    try:
+        status = cli_main()
+    finally:
+        sys.argv = saved
+    print(choice.last_line(args.data, status), flush=True)
     return status
 
 
