@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "quickstart_synthetic.md"
@@ -81,8 +82,8 @@ def curve_stats(run_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def write_results(path: Path, command: str, wall: float, cpu: float, loads: tuple[str, str], quoted: list[str],
-                  rows: list[tuple[str, str]]) -> None:
+def write_results(path: Path, command: str, epochs: int, wall: float, cpu: float, loads: tuple[str, str],
+                  quoted: list[str], rows: list[tuple[str, str]]) -> None:
     import torch
 
     text = [
@@ -93,11 +94,12 @@ def write_results(path: Path, command: str, wall: float, cpu: float, loads: tupl
         f"([docs/figures/quickstart/curves.png](../figures/quickstart/curves.png)).",
         "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads. Load average (1, 5, 15 min) before: `{loads[0]}`; "
-        f"after: `{loads[1]}`.",
+        f"{torch.get_num_threads()} torch threads. Load average (1, 5, 15 min) before: {loads[0]}; "
+        f"after: {loads[1]}.",
         "",
         "| measured | value |",
         "|---|---|",
+        f"| epochs | {epochs} |",
         f"| wall time of the command (install already done) | {wall:.0f} s |",
         f"| CPU time of the command (user + system, all threads) | {cpu:.0f} s |",
         *[f"| {name} | {value} |" for name, value in rows],
@@ -136,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
         run_dir = Path(tmp) / RUN_SUBDIR
+        epochs = int(yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_epochs"])
         quoted = [line.replace(tmp, "<logs>") for line in proc.stdout.splitlines() if QUOTED.match(line)]
         rows = curve_stats(run_dir)
         from lyapunov_callbacks.plotting import main as plot_main
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status:
             return int(status)
     shown = "make train DATA=synthetic" + (f' ARGS="{args.args}"' if args.args else "")
-    write_results(Path(args.results), shown, wall, cpu, (load_before, load_after), quoted, rows)
+    write_results(Path(args.results), shown, epochs, wall, cpu, (load_before, load_after), quoted, rows)
     print(f"results: {os.path.relpath(args.results)}\nfigure: {os.path.relpath(args.figure)}")
     return 0
 

@@ -106,7 +106,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ numbers
 def numbers_in(text: str) -> list[str]:
     """The numbers of a prose text, normalised (thousands separators dropped), code spans left out."""
-    prose = re.sub(r"`[^`]*`", " ", text)
+    text = "\n".join(line for line in text.splitlines() if not FENCE.match(line))  # keep a block's content
+    prose = re.sub(r"`[^`\n]*`", " ", text)
     prose = re.sub(r"\]\([^)]*\)", "]", prose)  # link targets are paths, not quotes
     return [m.group(0).replace(",", "") for m in NUMBER.finditer(prose) if m.group(0).strip("-")]
 
