@@ -79,7 +79,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     ``synthetic=True`` replaces the files by :func:`~lyapunov_callbacks.datamodules.synthetic.synthetic_cifar10` (no disk, no
     network): 1/f colour images with CIFAR-10's channel statistics, whose classes differ only by a faint
     pattern, as hard as real cat vs dog for an MLP (about 65 % validation accuracy on two classes; the
-    generative model and measured difficulty are in ``datamodules/synthetic.py`` and the README). A training
+    generative model and measured difficulty are in ``datamodules/synthetic.py`` and ``docs/data.md``). A training
     split of ``synthetic_train_size`` images and an independent held-out split of ``synthetic_val_size``
     images, both counted over all ten classes *before* class selection (the defaults 50000 / 10000 are
     CIFAR-10's: 5000 / 1000 per class). The held-out split is the validation set and the test set;
