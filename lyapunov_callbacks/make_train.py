@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lyapunov_callbacks.cli import main as cli_main
 
     argv = fit_args(args.config, choice, args.cli_args)
+    print(f"==> {shlex.join(['lyapunov-cli', *argv])}", flush=True)
     saved, sys.argv = sys.argv, ["lyapunov-cli", *argv]  # LightningCLI reads (and checks) sys.argv itself
     try:
         status = cli_main()
