@@ -10,6 +10,8 @@ Numbers: a paragraph, list item or table of the README that links a results file
 ``docs/results/*``) quotes it: every number written in it outside code spans (and in a ```text block right after
 it) must appear as a number in one of the files it links. So a README sentence with a number sits next to the
 link to the file the number comes from, and changing the file without the sentence (or the reverse) fails here.
+A README paragraph that quotes a measured-looking number (a decimal, a time, a ratio, a percentage) without such
+a link fails too.
 """
 
 from __future__ import annotations
@@ -162,6 +164,31 @@ def disagreements(text: str, root: Path) -> tuple[list[str], int]:
     return problems, checked
 
 
+#: A measured-looking number: decimals, exponents, times, ratios and percentages (integers such as "3 vs 5" or
+#: "10 epochs" are settings, not measurements).
+MEASUREMENT = re.compile(r"\d\.\d|\de[-+]?\d|\d\s?(?:s|min|ms|×|%)(?![\w])")
+
+
+def unlinked_measurements(text: str) -> list[str]:
+    """Prose blocks of ``text`` that quote a measured-looking number without linking a results file."""
+    linked = {block for block, _ in quoted_blocks(text)}
+    found, prose_lines, in_code = [], [], False
+    for line in text.splitlines():  # code blocks are left out: they are commands and output, checked elsewhere
+        if FENCE.match(line):
+            in_code = not in_code
+            prose_lines.append("")
+        elif not in_code:
+            prose_lines.append(line)
+    for chunk in re.split(r"\n\s*\n", "\n".join(prose_lines)):
+        if not chunk.strip() or any(chunk.strip() in block for block in linked):
+            continue
+        prose = re.sub(r"`[^`\n]*`", " ", chunk)
+        prose = re.sub(r"\]\([^)]*\)", "]", prose)
+        if MEASUREMENT.search(prose):
+            found.append(" ".join(chunk.split())[:120])
+    return found
+
+
 def test_numbers_are_matched_as_written():
     assert numbers_in("h0 grows from 7.5 to 1,024 (`every_n_steps=10`) in 32 s, α 4.7e-3, fig2 and [x](a/b1.md)") == [
         "7.5", "1024", "32", "4.7e-3",
@@ -182,6 +209,16 @@ def test_a_number_that_disagrees_with_its_file_fails(tmp_path):
     with_output = good + "\nIt prints:\n[r](docs/results/run.md)\n```text\nval 0.691, 791 steps\n```\n"
     problems, checked = disagreements(with_output, tmp_path)
     assert problems and problems[0].startswith("791 ") and checked == 4
+
+
+def test_a_measurement_without_a_link_to_its_results_file_fails():
+    text = "Setup: 3 vs 5, 10 epochs, Python `3.10`.\n\nIt took 32 s.\n\nAccuracy 0.691 ([r](docs/results/run.md)).\n"
+    assert unlinked_measurements(text) == ["It took 32 s."]
+
+
+def test_every_measurement_in_the_readme_links_its_results_file():
+    found = unlinked_measurements(README.read_text())
+    assert not found, "README numbers without a link to the results file they come from:\n" + "\n".join(found)
 
 
 def test_every_number_the_readme_quotes_is_in_the_results_file_it_links():
