@@ -115,12 +115,15 @@ class LyapunovCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
-        """The stock instantiation; a class that refuses its arguments (a callback's ``ValueError`` at
-        construction, say) raises :class:`CLIArgumentError` with that refusal as one line (:func:`one_line_error`)
-        instead of jsonargparse's chained report."""
+        """The stock instantiation; a class that refuses its arguments (a ``ValueError`` or ``TypeError`` at
+        construction, such as a callback's check) raises :class:`CLIArgumentError` with that refusal as one line
+        (:func:`one_line_error`) instead of jsonargparse's chained report. Any other error (a bug, a missing
+        module) keeps its traceback."""
         try:
             super().instantiate_classes()
         except Exception as exc:  # jsonargparse wraps the class's own error in a ValueError of its own
+            if not isinstance(_innermost(exc), (ValueError, TypeError)):
+                raise
             raise CLIArgumentError(one_line_error(exc)) from exc
 
     def add_arguments_to_parser(self, parser) -> None:
