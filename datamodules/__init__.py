@@ -1,15 +1,26 @@
 """LightningDataModules: CIFAR-10 (or its offline stand-in) and scikit-learn's digits."""
 
 from lyapunov_callbacks.datamodules._common import EpochShuffleSampler
-from lyapunov_callbacks.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
+from lyapunov_callbacks.datamodules.cifar10 import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR10DataModule,
+    CIFAR10DownloadError,
+    CIFAR10NotFoundError,
+    DataUnavailableError,
+    synthetic_cifar10,
+)
 from lyapunov_callbacks.datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
 
 __all__ = [
     "CIFAR10DataModule",
+    "CIFAR10DownloadError",
+    "CIFAR10NotFoundError",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DIGITS_MEAN",
     "DIGITS_STD",
+    "DataUnavailableError",
     "DigitsDataModule",
     "EpochShuffleSampler",
     "synthetic_cifar10",

@@ -25,7 +25,29 @@ from lyapunov_callbacks.datamodules._common import (
 )
 from lyapunov_callbacks.datamodules.synthetic import synthetic_cifar10
 
-__all__ = ["CIFAR10DataModule", "CIFAR10_MEAN", "CIFAR10_STD", "synthetic_cifar10"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR10DownloadError",
+    "CIFAR10NotFoundError",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DataUnavailableError",
+    "synthetic_cifar10",
+]
+
+
+class DataUnavailableError(Exception):
+    """The data files are not here and cannot be fetched: the message says where they belong and what to use
+    instead. A command line (``lyapunov-cli``) prints it as one line instead of a traceback."""
+
+
+class CIFAR10NotFoundError(DataUnavailableError, FileNotFoundError):
+    """``cifar-10-batches-py`` is missing or incomplete and ``download=False``."""
+
+
+class CIFAR10DownloadError(DataUnavailableError, RuntimeError):
+    """``download=True`` and the download failed (no network, HTTP error, bad checksum)."""
+
 
 #: Per-channel mean and standard deviation of the CIFAR-10 training images (pixel values in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -57,7 +79,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     ``synthetic=True`` replaces the files by :func:`~lyapunov_callbacks.datamodules.synthetic.synthetic_cifar10` (no disk, no
     network): 1/f colour images with CIFAR-10's channel statistics, whose classes differ only by a faint
     pattern, as hard as real cat vs dog for an MLP (about 65 % validation accuracy on two classes; the
-    generative model and measured difficulty are in ``datamodules/synthetic.py`` and the README). A training
+    generative model and measured difficulty are in ``datamodules/synthetic.py`` and ``docs/data.md``). A training
     split of ``synthetic_train_size`` images and an independent held-out split of ``synthetic_val_size``
     images, both counted over all ten classes *before* class selection (the defaults 50000 / 10000 are
     CIFAR-10's: 5000 / 1000 per class). The held-out split is the validation set and the test set;
@@ -91,9 +113,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         ValueError: If ``classes`` has an entry outside 0..9, a duplicate or fewer than two entries;
             ``batch_size <= 0``; ``num_workers < 0``; ``val_fraction`` outside [0, 1); a synthetic size
             ``<= 0``; or (in ``setup``) the split leaves no validation or no training image.
-        FileNotFoundError: In ``prepare_data``/``setup``, if ``cifar-10-batches-py`` is missing or incomplete
-            and ``download=False``.
-        RuntimeError: If the download fails; if the files fail the md5 check and ``allow_unverified_files`` is
+        CIFAR10NotFoundError: (a ``FileNotFoundError``) In ``prepare_data``/``setup``, if
+            ``cifar-10-batches-py`` is missing or incomplete and ``download=False``.
+        CIFAR10DownloadError: (a ``RuntimeError``) If the download fails.
+        RuntimeError: If the files fail the md5 check and ``allow_unverified_files`` is
             ``False``; or if they cannot be read as CIFAR-10 batches.
 
     Example::
@@ -188,13 +211,13 @@ class CIFAR10DataModule(L.LightningDataModule):
         if not missing:
             return
         if not self.download:
-            raise FileNotFoundError(self._missing_message(missing))
+            raise CIFAR10NotFoundError(self._missing_message(missing))
         cls = tv_cifar.CIFAR10
         root = os.path.abspath(os.path.expanduser(self.data_dir))
         try:
             download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
         except Exception as exc:  # network, HTTP, checksum or archive errors all mean "no data here"
-            raise RuntimeError(
+            raise CIFAR10DownloadError(
                 f"Downloading CIFAR-10 into {root} failed ({type(exc).__name__}: {exc}). download=True needs "
                 f"network access to {cls.url}. Otherwise put the official batches in {self.folder} yourself, "
                 f"or use synthetic=True for the offline synthetic stand-in."
@@ -210,7 +233,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         """Read one official split with torchvision's ``CIFAR10`` as uint8 ``[N, 3, 32, 32]`` + int64 labels."""
         missing = self._missing_files()
         if missing:
-            raise FileNotFoundError(self._missing_message(missing))
+            raise CIFAR10NotFoundError(self._missing_message(missing))
         unverified = [
             name for name, md5 in self._expected_files() if not check_integrity(os.path.join(self.folder, name), md5)
         ]
@@ -323,3 +346,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Loader over the official test split (the synthetic held-out split when ``synthetic=True``)."""
         return self._loader(self._require(self.test_set, "The test set", "test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split again, in a fixed order, for ``trainer.predict`` (``lyapunov-cli predict``)."""
+        return self._loader(self._require(self.test_set, "The test set", "predict"), shuffle=False)

@@ -231,3 +231,7 @@ class DigitsDataModule(L.LightningDataModule):
     def test_dataloader(self) -> Union[DataLoader, list]:
         """The held-out split again (digits has no separate test split)."""
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> Union[DataLoader, list]:
+        """The held-out split, as :meth:`test_dataloader`, for ``trainer.predict`` (``lyapunov-cli predict``)."""
+        return self.val_dataloader()

@@ -20,7 +20,7 @@ Generative model (pixel values in [0, 1] before rounding to uint8). An image of 
 
 ``SEPARATION`` was chosen to match the difficulty of real cat vs dog (an MLP reaches about 60-65 % validation
 accuracy there) and nothing else; ``benchmarks/standin_difficulty.py`` measures it, and its output is quoted
-in the README (section "Data").
+in docs/data.md (section "The offline stand-in").
 
 Every image is drawn from a generator seeded by ``(seed, split, class)``, so a class's images do not depend on
 which other classes are selected, and the global RNG is never touched.

@@ -785,6 +785,19 @@ def _steps_per_arch(runs: list[Run], timings: dict[str, dict]) -> dict[str, floa
     return {arch: round(sorted(v)[len(v) // 2], 2) for arch, v in best.items()}
 
 
+def start_banner(runs: Sequence[Run], args: argparse.Namespace, spec: dict[str, Any]) -> str:
+    """The line printed before training: how many runs (and seeded runs) and the time ``--plan`` predicts."""
+    plan = predict_plan(runs, args.data, load_rates(), spec, args.jobs)
+    seeded = sum(len(r.seeds) for r in runs)
+    text = (f"make_figures: training {len(runs)} runs ({seeded} with their seeds) on data={args.data}, "
+            f"{'quick' if args.quick else 'full'} scale, {plan['jobs']} at a time: predicted "
+            f"{plan['wall_s'] / 60:.0f} min wall ({plan['cpu_s'] / 60:.0f} CPU min of one thread) from the rates in "
+            f"{os.path.relpath(RATES_PATH)}, on an idle machine (--plan prints it per run)")
+    if plan["unmeasured"]:
+        text += f"; no prediction for {len(plan['unmeasured'])} runs without measured rates"
+    return text + "."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the plan; returns 0 when every run trained and every figure was drawn, else 1 (2: bad arguments)."""
     args = _parser().parse_args(argv)
@@ -836,8 +849,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if unknown:
                 print(f"make_figures.py: error: --runs {' '.join(unknown)}: not in the plan (see --list)", file=sys.stderr)
                 return 2
+        selected = [r for r in runs if not args.runs or r.name in args.runs]
+        print(start_banner(selected, args, spec), flush=True)
         start = time.perf_counter()
-        timings, failed_runs = _train([r for r in runs if not args.runs or r.name in args.runs], spec, args)
+        timings, failed_runs = _train(selected, spec, args)
         wall = time.perf_counter() - start
     failed_figs = _plot(spec, figures, runs, args)
     paths = _summarise(runs, args, timings, wall)

@@ -108,6 +108,11 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc, prog_bar=False)
 
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """The logits ``[B, num_classes]`` of ``batch = (images, labels)`` (the labels are not used), so that
+        ``trainer.predict`` / ``lyapunov-cli predict`` runs on the data modules' ``(images, labels)`` batches."""
+        return self(batch[0])
+
     def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy, prog_bar: bool) -> None:
         """Log ``{stage}/loss`` (the batch-size weighted mean over the epoch, averaged over DDP ranks) and
         ``{stage}/acc`` (micro accuracy, the metric syncs its own counts across ranks)."""

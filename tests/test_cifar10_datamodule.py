@@ -294,7 +294,7 @@ def test_synthetic_images_have_natural_image_statistics():
 
 @pytest.mark.slow  # a few seconds unloaded; measured minutes on the shared 2-core machine
 def test_synthetic_two_class_difficulty_band():
-    """A short MLP fit on a subset lands in a band of accuracy far from separable (README, section "Data").
+    """A short MLP fit on a subset lands in a band of accuracy far from separable (docs/data.md, "The offline stand-in").
 
     The full measurement (``benchmarks/standin_difficulty.py``: 10000 training images, MLP 512-512, 1000 SGD
     steps at lr 0.1, batch 128) gives 66.8 % held-out accuracy. This fit (2000 training images, a 64-unit
