@@ -21,6 +21,7 @@ from lyapunov_callbacks._lightning import (
     check_positive,
     check_prefix,
     check_supported,
+    check_tag_owners,
     current_lr,
     fast_dev_run_budget,
     finite_or_nan,
@@ -96,9 +97,33 @@ class HessianEigenvalueMonitor(Callback):
       under mini-batch SGD.
 
     Several monitors run together (e.g. ``k=1`` every 5 steps and ``k=14`` every 100, or a second one with
-    ``batch="fixed", prefix="hessian_probe"``): each has its own :attr:`state_key` and checkpoint state; give
-    each a distinct ``prefix`` to keep their tags apart. Every ``fit`` starts from a clean state (no warm start
-    carried over from an earlier fit) unless the callback state is restored from a checkpoint.
+    ``batch="fixed", prefix="hessian_probe"``): each has its own :attr:`state_key` and checkpoint state; each
+    needs a distinct ``prefix`` (two curvature callbacks with one ``prefix`` are refused at setup). Every ``fit``
+    starts from a clean state (no warm start carried over from an earlier fit) unless the callback state is
+    restored from a checkpoint.
+
+    **Choosing a checkpoint by h0.** ``ModelCheckpoint(monitor="hessian/h0", every_n_train_steps=N)`` scores each
+    checkpoint with the wrong weights: the value logged at step s is the h0 of the weights before step s (θ_s,
+    measured in ``on_before_optimizer_step``), while the checkpoint written at the end of the batch of step s
+    holds the weights after it, θ_{s+1}, and is filed under ``step=s+1``; that checkpoint is scored with the last
+    h0 measured, up to ``every_n_steps`` steps older (with ``every_n_steps=N``: the h0 of θ_{s+1-N}), and the
+    h0 of its own weights is measured at the next step, after the save. A warning says so at setup. The pairing
+    that holds is by step: **the value logged at step s is the h0 of the checkpoint whose ``step`` is s**. So
+    save every N steps without a score and keep them all, measure at the same steps on a fixed batch, and pick
+    the file after the fit::
+
+        monitor = HessianEigenvalueMonitor(every_n_steps=N, batch="fixed")
+        checkpoints = ModelCheckpoint(dirpath="ckpt", every_n_train_steps=N, save_top_k=-1,
+                                      filename="{step}")      # no monitor
+        trainer = L.Trainer(callbacks=[monitor, checkpoints], logger=logger)
+        trainer.fit(model, datamodule)
+        # h0 logged at steps 0, N, 2N, ...; ckpt/step=N.ckpt, ckpt/step=2N.ckpt, ... hold θ_N, θ_2N, ...
+        step = min((s for s in logged_h0 if s > 0), key=logged_h0.get)   # logged_h0: {step: hessian/h0}
+        flattest = f"ckpt/step={step}.ckpt"
+
+    ``logged_h0`` comes from the logger (e.g. :func:`lyapunov_callbacks._tb_reader.read_scalars` of the
+    TensorBoard run: ``dict(zip(s.steps, s.values))`` of ``["hessian/h0"]``). The same holds for every tag of
+    the curvature callbacks.
 
     Under ``Trainer(fast_dev_run=...)`` each estimate is capped at a handful of HVPs (the code path runs, the
     values are not converged); an info message says so.
@@ -154,7 +179,8 @@ class HessianEigenvalueMonitor(Callback):
         ValueError: on any invalid argument above (the message names the parameter); at fit start, with manual
             optimisation, several optimisers or a torch.compile'd module; with ``pre_h0=True`` and an
             optimiser other than SGD/Adam/AdamW, param groups that differ in ``betas[0]`` (Adam) or momentum
-            (SGD), or trainable parameters the optimiser does not update.
+            (SGD), or trainable parameters the optimiser does not update; at setup, another curvature callback
+            with the same ``prefix``.
 
     Example::
 
@@ -232,6 +258,7 @@ class HessianEigenvalueMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_supported(trainer, pl_module, type(self).__name__)
+            check_tag_owners(trainer, self)
             # Lightning restores callback state after setup: a checkpoint overrides this clean start.
             self._reset()
 
@@ -244,8 +271,7 @@ class HessianEigenvalueMonitor(Callback):
         else:
             self._tracker.max_iter = self.max_iter
         self._pre_on = self._check_preconditioning(trainer, pl_module)
-        if self.prefix == "hessian":
-            add_paper_layout(trainer)
+        add_paper_layout(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

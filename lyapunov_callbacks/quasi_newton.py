@@ -27,6 +27,7 @@ from lyapunov_callbacks._lightning import (
     check_positive,
     check_prefix,
     check_supported,
+    check_tag_owners,
     fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
@@ -39,6 +40,7 @@ from lyapunov_callbacks.hessian import BACKENDS, HessianOperator
 from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioned_operator
 from lyapunov_callbacks.quasi_newton_rule import RULES, QuasiNewtonRule
 from lyapunov_callbacks.stability import adam_stability_factor, momentum_stability_factor
+from lyapunov_callbacks.tensorboard_layout import add_paper_layout, log_reference_levels
 
 __all__ = ["QuasiNewtonLR", "momentum_stability_factor"]
 
@@ -81,7 +83,8 @@ class QuasiNewtonLR(Callback):
       α (so the LR also holds right after a checkpoint resume). This callback moves itself to the front of
       ``trainer.callbacks`` at setup, so the monitors that read the LR in ``on_before_optimizer_step`` see the
       new one; a :class:`~lightning.pytorch.callbacks.LearningRateMonitor` (which logs at batch start, before
-      the estimate) logs again at a step whose estimate changed the LR, so it shows the LR the step used.
+      the estimate) is held until the LR of the step is set and then logs once, so it shows the LR each step
+      used (never the configured LR at step 0, which no step uses).
 
     **The LR.** :math:`\alpha = \mathrm{clamp}(k\cdot\text{scale}\cdot c/(\bar h_0 + w),\ \text{min\_lr},
     \text{max\_lr})` with :math:`k = 1` (``rule="newton"``) or ``edge`` (``rule="edge"``), :math:`w` the
@@ -137,9 +140,11 @@ class QuasiNewtonLR(Callback):
     ``{prefix}/lr``, ``optim/lr`` (the same α), ``{prefix}/h0`` (SGD; the raw estimate, NaN or ≤ 0 when
     rejected) or ``{prefix}/pre_h0`` (Adam: λ1(P⁻¹H)), ``{prefix}/rejected_estimates``, ``{prefix}/clamped_estimates``,
     ``{prefix}/triggered_estimates`` (loss and Rayleigh triggers so far); at the warm-up also
-    ``{prefix}/warmup_hvps``. To the loggers only (the figure's curves) also ``hessian/h0`` and
-    ``hessian/inv_h0`` (SGD) or ``hessian/pre_h0`` (Adam), unless a ``HessianEigenvalueMonitor`` with prefix
-    ``"hessian"`` runs too (it logs those tags itself).
+    ``{prefix}/warmup_hvps``. To the loggers only (the figure's curves) also ``hessian/h0``, ``hessian/inv_h0``
+    and ``hessian/stability`` = α·h0 (SGD) or ``hessian/pre_h0`` and ``hessian/pre_stability`` = α·λ1(P⁻¹H)/c
+    (Adam), unless a ``HessianEigenvalueMonitor`` with prefix ``"hessian"`` runs too (it logs those tags itself).
+    The ratio is ``scale`` while h0 sets α, and departs from it where a clamp, the growth limit, ``smoothing``
+    or SGD's weight decay do.
 
     Cost: the warm-up (typically 10–40 HVPs, one HVP ≈ 2.5–3.3 forward+backward passes), a few HVPs per
     scheduled or triggered estimate, plus the triggers' costs above.
@@ -179,7 +184,8 @@ class QuasiNewtonLR(Callback):
             have no ``lr``; Adam groups with different ``betas[0]``; with ``momentum_aware=True`` SGD with
             dampening or groups of different momentum; a configured LR scheduler, several optimisers, manual
             optimisation, a torch.compile'd module, or a first param group with ``lr <= 0`` when there are
-            several groups.
+            several groups. At setup: a second ``QuasiNewtonLR`` or a ``StochasticWeightAveraging`` (both set the
+            LR: keep one LR owner), or another curvature callback with the same ``prefix``.
 
     Example::
 
@@ -337,9 +343,11 @@ class QuasiNewtonLR(Callback):
     # ---------------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_tag_owners(trainer, self)
             self._loss_fn = resolve_loss_fn(pl_module)
             _move_first(trainer, self)
             self._lr_monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+            self._hold_lr_monitors()
             self._hessian_tags = not any(
                 type(c).__name__ == "HessianEigenvalueMonitor" and getattr(c, "prefix", None) == "hessian"
                 for c in trainer.callbacks
@@ -396,6 +404,7 @@ class QuasiNewtonLR(Callback):
             self._tracker.max_iter = min(self.max_iter, FAST_DEV_RUN_HVPS)
         if rule.lr is None and rule.num_estimates == 0:
             rule.reset(initial_lr=self._configured_lr if self._configured_lr > 0 else None)
+        add_paper_layout(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the optimiser state (restored after on_fit_start) holds the old LR: re-apply ours.
@@ -420,13 +429,24 @@ class QuasiNewtonLR(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._set_lr_of_step(trainer, pl_module, optimizer)
+        self._log_lr_monitors(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for monitor in self._lr_monitors:
+                monitor.__dict__.pop("on_train_batch_start", None)  # the class's hook shows through again
+
+    def _set_lr_of_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Estimate when the rule asks for it and set the LR this step uses (the body of the hook)."""
         step = trainer.global_step
         micro = self._micro.take(step)
         if micro is None:
             return
         loss = self._step_loss(trainer)
         rule = self.rule
-        before = rule.lr
         measured = None
         rayleigh = None
         if rule.wants_rayleigh(step):
@@ -464,8 +484,6 @@ class QuasiNewtonLR(Callback):
             )
         self._apply_lr(trainer)
         self._log(trainer, pl_module, h0, step, extra)
-        if rule.lr != before:
-            self._relog_lr_monitors(trainer)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpointing
@@ -640,14 +658,32 @@ class QuasiNewtonLR(Callback):
                 curves = {"hessian/h0": finite_or_nan(h0)}
                 if math.isfinite(h0) and h0 > 0:
                     curves["hessian/inv_h0"] = 1.0 / h0
+            # The stability ratio of the step: α·h0 (Adam: α·λ1(P⁻¹H)/c), 1 at scale 1 unless a clamp, the growth
+            # limit, smoothing or weight decay set α.
+            if math.isfinite(h0) and h0 > 0:
+                ratio = rule.lr * h0 / (rule.stability_factor if self._adam else 1.0)
+                curves["hessian/pre_stability" if self._adam else "hessian/stability"] = ratio
             for logger in trainer.loggers:
                 logger.log_metrics(curves, step=step)
+            log_reference_levels(trainer, curves, step)
 
-    def _relog_lr_monitors(self, trainer: pl.Trainer) -> None:
-        """A LearningRateMonitor logged this step's LR at batch start, before the estimate: log it again."""
+    def _hold_lr_monitors(self) -> None:
+        """Hold each LearningRateMonitor's batch-start log until the LR of the step is set.
+
+        A LearningRateMonitor logs in ``on_train_batch_start``, before the estimate of the step (at the first
+        step: the configured LR, which no step uses). Its hook is shadowed by a no-op on the instance until
+        ``teardown``; :meth:`_log_lr_monitors` runs the class's hook once the LR is set, so each step's LR is
+        logged once, at the step's index, as the value the step used.
+        """
         for monitor in self._lr_monitors:
             if monitor.logging_interval != "epoch":
-                monitor.on_train_batch_start(trainer)
+                monitor.on_train_batch_start = _held_log
+
+    def _log_lr_monitors(self, trainer: pl.Trainer) -> None:
+        """What each held LearningRateMonitor would have logged at batch start, with the LR this step uses."""
+        for monitor in self._lr_monitors:
+            if monitor.logging_interval != "epoch":
+                LearningRateMonitor.on_train_batch_start(monitor, trainer)
 
     def _apply_lr(self, trainer: pl.Trainer) -> None:
         for optimizer in trainer.optimizers:
@@ -655,6 +691,10 @@ class QuasiNewtonLR(Callback):
             ratios = self._group_ratios if len(self._group_ratios) == len(groups) else [1.0] * len(groups)
             for group, ratio in zip(groups, ratios):
                 group["lr"] = self.lr * ratio
+
+
+def _held_log(*args: Any, **kwargs: Any) -> None:
+    """A held LearningRateMonitor's ``on_train_batch_start`` (QuasiNewtonLR logs it after the estimate)."""
 
 
 def _move_first(trainer: pl.Trainer, callback: Callback) -> None:
