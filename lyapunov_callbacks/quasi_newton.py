@@ -82,9 +82,9 @@ class QuasiNewtonLR(Callback):
     - **Every** training batch, in ``on_train_batch_start``, the param groups' ``lr`` are set from the current
       α (so the LR also holds right after a checkpoint resume). This callback moves itself to the front of
       ``trainer.callbacks`` at setup, so the monitors that read the LR in ``on_before_optimizer_step`` see the
-      new one; a :class:`~lightning.pytorch.callbacks.LearningRateMonitor` (which logs at batch start, before
-      the estimate) is held until the LR of the step is set and then logs once, so it shows the LR each step
-      used (never the configured LR at step 0, which no step uses).
+      new one; a :class:`~lightning.pytorch.callbacks.LearningRateMonitor` (which logs at epoch and batch
+      start, before the estimate) is held until the LR of the step is set and then logs, so it shows the LR
+      each step used (never the configured LR at step 0, which no step uses).
 
     **The LR.** :math:`\alpha = \mathrm{clamp}(k\cdot\text{scale}\cdot c/(\bar h_0 + w),\ \text{min\_lr},
     \text{max\_lr})` with :math:`k = 1` (``rule="newton"``) or ``edge`` (``rule="edge"``), :math:`w` the
@@ -276,6 +276,7 @@ class QuasiNewtonLR(Callback):
         self._configured_lr: Optional[float] = None
         self._group_ratios: list[float] = [1.0]
         self._lr_monitors: list[LearningRateMonitor] = []
+        self._epoch_logs: list[LearningRateMonitor] = []  # held monitors whose epoch-start log is due
         self._hessian_tags = True
         self._reset()
 
@@ -435,7 +436,8 @@ class QuasiNewtonLR(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             for monitor in self._lr_monitors:
-                monitor.__dict__.pop("on_train_batch_start", None)  # the class's hook shows through again
+                for hook in ("on_train_epoch_start", "on_train_batch_start"):
+                    monitor.__dict__.pop(hook, None)  # the class's hook shows through again
 
     def _set_lr_of_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -668,19 +670,27 @@ class QuasiNewtonLR(Callback):
             log_reference_levels(trainer, curves, step)
 
     def _hold_lr_monitors(self) -> None:
-        """Hold each LearningRateMonitor's batch-start log until the LR of the step is set.
+        """Hold each LearningRateMonitor's epoch- and batch-start logs until the LR of the step is set.
 
-        A LearningRateMonitor logs in ``on_train_batch_start``, before the estimate of the step (at the first
-        step: the configured LR, which no step uses). Its hook is shadowed by a no-op on the instance until
-        ``teardown``; :meth:`_log_lr_monitors` runs the class's hook once the LR is set, so each step's LR is
-        logged once, at the step's index, as the value the step used.
+        A LearningRateMonitor logs in ``on_train_epoch_start`` and ``on_train_batch_start``, before the estimate
+        of the step (at the first step: the configured LR, which no step uses). Its hooks are shadowed on the
+        instance until ``teardown`` (the epoch-start one only notes that the log is due); :meth:`_log_lr_monitors`
+        runs the class's hooks once the LR is set, so each logged LR is the value the step used, at the step's
+        index (the loop's step count does not move between batch start and the optimiser step).
         """
+        self._epoch_logs = []
         for monitor in self._lr_monitors:
+            if monitor.logging_interval != "step":
+                monitor.on_train_epoch_start = lambda *args, _m=monitor, **kwargs: self._epoch_logs.append(_m)
             if monitor.logging_interval != "epoch":
                 monitor.on_train_batch_start = _held_log
 
     def _log_lr_monitors(self, trainer: pl.Trainer) -> None:
-        """What each held LearningRateMonitor would have logged at batch start, with the LR this step uses."""
+        """What the held LearningRateMonitors would have logged at epoch and batch start, with the LR this step
+        uses."""
+        due, self._epoch_logs = self._epoch_logs, []
+        for monitor in due:
+            LearningRateMonitor.on_train_epoch_start(monitor, trainer)
         for monitor in self._lr_monitors:
             if monitor.logging_interval != "epoch":
                 LearningRateMonitor.on_train_batch_start(monitor, trainer)

@@ -12,7 +12,7 @@ chart has one unit, so no curve sets the scale of another:
 - **λ** alone (per step), with the level 0 drawn;
 - **the loss** (training, and validation per epoch);
 - then the sharpness h0 (and the top-k, the batch sharpness), the preconditioned sharpness, the quasi-Newton
-  counters and the HVPs per estimate.
+  counters and the monitors' HVPs per estimate.
 
 Each chart has a *toggle y-axis log scale* button under it in TensorBoard. Chart tags are anchored regular
 expressions of the exact tag names. The layout is metadata in the event file and the reference levels are
@@ -58,15 +58,15 @@ _STABILITY_REFERENCES = ("reference/stability_1_quasi_newton_step", "reference/s
 _LAMBDA_REFERENCE = ("reference/lambda_0",)
 
 # Chart titles (also what the README and the user guide name).
-TITLE_LR = "α (learning rate) and 1/h0 — one curve where α·h0 = 1"
-TITLE_STABILITY = "stability ratio α·h0 (1: quasi-Newton step, 2: edge of stability)"
-TITLE_STABILITY_ADAM = "stability ratios α·h0 and pre_stability = α·λ1(P⁻¹H)·(1−β1)/(1+β1) (edge 2)"
-TITLE_LAMBDA = "λ, Lyapunov exponent per step (> 0: nearby trajectories diverge)"
+TITLE_LR = "α (learning rate) and 1/h0: one curve where α·h0 = 1"
+TITLE_STABILITY = "stability ratio α·h0 (1: quasi-Newton step, 2: edge)"
+TITLE_STABILITY_ADAM = "stability ratios α·h0 and pre_stability = α·λ1(P⁻¹H)(1−β1)/(1+β1) (edge 2)"
+TITLE_LAMBDA = "λ, Lyapunov exponent per step (> 0: trajectories diverge)"
 TITLE_LOSS = "loss (training per step, validation per epoch)"
 TITLE_SHARPNESS = "sharpness h0 (top Hessian eigenvalues)"
 TITLE_PRE_SHARPNESS = "preconditioned sharpness λ1(P⁻¹H)"
 TITLE_COUNTERS = "quasi-Newton counters: rejected, clamped and triggered estimates"
-TITLE_HVPS = "HVPs per estimate"
+TITLE_HVPS = "HVPs per estimate of the monitors"
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
 _LOSS_TAGS = ("train/loss", "val/loss")
@@ -133,7 +133,6 @@ def paper_layout(trainer: pl.Trainer) -> dict[str, dict[str, list[Any]]]:
         lr.append("optim/lr")
         r = q.prefix
         counters += [f"{r}/rejected_estimates", f"{r}/clamped_estimates", f"{r}/triggered_estimates"]
-        hvps.append(f"{r}/warmup_hvps")
         if default_monitor:
             continue
         if adam:
