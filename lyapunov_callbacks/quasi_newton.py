@@ -143,8 +143,8 @@ class QuasiNewtonLR(Callback):
     ``{prefix}/warmup_hvps``. To the loggers only (the figure's curves) also ``hessian/h0``, ``hessian/inv_h0``
     and ``hessian/stability`` = α·h0 (SGD) or ``hessian/pre_h0`` and ``hessian/pre_stability`` = α·λ1(P⁻¹H)/c
     (Adam), unless a ``HessianEigenvalueMonitor`` with prefix ``"hessian"`` runs too (it logs those tags itself).
-    The ratio is ``scale`` while h0 sets α, and departs from it where a clamp, the growth limit, ``smoothing``
-    or SGD's weight decay do.
+    The ratio is ``scale`` (``scale·(1+μ)`` with ``momentum_aware``; ×``edge`` under ``rule="edge"``) while h0
+    sets α, and departs from it where a clamp, the growth limit, ``smoothing`` or SGD's weight decay do.
 
     Cost: the warm-up (typically 10–40 HVPs, one HVP ≈ 2.5–3.3 forward+backward passes), a few HVPs per
     scheduled or triggered estimate, plus the triggers' costs above.
