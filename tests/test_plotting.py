@@ -178,7 +178,7 @@ def test_plot_run_colours_data_axes_and_png(tmp_path, full_run):
     assert result.paths == [tmp_path / "figs" / "run.png"]
     assert_not_blank(result.paths[0])
     assert result.missing == []
-    assert result.title == "MLP · loss=mse · SGD lr=0.1 · CosineAnnealingLR · QuasiNewtonLR"
+    assert result.title == "MLP · loss=mse · CIFAR-10\nSGD · CosineAnnealingLR · QuasiNewtonLR α = 1/h0"
     assert result.ax.get_title() == result.title
 
     expected_colour = {"lambda": "tab:blue", "inv_h0": "tab:orange", "lr": "tab:red", "loss": "tab:green"}
