@@ -354,9 +354,9 @@ def plot_run(
         formats: file formats among ``png``, ``pdf``, ``svg``; ``None`` takes the suffix of ``out``.
         dpi: resolution of raster output.
         title: the chart title; ``None`` reads it from the run's ``config.yaml`` / ``hparams.yaml``
-            (model, loss, optimiser and lr, scheduler, QuasiNewtonLR), else the run directory's name.
+            (model, loss and data set; the optimiser and the LR rule), else the run directory's name.
             ``""`` sets none.
-        legend: draw a legend on the chart.
+        legend: draw a legend: below the chart in a new figure (it covers no curve), on the axes given as ``ax``.
         axis_labels: label the y axes (grids switch this off and label rows instead).
         figsize: size in inches of a new figure.
         series: the curves (default :data:`SERIES`; :data:`PRECONDITIONED_SERIES` for the AdamW chart).
@@ -396,6 +396,7 @@ def plot_run(
         )
     _warn_missing(run_dir, missing)
 
+    own_figure = ax is None
     if ax is None:
         ax = _new_figure(figsize).add_subplot()
     fig = ax.figure
@@ -454,8 +455,11 @@ def plot_run(
         ax.set_title(title, fontsize="medium")
     if legend:
         order = [s.key for s in series if s.key in lines]
-        # the legend lives on the top-most axes so the λ curve does not cover it
-        (lambda_ax or ax).legend([lines[k] for k in order], [lines[k].get_label() for k in order], fontsize="small")
+        handles, labels = [lines[k] for k in order], [lines[k].get_label() for k in order]
+        if own_figure:  # below the chart, where it covers no curve (inside, "best" only avoids λ's axes)
+            fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize="small")
+        else:  # on the top-most axes of the caller's figure, so the λ curve does not cover it
+            (lambda_ax or ax).legend(handles, labels, fontsize="small")
     paths = _save(fig, out, formats, dpi)
     return RunPlot(run_dir, fig, ax, lambda_ax, lines, tags, missing, title, log_scale, paths,
                    diverged_at=next((d for d in sorted(x for x in diverged if x is not None)), None),
@@ -1053,8 +1057,25 @@ def _run_cli(args: argparse.Namespace) -> list[Path]:
     cells: list[Path | None] = list(runs) + [None] * (rows * cols - len(runs))
     grid = [cells[r * cols : (r + 1) * cols] for r in range(rows)]
     kind = "spectrum" if args.spectrum else "run"
-    return plot_grid(grid, args.row_labels, args.col_labels, args.out, title=args.title, kind=kind, k=args.k,
-                     first_epoch_steps=args.first_epoch_steps, **kw).paths
+    _output_paths(args.out, args.formats)  # a bad --format fails before the work
+    drawn = plot_grid(grid, args.row_labels, args.col_labels, None, title=args.title, kind=kind, k=args.k,
+                      first_epoch_steps=args.first_epoch_steps, **kw)
+    if args.row_labels is None and args.col_labels is None:
+        _name_panels(drawn)
+    return _save(drawn.figure, args.out, args.formats, args.dpi)
+
+
+def _name_panels(drawn: GridPlot) -> None:
+    """Put each panel's run path, relative to the runs' common folder, above its config title: runs of one
+    config (e.g. two versions, or two data sets before the log folder named them) are told apart."""
+    runs = [Path(cell.run_dir).resolve() for row in drawn.cells for cell in row if cell is not None]
+    common = Path(os.path.commonpath(runs)) if len(runs) > 1 else None
+    for row in drawn.cells:
+        for cell in row:
+            if cell is not None:
+                run = Path(cell.run_dir).resolve()
+                name = str(run.relative_to(common)) if common is not None and run != common else run.name
+                cell.ax.set_title(f"{name}\n{cell.title}" if cell.title else name, fontsize="small")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,7 +164,48 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _title_from_config(config: dict) -> list[str]:
+#: CIFAR-10's class names, by label (``classes: [3, 5]`` is cat vs dog).
+_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_ADAM_NAMES = ("Adam", "AdamW")
+
+
+def _data_name(config: dict) -> str | None:
+    """The data set of a LightningCLI config: e.g. ``CIFAR-10 cat vs dog (synthetic stand-in)``, ``digits 3 vs 5``."""
+    name, args = _class_and_args(config.get("data"))
+    if name is None:
+        return None
+    classes = args.get("classes")
+    classes = list(classes) if isinstance(classes, (list, tuple)) else []
+    if name == "CIFAR10DataModule":
+        base, labels = "CIFAR-10", [
+            _CIFAR10_CLASSES[c] if isinstance(c, int) and 0 <= c < len(_CIFAR10_CLASSES) else str(c) for c in classes
+        ]
+        if len(classes) == len(_CIFAR10_CLASSES):
+            labels = []
+    elif name == "DigitsDataModule":
+        base, labels = "digits", [str(c) for c in classes]
+        if len(classes) == 10:
+            labels = []
+    else:
+        base, labels = name.removesuffix("DataModule") or name, [str(c) for c in classes]
+    text = f"{base} {' vs '.join(labels)}" if labels else base
+    return f"{text} (synthetic stand-in)" if args.get("synthetic") else text
+
+
+def _quasi_newton_rule(qn_args: dict, optimizer: str | None, momentum: Any) -> str:
+    """``QuasiNewtonLR α = 1/h0`` and its variants (scale, the edge rule, momentum, Adam's λ1(P⁻¹H))."""
+    factor = float(qn_args.get("scale", 1.0) or 1.0)
+    if qn_args.get("rule") == "edge":
+        factor *= float(qn_args.get("edge", 1.8))
+    adam = optimizer in _ADAM_NAMES
+    curvature = "λ1(P⁻¹H)" if adam else "h0"
+    stability = "c" if adam else "(1+μ)" if momentum and qn_args.get("momentum_aware") else ""
+    numerator = "·".join(x for x in (f"{factor:g}" if factor != 1 or not stability else "", stability) if x)
+    return f"QuasiNewtonLR α = {numerator}/{curvature}"
+
+
+def _title_from_config(config: dict) -> tuple[list[str], list[str]]:
+    """Title parts, two lines: model, loss and data set; then the optimiser with the LR rule that set α."""
     parts: list[str] = []
     model = config.get("model")
     model_name, model_args = _class_and_args(model)
@@ -174,26 +215,34 @@ def _title_from_config(config: dict) -> list[str]:
         parts.append(model_name)
     if "loss" in model_args:
         parts.append(f"loss={model_args['loss']}")
+    data = _data_name(config)
+    if data:
+        parts.append(data)
+    head, parts = parts, []
+    trainer = config.get("trainer") or {}
+    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+    qn_args = next((args for name, args in map(_class_and_args, callbacks if isinstance(callbacks, list) else [])
+                    if name == "QuasiNewtonLR"), None)
+    sched_name, sched_args = _class_and_args(config.get("lr_scheduler"))
     opt_name, opt_args = _class_and_args(config.get("optimizer"))
     if opt_name:
         opt = opt_name
-        if "lr" in opt_args:
+        # the optimiser's lr is not the LR where a rule sets it (QuasiNewtonLR: the fallback before the first
+        # estimate; CyclicLR / OneCycleLR: replaced by their own bounds); other schedulers start from it
+        if "lr" in opt_args and qn_args is None and sched_name not in ("CyclicLR", "OneCycleLR"):
             opt += f" lr={_fmt(opt_args['lr'])}"
         if opt_args.get("momentum"):
             opt += f" momentum={_fmt(opt_args['momentum'])}"
         parts.append(opt)
     elif "lr" in model_args:  # a model that builds its own optimiser from an ``lr`` argument
         parts.append(f"lr={_fmt(model_args['lr'])}")
-    sched_name, _ = _class_and_args(config.get("lr_scheduler"))
-    if sched_name:
+    if sched_name == "CyclicLR" and "base_lr" in sched_args and "max_lr" in sched_args:
+        parts.append(f"CyclicLR {_fmt(sched_args['base_lr'])}–{_fmt(sched_args['max_lr'])}")
+    elif sched_name:
         parts.append(sched_name)
-    trainer = config.get("trainer") or {}
-    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
-    for cb in callbacks if isinstance(callbacks, list) else []:
-        name, _ = _class_and_args(cb)
-        if name == "QuasiNewtonLR":
-            parts.append(name)
-    return parts
+    if qn_args is not None:
+        parts.append(_quasi_newton_rule(qn_args, opt_name, opt_args.get("momentum")))
+    return head, parts
 
 
 def _title_from_hparams(hparams: dict) -> list[str]:
@@ -209,18 +258,21 @@ def _title_from_hparams(hparams: dict) -> list[str]:
 
 
 def run_title(run_dir: str | os.PathLike) -> str:
-    """A chart title for a run: model class, loss, optimiser and lr, scheduler, ``QuasiNewtonLR`` if present.
+    """A chart title for a run: model class, loss and data set; then the optimiser and the LR rule.
 
-    Read from LightningCLI's ``config.yaml`` in the run directory (or its parent), else from the logger's
-    ``hparams.yaml``; falls back to the run directory's name (``name/version_N``).
+    Read from LightningCLI's ``config.yaml`` in the run directory (or its parent): the first line names the
+    model, the loss and the data set (e.g. ``CIFAR-10 cat vs dog (synthetic stand-in)``), the second the
+    optimiser and what set α: ``SGD lr=0.1`` (constant), ``SGD lr=0.1 · CosineAnnealingLR``, ``SGD · CyclicLR
+    0.05–0.3`` or ``SGD · QuasiNewtonLR α = 1/h0`` (the optimiser's lr, only the fallback start there, is left
+    out). Else from the logger's ``hparams.yaml``; falls back to the run directory's name (``name/version_N``).
     """
     run_dir = Path(run_dir)
     for candidate in (run_dir / "config.yaml", run_dir.parent / "config.yaml"):
         config = _load_yaml(candidate) if candidate.is_file() else None
         if isinstance(config, dict):
-            parts = _title_from_config(config)
-            if parts:
-                return " · ".join(parts)
+            lines = [" · ".join(parts) for parts in _title_from_config(config) if parts]
+            if lines:
+                return "\n".join(lines)
     hparams_path = run_dir / "hparams.yaml"
     hparams = _load_yaml(hparams_path) if hparams_path.is_file() else None
     if isinstance(hparams, dict):

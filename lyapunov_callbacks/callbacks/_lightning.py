@@ -18,22 +18,27 @@ import torch
 from torch import nn
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lyapunov_callbacks.core.hessian import HessianOperator
 from lyapunov_callbacks.core.state import restore_rng, rng_snapshot
+from lyapunov_callbacks.callbacks.tensorboard_layout import log_reference_levels
 
 __all__ = [
     "BATCHES",
     "FAST_DEV_RUN_HVPS",
+    "HeldLearningRateMonitors",
     "MeanLoss",
     "ProbeBatch",
     "check_choice",
     "check_int",
     "check_lr_owner",
+    "check_optimizer_holds_parameters",
     "check_positive",
     "check_prefix",
     "check_supported",
+    "check_tag_owners",
     "current_lr",
     "fast_dev_run_budget",
     "finite_or_nan",
@@ -352,6 +357,48 @@ def run_first(trainer: pl.Trainer, callback: pl.Callback) -> None:
         callbacks.insert(0, callback)
 
 
+class HeldLearningRateMonitors:
+    """The trainer's ``LearningRateMonitor``s, made to log the LR each step used when another callback sets it.
+
+    A ``LearningRateMonitor`` logs in ``on_train_epoch_start`` and ``on_train_batch_start``, before a callback
+    that sets the LR in ``on_before_optimizer_step`` has done so (at the first step it would log the configured
+    LR, which no step uses). :meth:`hold` shadows those two hooks on each monitor instance (the epoch-start one
+    only notes that its log is due); :meth:`release`, called once the step's LR is set, runs the class's hooks,
+    so each logged LR is the one the step used, at the step's index; :meth:`restore` (at teardown) lets the
+    class's hooks show through again.
+    """
+
+    def __init__(self) -> None:
+        self.monitors: list[LearningRateMonitor] = []
+        self._epoch_due: list[LearningRateMonitor] = []
+
+    def hold(self, trainer: pl.Trainer) -> None:
+        self.monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+        self._epoch_due = []
+        for monitor in self.monitors:
+            if monitor.logging_interval != "step":
+                monitor.on_train_epoch_start = lambda *args, _m=monitor, **kwargs: self._epoch_due.append(_m)
+            if monitor.logging_interval != "epoch":
+                monitor.on_train_batch_start = _held_log
+
+    def release(self, trainer: pl.Trainer) -> None:
+        due, self._epoch_due = self._epoch_due, []
+        for monitor in due:
+            LearningRateMonitor.on_train_epoch_start(monitor, trainer)
+        for monitor in self.monitors:
+            if monitor.logging_interval != "epoch":
+                LearningRateMonitor.on_train_batch_start(monitor, trainer)
+
+    def restore(self) -> None:
+        for monitor in self.monitors:
+            for hook in ("on_train_epoch_start", "on_train_batch_start"):
+                monitor.__dict__.pop(hook, None)  # the class's hook shows through again
+
+
+def _held_log(*args: Any, **kwargs: Any) -> None:
+    """A held LearningRateMonitor's ``on_train_batch_start``: its log comes from :meth:`HeldLearningRateMonitors.release`."""
+
+
 def check_lr_owner(trainer: pl.Trainer) -> torch.optim.Optimizer:
     """The one optimiser, if QuasiNewtonLR can own its LR; raises one ValueError naming the fix otherwise."""
     if trainer.lr_scheduler_configs:
@@ -442,6 +489,98 @@ def check_supported(
         )
 
 
+def check_tag_owners(trainer: pl.Trainer, callback: Any) -> None:
+    """Refuse a second writer of ``callback``'s tags or of the learning rate it sets; warn about a checkpoint
+    score that lags. Call from ``setup`` (stage ``"fit"``).
+
+    Every curvature callback writes its tags under ``{prefix}/``: two of them with one ``prefix`` would log two
+    values of one tag per step (``trainer.callback_metrics`` keeps the last, a ``ModelCheckpoint`` or
+    ``EarlyStopping`` reading it would follow whichever ran last). ``QuasiNewtonLR`` sets the learning rate
+    at every step, so it must be the only callback that does: a second ``QuasiNewtonLR`` or a
+    ``StochasticWeightAveraging`` (which sets its ``swa_lrs`` from ``swa_epoch_start`` on) is refused, as a
+    configured LR scheduler is at fit start. A ``ModelCheckpoint`` whose ``monitor`` is one of the callback's
+    tags gets a warning: the value is measured in ``on_before_optimizer_step`` at the weights before a step and
+    the checkpoint saved after the step, so each checkpoint is scored with the value of earlier weights
+    (``HessianEigenvalueMonitor``'s docstring has the recipe that pairs them).
+
+    Args:
+        trainer: the trainer whose ``callbacks`` are read.
+        callback: a ``HessianEigenvalueMonitor``, ``LyapunovExponentMonitor`` or ``QuasiNewtonLR``.
+
+    Raises:
+        ValueError: another curvature callback has the same ``prefix`` (the fix: a different ``prefix``), or
+            ``callback`` is a ``QuasiNewtonLR`` beside another ``QuasiNewtonLR`` or ``StochasticWeightAveraging``
+            (the fix: keep one LR owner).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+
+    from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
+
+    name = type(callback).__name__
+    others = [c for c in trainer.callbacks if c is not callback]
+    if isinstance(callback, QuasiNewtonLR):
+        for other in others:
+            if isinstance(other, QuasiNewtonLR):
+                raise ValueError(
+                    f"Two QuasiNewtonLR callbacks are attached (prefix={callback.prefix!r} and "
+                    f"prefix={other.prefix!r}): both would set the learning rate at every step and log optim/lr. "
+                    "The learning rate has one owner: keep one QuasiNewtonLR."
+                )
+            if isinstance(other, StochasticWeightAveraging):
+                raise ValueError(
+                    "QuasiNewtonLR and StochasticWeightAveraging both set the learning rate (SWA sets its swa_lrs "
+                    "from swa_epoch_start on, QuasiNewtonLR sets α = 1/h0 at every step), so one would silently "
+                    "override the other. The learning rate has one owner: remove StochasticWeightAveraging or "
+                    "QuasiNewtonLR."
+                )
+    for other in others:
+        if isinstance(other, (HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR)) and (
+            other.prefix == callback.prefix
+        ):
+            raise ValueError(
+                f"{name}(prefix={callback.prefix!r}) and {type(other).__name__}(prefix={other.prefix!r}) would both "
+                f"write the tags '{callback.prefix}/...' (two values per step; callback_metrics keeps the last). "
+                f"Give each a different `prefix`, e.g. {name}(..., prefix='{callback.prefix}_2')."
+            )
+    for other in others:
+        monitored = getattr(other, "monitor", None) if isinstance(other, ModelCheckpoint) else None
+        if isinstance(monitored, str) and monitored.startswith(f"{callback.prefix}/"):
+            rank_zero_warn(
+                f"ModelCheckpoint(monitor={monitored!r}): {name} measures in on_before_optimizer_step, at the "
+                "weights before a step, and the checkpoint is saved after the step, so each checkpoint is scored "
+                "with the value of earlier weights (up to every_n_steps steps earlier), not of the weights it "
+                "holds. To choose a checkpoint by this value, save at the measured steps with save_top_k=-1 and "
+                "no monitor, and pick the file whose step is the logged step of the best value (see "
+                "HessianEigenvalueMonitor's docstring)."
+            )
+
+
+def check_optimizer_holds_parameters(
+    optimizer: torch.optim.Optimizer, pl_module: nn.Module, callback_name: str
+) -> None:
+    """Raise unless ``optimizer`` updates every trainable parameter of ``pl_module``.
+
+    A tangent vector or a preconditioner lives in the space of all trainable parameters (the Hessian operator's
+    flat vector); a parameter the optimiser does not update has no step to linearise. An optimiser that holds
+    no parameter at all (Lightning's stand-in when ``configure_optimizers`` returns none) is left to the
+    optimiser-type checks.
+
+    Raises:
+        ValueError: naming the first few trainable parameters the optimiser does not hold, and the fix.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+    if not missing or not held:
+        return
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise ValueError(
+        f"{callback_name} follows every trainable parameter, but the optimiser ({type(optimizer).__name__}) does "
+        f"not update {len(missing)} of them: {shown}. Pass them all to the optimiser in configure_optimizers "
+        "(e.g. torch.optim.SGD(self.parameters(), ...)), or freeze the ones it should not train "
+        "(parameter.requires_grad_(False))."
+    )
+
+
 def check_prefix(prefix: Any) -> str:
     """Raise unless ``prefix`` is a non-empty string without a trailing ``/`` (tags are ``{prefix}/name``)."""
     if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
@@ -520,6 +659,9 @@ def log_measurements(
         metrics: tag → value; non-finite values are published as they are.
         step: the step the values were measured at (``trainer.global_step`` at measurement time).
         prog_bar: tags also shown in the progress bar (the callbacks' opt-in ``prog_bar=True``).
+
+    Beside a stability ratio or a λ value the ``TensorBoardLogger`` s also get the dashboard's constant reference
+    levels (:func:`~lyapunov_callbacks.callbacks.tensorboard_layout.log_reference_levels`); nothing else does.
     """
     values = {name: float(value) for name, value in metrics.items()}
     callback_metrics = trainer.callback_metrics
@@ -542,6 +684,7 @@ def log_measurements(
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
+    log_reference_levels(trainer, values, step)
 
 
 def finite_or_nan(value: float) -> float:

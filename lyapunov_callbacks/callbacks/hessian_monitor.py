@@ -19,6 +19,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     check_positive,
     check_prefix,
     check_supported,
+    check_tag_owners,
     current_lr,
     fast_dev_run_budget,
     finite_or_nan,
@@ -75,10 +76,30 @@ class HessianEigenvalueMonitor(Callback):
     - with ``batch_sharpness=True``: ``{prefix}/batch_sharpness`` = :math:`g^\top H_B g / \lVert g\rVert^2` on the
       step's own batch (one HVP), which Andreyev & Beneventano (2024) find at 2/α under mini-batch SGD.
 
-    Several monitors may run together (e.g. ``k=14`` every 100 steps beside ``k=1`` every 5): give each a distinct
-    ``prefix``; each has its own :attr:`state_key`. Every ``fit`` starts clean unless the state is restored from a
+    Several monitors may run together (e.g. ``k=14`` every 100 steps beside ``k=1`` every 5): each needs a distinct
+    ``prefix`` (two curvature callbacks with one ``prefix`` are refused at setup); each has its own
+    :attr:`state_key`. Every ``fit`` starts clean unless the state is restored from a
     checkpoint. Under ``fast_dev_run`` each estimate is capped at a handful of HVPs. Under DDP the HVPs are
     averaged over ranks (h0 of the loss DDP optimises); with ``batch="fixed"`` each rank takes its shard of the probe.
+
+    **Choosing a checkpoint by h0.** ``ModelCheckpoint(monitor="hessian/h0", every_n_train_steps=N)`` scores each
+    checkpoint with the wrong weights: the value logged at step s is the h0 of the weights before step s, while
+    the checkpoint written at the end of that batch holds the weights after it and is filed under ``step=s+1``;
+    it is scored with the last h0 measured, up to ``every_n_steps`` steps older. A warning says so at setup. The
+    pairing that holds is by step: **the value logged at step s is the h0 of the checkpoint whose ``step`` is s**.
+    So save every N steps without a score, keep them all, measure at the same steps on a fixed batch, and pick
+    the file after the fit::
+
+        monitor = HessianEigenvalueMonitor(every_n_steps=N, batch="fixed")
+        checkpoints = ModelCheckpoint(dirpath="ckpt", every_n_train_steps=N, save_top_k=-1, filename="{step}")
+        trainer = L.Trainer(callbacks=[monitor, checkpoints], logger=logger)
+        trainer.fit(model, datamodule)
+        # h0 logged at steps 0, N, 2N, ...; ckpt/step=N.ckpt, ckpt/step=2N.ckpt, ... hold θ_N, θ_2N, ...
+        step = min((s for s in logged_h0 if s > 0), key=logged_h0.get)   # logged_h0: {step: hessian/h0}
+        flattest = f"ckpt/step={step}.ckpt"
+
+    ``logged_h0`` comes from the logger (e.g. :func:`lyapunov_callbacks.analysis.tb_reader.read_scalars` of the
+    TensorBoard run). The same holds for every tag of the curvature callbacks.
 
     **Adaptive cadence.** With ``every_n_steps="auto"`` the steps are chosen by an
     :class:`~lyapunov_callbacks.core.cadence.AdaptiveCadence`: after each estimate the next one is scheduled from
@@ -127,7 +148,8 @@ class HessianEigenvalueMonitor(Callback):
         ValueError: on any invalid argument above (the message names the parameter); at fit start, with manual
             optimisation, several optimisers or a torch.compile'd module; with ``pre_h0=True`` and an
             optimiser other than SGD/Adam/AdamW, param groups that differ in ``betas[0]`` (Adam) or momentum
-            (SGD), or trainable parameters the optimiser does not update.
+            (SGD), or trainable parameters the optimiser does not update; at setup, another curvature callback
+            with the same ``prefix``.
 
     Example::
 
@@ -210,6 +232,7 @@ class HessianEigenvalueMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_supported(trainer, pl_module, type(self).__name__)
+            check_tag_owners(trainer, self)
             # Lightning restores callback state after setup: a checkpoint overrides this clean start.
             self._reset()
 
@@ -221,8 +244,7 @@ class HessianEigenvalueMonitor(Callback):
         for tracker in (self._tracker, self._pre_tracker):
             tracker.max_iter = min(self.max_iter, budget) if capped else self.max_iter
         self._pre_on = self._check_preconditioning(trainer, pl_module)
-        if self.prefix == "hessian":
-            add_paper_layout(trainer)
+        add_paper_layout(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

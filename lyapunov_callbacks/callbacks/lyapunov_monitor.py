@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lyapunov_callbacks.callbacks._lightning import (
     check_choice,
     check_prefix,
+    check_optimizer_holds_parameters,
     check_supported,
+    check_tag_owners,
     current_lr,
     fast_dev_run_budget,
     finite_or_nan,
@@ -140,8 +142,9 @@ class LyapunovExponentMonitor(Callback):
             non-bool ``reuse_training_graph``;
             at fit start, with an optimiser other than ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (a subclass
             included), ``SGD(maximize=True)``, SGD param groups that differ in momentum, dampening, Nesterov or
-            weight decay, trainable parameters the optimiser does not update, manual optimisation, several
-            optimisers or a torch.compile'd module.
+            weight decay, trainable parameters the optimiser does not update (the message names them), manual
+            optimisation, several optimisers or a torch.compile'd module; at setup, another curvature callback
+            with the same ``prefix``.
 
     Example::
 
@@ -194,12 +197,14 @@ class LyapunovExponentMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_supported(trainer, pl_module, type(self).__name__)
+            check_tag_owners(trainer, self)
             # Lightning restores callback state after setup: a checkpoint overrides this clean start.
             self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, type(self).__name__)
         self._loss_fn = resolve_loss_fn(pl_module)
+        check_optimizer_holds_parameters(trainer.optimizers[0], pl_module, type(self).__name__)
         try:
             # Unsupported optimisers and settings fail here, before any training: one ValueError.
             self.tangent = self._new_tangent(trainer, pl_module)
@@ -216,8 +221,7 @@ class LyapunovExponentMonitor(Callback):
                 "part of the linearised optimiser step; λ is exact while the clip is inactive and describes the "
                 "unclipped map while it is active."
             )
-        if self.prefix == "lyapunov":
-            add_paper_layout(trainer)
+        add_paper_layout(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Rebuilt now that the optimiser state is restored (momentum buffers present on resume), then the

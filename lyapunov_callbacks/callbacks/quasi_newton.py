@@ -13,12 +13,13 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lyapunov_callbacks.callbacks._lightning import (
     BATCHES,
     FAST_DEV_RUN_HVPS,
+    HeldLearningRateMonitors,
     ProbeBatch,
     StepMicroBatches,
     check_choice,
@@ -27,6 +28,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     check_positive,
     check_prefix,
     check_supported,
+    check_tag_owners,
     fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
@@ -42,6 +44,7 @@ from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_
 from lyapunov_callbacks.core.quasi_newton_rule import RULES, QuasiNewtonRule
 from lyapunov_callbacks.core.stability import momentum_stability_factor, stability_factor
 from lyapunov_callbacks.core.state import preserved_state
+from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout, log_reference_levels
 from lyapunov_callbacks.core.tracker import EigenTracker
 
 __all__ = ["QuasiNewtonLR", "momentum_stability_factor"]
@@ -70,7 +73,8 @@ class QuasiNewtonLR(Callback):
     **When.** All in ``on_before_optimizer_step``, at the pre-step weights after the step's backward, so the step
     about to be taken uses the new LR. Every training batch also gets the current α in ``on_train_batch_start``
     (so the LR holds right after a resume). This callback runs first among the callbacks, so monitors reading the
-    LR see the new one; a ``LearningRateMonitor`` logs again at a step whose estimate changed the LR.
+    LR see the new one; a ``LearningRateMonitor`` is held until the step's LR is set and then logs, so it shows
+    the LR each step used (never the configured LR at step 0, which no step uses).
 
     **Optimisers.** ``torch.optim.SGD``: :math:`c = 1`, or with ``momentum_aware=True`` the heavy-ball factor of
     :func:`~lyapunov_callbacks.core.stability.stability_factor` (:math:`1+\mu`, divided by :math:`1-\tau`
@@ -89,7 +93,10 @@ class QuasiNewtonLR(Callback):
     Logged at each estimate: ``{prefix}/lr``, ``optim/lr``, ``{prefix}/h0`` (SGD) or ``{prefix}/pre_h0`` (Adam),
     ``{prefix}/rejected_estimates``, ``{prefix}/clamped_estimates``, ``{prefix}/triggered_estimates``; at the
     warm-up ``{prefix}/warmup_hvps``. To the loggers only, unless a ``HessianEigenvalueMonitor`` with prefix
-    ``"hessian"`` logs them itself: ``hessian/h0`` and ``hessian/inv_h0`` (SGD) or ``hessian/pre_h0`` (Adam).
+    ``"hessian"`` logs them itself: ``hessian/h0``, ``hessian/inv_h0`` and ``hessian/stability`` = α·h0 (SGD) or
+    ``hessian/pre_h0`` and ``hessian/pre_stability`` = α·λ1(P⁻¹H)/c (Adam). The ratio is ``scale`` (×c with
+    ``momentum_aware``; ×``edge`` under ``rule="edge"``) while h0 sets α, and departs from it where a clamp, the
+    growth limit, ``smoothing`` or SGD's weight decay do.
 
     Cost: the warm-up (typically 10–40 HVPs, one HVP ≈ 2.5–3.3 forward+backward passes), a few HVPs per scheduled
     or triggered estimate, one HVP per Rayleigh check.
@@ -135,7 +142,9 @@ class QuasiNewtonLR(Callback):
             start: an optimiser other than ``torch.optim.SGD``/``Adam``/``AdamW`` or one whose param groups
             have no ``lr``; Adam groups with different ``betas[0]``; with ``momentum_aware=True`` SGD groups of
             different momentum; a configured LR scheduler, several optimisers, manual optimisation, a
-            torch.compile'd module, or a first param group with ``lr <= 0`` when there are several groups.
+            torch.compile'd module, or a first param group with ``lr <= 0`` when there are several groups. At setup:
+            a second ``QuasiNewtonLR`` or a ``StochasticWeightAveraging`` (both set the LR: keep one LR owner),
+            or another curvature callback with the same ``prefix``.
 
     Example::
 
@@ -210,7 +219,7 @@ class QuasiNewtonLR(Callback):
         self._adam = False
         self._configured_lr: Optional[float] = None
         self._group_ratios: list[float] = [1.0]
-        self._lr_monitors: list[LearningRateMonitor] = []
+        self._lr_monitors = HeldLearningRateMonitors()
         self._hessian_tags = True
         self._reset()
 
@@ -247,9 +256,10 @@ class QuasiNewtonLR(Callback):
     # ---------------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_tag_owners(trainer, self)
             self._loss_fn = resolve_loss_fn(pl_module)
             run_first(trainer, self)
-            self._lr_monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+            self._lr_monitors.hold(trainer)
             self._hessian_tags = not any(
                 type(c).__name__ == "HessianEigenvalueMonitor" and getattr(c, "prefix", None) == "hessian"
                 for c in trainer.callbacks
@@ -281,6 +291,7 @@ class QuasiNewtonLR(Callback):
             self._tracker.max_iter = min(self.max_iter, FAST_DEV_RUN_HVPS)
         if rule.lr is None and rule.num_estimates == 0:
             rule.reset(initial_lr=self._configured_lr if self._configured_lr > 0 else None)
+        add_paper_layout(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the optimiser state (restored after on_fit_start) holds the old LR: re-apply ours.
@@ -305,13 +316,24 @@ class QuasiNewtonLR(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._set_lr_of_step(trainer, pl_module, optimizer)
+        self._lr_monitors.release(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._lr_monitors.restore()
+
+    def _set_lr_of_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Estimate when the rule asks for it and set the LR this step uses: collect → ask → apply → log."""
         step = trainer.global_step
         micro = self._micro.take(step)
         if micro is None:
             return
         loss = self._step_loss(trainer)
         rule = self.rule
-        before, was_warmup = rule.lr, not rule.warmup_done
+        was_warmup = not rule.warmup_done
         measured = self._measured(trainer, pl_module, micro)
         rayleigh = None
         if rule.wants_rayleigh(step):
@@ -328,8 +350,6 @@ class QuasiNewtonLR(Callback):
         self._warn(h0, step, was_warmup)
         self._apply_lr(trainer)
         self._log(trainer, pl_module, h0, step, extra)
-        if rule.lr != before:
-            self._relog_lr_monitors(trainer)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpointing
@@ -451,14 +471,13 @@ class QuasiNewtonLR(Callback):
                 curves = {"hessian/h0": finite_or_nan(h0)}
                 if math.isfinite(h0) and h0 > 0:
                     curves["hessian/inv_h0"] = 1.0 / h0
+            # The stability ratio of the step: α·h0 (Adam: α·λ1(P⁻¹H)/c).
+            if math.isfinite(h0) and h0 > 0:
+                ratio = rule.lr * h0 / (rule.stability_factor if self._adam else 1.0)
+                curves["hessian/pre_stability" if self._adam else "hessian/stability"] = ratio
             for logger in trainer.loggers:
                 logger.log_metrics(curves, step=step)
-
-    def _relog_lr_monitors(self, trainer: pl.Trainer) -> None:
-        """A LearningRateMonitor logged this step's LR at batch start, before the estimate: log it again."""
-        for monitor in self._lr_monitors:
-            if monitor.logging_interval != "epoch":
-                monitor.on_train_batch_start(trainer)
+            log_reference_levels(trainer, curves, step)
 
     def _apply_lr(self, trainer: pl.Trainer) -> None:
         for optimizer in trainer.optimizers:

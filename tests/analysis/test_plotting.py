@@ -139,7 +139,8 @@ def test_find_runs_sorts_versions_naturally(tmp_path):
 
 
 def test_title_from_config_hparams_and_dirname(tmp_path, full_run):
-    assert run_title(full_run) == "MLP · loss=mse · SGD lr=0.1 · CosineAnnealingLR · QuasiNewtonLR"
+    # the data set on the first line; QuasiNewtonLR sets α, so the optimiser's lr (its fallback start) is left out
+    assert run_title(full_run) == "MLP · loss=mse · CIFAR-10\nSGD · CosineAnnealingLR · QuasiNewtonLR α = 1/h0"
     run = write_run(tmp_path / "lenet" / "version_3", {"train/loss": ([0], [1.0])}, config=None)
     assert run_title(run) == "lenet/version_3"
     (run / "hparams.yaml").write_text("_class_path: lyapunov_callbacks.models.LeNet1\nnum_classes: 10\nloss: ce\n")
@@ -177,7 +178,7 @@ def test_plot_run_colours_data_axes_and_png(tmp_path, full_run):
     assert result.paths == [tmp_path / "figs" / "run.png"]
     assert_not_blank(result.paths[0])
     assert result.missing == []
-    assert result.title == "MLP · loss=mse · SGD lr=0.1 · CosineAnnealingLR · QuasiNewtonLR"
+    assert result.title == "MLP · loss=mse · CIFAR-10\nSGD · CosineAnnealingLR · QuasiNewtonLR α = 1/h0"
     assert result.ax.get_title() == result.title
 
     expected_colour = {"lambda": "tab:blue", "inv_h0": "tab:orange", "lr": "tab:red", "loss": "tab:green"}
@@ -207,7 +208,7 @@ def test_plot_run_colours_data_axes_and_png(tmp_path, full_run):
     assert len(zero) == 1 and list(zero[0].get_ydata()) == [0.0, 0.0]
     assert result.ax.get_xlabel() == "global step"
     assert result.lambda_ax.get_ylabel() == "λ"
-    legend = result.lambda_ax.get_legend()
+    legend = result.figure.legends[0]  # below the chart (tests/test_plot_command.py: it covers no curve)
     assert [t.get_text() for t in legend.get_texts()] == [
         "λ (Lyapunov exponent)", "1/h0", "α (learning rate)", "training loss"
     ]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lyapunov_callbacks.callbacks.lyapunov_monitor as lyap_mod
+import lyapunov_callbacks.callbacks._lightning as glue_mod  # builds the monitors' operators
 from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor
 from recording_logger import RecordingLogger
 
@@ -148,7 +149,7 @@ def test_hvp_uses_the_training_steps_dropout_masks(monkeypatch):
     gradient the optimiser is about to apply (a different dropout mask would give a different gradient)."""
     grads: list[torch.Tensor] = []
 
-    build_operator = lyap_mod.HessianOperator
+    build_operator = glue_mod.HessianOperator
 
     def spy_operator(*args, **kwargs):
         op = build_operator(*args, **kwargs)
@@ -163,7 +164,7 @@ def test_hvp_uses_the_training_steps_dropout_masks(monkeypatch):
             flat = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()])
             self.diffs.append(float((grads[-1] - flat).abs().max() / flat.abs().max()))
 
-    monkeypatch.setattr(lyap_mod, "HessianOperator", spy_operator)
+    monkeypatch.setattr(glue_mod, "HessianOperator", spy_operator)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(48, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (48,), generator=g))

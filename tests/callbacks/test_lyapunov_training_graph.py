@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lyapunov_callbacks.callbacks.lyapunov_monitor as lyap_mod
+import lyapunov_callbacks.callbacks._lightning as glue_mod  # builds the monitors' operators
 from lyapunov_callbacks.core.hessian import graph_hvp
 from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor
 from test_lyapunov_monitor import DropoutNet  # training_loss / training_step of a CE classifier on self.net
@@ -110,7 +111,7 @@ def _fit(monitor, model, steps: int = 12, **kw) -> list[float]:
 
 def _count(monkeypatch) -> dict[str, int]:
     calls = {"graph": 0, "operator": 0}
-    graph, operator = lyap_mod.graph_hvp, lyap_mod.HessianOperator
+    graph, operator = lyap_mod.graph_hvp, glue_mod.HessianOperator
 
     def counted_graph(*args, **kwargs):
         calls["graph"] += 1
@@ -121,7 +122,7 @@ def _count(monkeypatch) -> dict[str, int]:
         return operator(*args, **kwargs)
 
     monkeypatch.setattr(lyap_mod, "graph_hvp", counted_graph)
-    monkeypatch.setattr(lyap_mod, "HessianOperator", counted_operator)
+    monkeypatch.setattr(glue_mod, "HessianOperator", counted_operator)
     return calls
 
 
