@@ -39,6 +39,7 @@ from lyapunov_callbacks.hessian import BACKENDS, HessianOperator
 from lyapunov_callbacks.preconditioned import PreconditionedOperator, preconditioned_operator
 from lyapunov_callbacks.quasi_newton_rule import RULES, QuasiNewtonRule
 from lyapunov_callbacks.stability import adam_stability_factor, momentum_stability_factor
+from lyapunov_callbacks.step_direction import check_step_optimizer, directional_sharpness, step_direction
 
 __all__ = ["QuasiNewtonLR", "momentum_stability_factor"]
 
@@ -111,6 +112,18 @@ class QuasiNewtonLR(Callback):
       (β1 is part of Adam's rule). ``{prefix}/pre_h0`` is logged instead of ``{prefix}/h0``.
     - Any other optimiser is refused at fit start.
 
+    **rule="batch_sharpness"** (the greedy step along the optimiser's own direction; derivations in
+    :mod:`lyapunov_callbacks.step_direction`). At each scheduled or triggered step one HVP on the step's own
+    batch (and dropout masks) gives :math:`s = d^\top \nabla^2 F\, d / \nabla F^\top d`, with :math:`d` the
+    direction the optimiser is about to move (read from the step's ``.grad`` and the optimiser's state: the
+    gradient for plain SGD, the new momentum buffer for heavy-ball SGD, :math:`g + \mu b` for Nesterov,
+    :math:`\hat m/(\sqrt{\hat v}+\epsilon)` for Adam/AdamW, also at the first step before Adam has state), and
+    α = scale/ŝ with ŝ the bias-corrected EMA (``sharpness_ema``) of s. With ``hvp="finite_difference"`` the
+    step's gradient is reused, so the product costs one forward and backward at :math:`\theta + \epsilon d`;
+    ``"autograd"`` is exact and builds its own double-backward graph. ``{prefix}/sharpness`` (the raw s) is
+    logged instead of ``{prefix}/h0``. ``momentum_aware``, ``batch="fixed"``, ``smoothing`` and
+    ``rayleigh_every`` do not apply and are refused at construction (momentum is inside :math:`d`).
+
     **Accumulation.** With ``accumulate_grad_batches = k`` the estimate is of the mean of the step's ``k``
     micro-batch losses (each with its training dropout masks), the loss the step optimises, as the monitors
     measure it.
@@ -160,13 +173,17 @@ class QuasiNewtonLR(Callback):
         min_lr: lower clamp of α (> 0).
         max_lr: upper clamp of α (≥ ``min_lr``), a safety net.
         momentum_aware: SGD with momentum: scale α by the heavy-ball stability factor.
-        rule: ``"newton"`` (α·h0 = scale·c, default) or ``"edge"`` (α·h0 = edge·scale·c).
+        rule: ``"newton"`` (α·h0 = scale·c, default), ``"edge"`` (α·h0 = edge·scale·c) or
+            ``"batch_sharpness"`` (see *rule="batch_sharpness"* above).
         edge: the target of ``rule="edge"``, in (0, 2); default 1.8.
         max_lr_growth: largest factor (> 1) by which one estimate may raise the LR, default 2.
         loss_rise: relative loss rise (> 0) that triggers an estimate, default 1.0; ``None``: no loss trigger.
         loss_window: number of recent losses (≥ 1) whose mean is the loss trigger's reference, default 10.
         rayleigh_every: one-HVP Rayleigh check every this many steps (≥ 1); ``None`` (default): never.
         rayleigh_rise: relative rise (> 0) of the Rayleigh quotient over h0 that triggers, default 0.1.
+        sharpness_ema: ``rule="batch_sharpness"``: EMA factor in [0, 1) of the measurement, default 0.9.
+        warmup_steps: ``rule="batch_sharpness"``: measure at every step of the first ``warmup_steps`` (≥ 0)
+            steps, then every ``every_n_steps``; default 0.
         seed: seed of the solver's random start vector and of the probe batch's indices.
         dtype: dtype of the estimate, ``None`` (the parameters', float32 under mixed precision),
             ``"float32"``/``"float64"`` or a ``torch.dtype``.
@@ -213,6 +230,8 @@ class QuasiNewtonLR(Callback):
         loss_window: int = 10,
         rayleigh_every: Optional[int] = None,
         rayleigh_rise: float = 0.1,
+        sharpness_ema: float = 0.9,
+        warmup_steps: int = 0,
         seed: int = 0,
         dtype: Optional[Union[str, torch.dtype]] = None,
         prefix: str = "quasi_newton",
@@ -242,6 +261,9 @@ class QuasiNewtonLR(Callback):
             max_lr_growth=max_lr_growth, loss_rise=loss_rise, loss_window=loss_window,
             rayleigh_every=rayleigh_every, rayleigh_rise=rayleigh_rise,
         )
+        if rule == "batch_sharpness":
+            self._check_sharpness_settings(batch, momentum_aware)
+            self._rule_settings.update(sharpness_ema=sharpness_ema, warmup_steps=warmup_steps)
         QuasiNewtonRule(**self._rule_settings)
 
         self.scale = float(scale)
@@ -383,7 +405,10 @@ class QuasiNewtonLR(Callback):
         self._configured_lr = lrs[0]
         self._adam = type(optimizer) in _ADAM
         rule = self.rule
-        rule.stability_factor = self._adam_factor(optimizer) if self._adam else self._momentum_factor(optimizer)
+        if self.rule_name == "batch_sharpness":
+            check_step_optimizer(optimizer)  # the direction carries momentum, β1 and the decay
+        else:
+            rule.stability_factor = self._adam_factor(optimizer) if self._adam else self._momentum_factor(optimizer)
         rule.weight_decay = (
             max(float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups) if not self._adam else 0.0
         )
@@ -440,7 +465,10 @@ class QuasiNewtonLR(Callback):
                 measured = self._measure_input(trainer, pl_module, micro)
             warm = not rule.warmup_done
             tol, cap = (self.warmup_tol, rule.warmup_hvps_left) if warm else (self.tol, self._tracker.max_iter)
-            h0, hvps = self._estimate(pl_module, optimizer, measured, tol, cap)
+            if self.rule_name == "batch_sharpness":
+                h0, hvps = self._directional_sharpness(pl_module, optimizer, measured)
+            else:
+                h0, hvps = self._estimate(pl_module, optimizer, measured, tol, cap)
             # Every rank must take the same decision: use rank 0's value (identical anyway with all-reduced HVPs).
             h0 = float(trainer.strategy.broadcast(h0, src=0))
             rule.update(h0, step, hvps=hvps)
@@ -449,7 +477,10 @@ class QuasiNewtonLR(Callback):
             return
         if was_warmup:
             extra[f"{self.prefix}/warmup_hvps"] = float(rule.warmup_hvps)
-            if not rule.warmup_converged and math.isfinite(h0) and rule.warmup_max_hvps == self.warmup_max_hvps:
+            if (
+                not rule.warmup_converged and math.isfinite(h0) and rule.warmup_max_hvps == self.warmup_max_hvps
+                and self.rule_name != "batch_sharpness"
+            ):
                 rank_zero_warn(
                     f"QuasiNewtonLR: the warm-up used warmup_max_hvps={self.warmup_max_hvps} HVPs before h0 was "
                     f"stable to warmup_tol={self.warmup_tol} (last estimate {h0:.6g}); training starts with it. "
@@ -598,6 +629,40 @@ class QuasiNewtonLR(Callback):
             tracker.eigenvalues = result.eigenvalues.detach().clone()
         return result
 
+    @staticmethod
+    def _check_sharpness_settings(batch: str, momentum_aware: bool) -> None:
+        if batch != "current":
+            raise ValueError(
+                f"rule='batch_sharpness' measures the step's own batch along the step's own direction; got "
+                f"batch={batch!r}: use batch='current'."
+            )
+        if momentum_aware:
+            raise ValueError(
+                "rule='batch_sharpness' reads momentum from the optimiser's buffer (it is inside the step's "
+                "direction); got momentum_aware=True: leave momentum_aware=False."
+            )
+
+    def _directional_sharpness(
+        self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, measured: tuple
+    ) -> tuple[float, int]:
+        """``(s, HVPs)`` of ``rule="batch_sharpness"``: the step's curvature along its direction per unit slope."""
+        loss_fn, batch, rng = measured
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        # Finite differences reuse the step's gradient (the all-rank mean under DDP) as ∇L(θ): one fwd+bwd.
+        reuse = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        scales = self._group_ratios if len(self._group_ratios) == len(optimizer.param_groups) else None
+        with preserved_state(pl_module, copy_tensors=False):
+            restore_rng(rng)
+            with torch.enable_grad(), HessianOperator(
+                pl_module, loss_fn, batch, backend=self.hvp, dtype=self.dtype, snapshot=False,
+                gradient=reuse if self.hvp == "finite_difference" else None,
+            ) as op:
+                step = step_direction(optimizer, params, grads=grads, group_scales=scales, dtype=op.dtype)
+                result = directional_sharpness(op, step)
+        self._tracker.total_hvps += result.num_hvps
+        return result.sharpness, result.num_hvps
+
     def _rayleigh(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, measured: tuple
     ) -> Optional[float]:
@@ -623,7 +688,10 @@ class QuasiNewtonLR(Callback):
         rule = self.rule
         metrics = dict(extra)
         # Own tags: HessianEigenvalueMonitor logs hessian/* in the same hook, with its own options.
-        metrics[f"{self.prefix}/pre_h0" if self._adam else f"{self.prefix}/h0"] = finite_or_nan(h0)
+        if self.rule_name == "batch_sharpness":
+            metrics[f"{self.prefix}/sharpness"] = finite_or_nan(h0)
+        else:
+            metrics[f"{self.prefix}/pre_h0" if self._adam else f"{self.prefix}/h0"] = finite_or_nan(h0)
         metrics[f"{self.prefix}/lr"] = rule.lr
         metrics["optim/lr"] = rule.lr
         metrics[f"{self.prefix}/rejected_estimates"] = float(rule.rejected_estimates)
@@ -631,7 +699,7 @@ class QuasiNewtonLR(Callback):
         metrics[f"{self.prefix}/triggered_estimates"] = float(rule.triggers["loss"] + rule.triggers["rayleigh"])
         prog_bar = (f"{self.prefix}/lr",) if self.prog_bar else ()
         log_measurements(trainer, pl_module, metrics, step, prog_bar=prog_bar)
-        if self._hessian_tags and trainer.is_global_zero:
+        if self._hessian_tags and trainer.is_global_zero and self.rule_name != "batch_sharpness":
             # The figure's curves (hessian/inv_h0), to the loggers only: a HessianEigenvalueMonitor would log
             # these tags through LightningModule.log in the same hook, with its own options.
             if self._adam:
