@@ -76,12 +76,13 @@ class StepDirection:
         direction: :math:`d`, the step is :math:`\\theta \\leftarrow \\theta - \\alpha d`.
         gradient: :math:`\\nabla F = g + w_c\\theta`, the gradient of the objective the optimiser descends
             (``w_c`` the coupled weight decay of SGD/Adam; 0 for AdamW, whose decay is in ``direction``).
-        decay: :math:`w_c` per coordinate: :math:`\\nabla^2 F = H_B + \\mathrm{diag}(w_c)`.
+        decay: :math:`w_c` per coordinate, :math:`\\nabla^2 F = H_B + \\mathrm{diag}(w_c)`; ``None`` when no
+            group has coupled decay. ``direction`` and ``gradient`` may be one tensor (plain SGD).
     """
 
     direction: torch.Tensor
     gradient: torch.Tensor
-    decay: torch.Tensor
+    decay: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -220,7 +221,7 @@ def step_direction(
             zero = torch.zeros(p.numel(), dtype=dtype, device=p.device)
             directions.append(zero)
             gradients.append(zero if g is None else g.detach().reshape(-1).to(dtype))
-            decays.append(zero)
+            decays.append(0.0)
             continue
         group, state = optimizer.param_groups[i], optimizer.state.get(p, {})
         pd, gd = p.detach().to(dtype), g.detach().to(dtype)
@@ -228,10 +229,17 @@ def step_direction(
             d, grad, w = _sgd_direction(pd, gd, group, state)
         else:
             d, grad, w = _adam_direction(pd, gd, group, state, decoupled)
-        directions.append((scales[i] * d).reshape(-1))
+        directions.append((d if scales[i] == 1.0 else scales[i] * d).reshape(-1))
         gradients.append(grad.reshape(-1))
-        decays.append(torch.full((p.numel(),), w, dtype=dtype, device=p.device))
-    return StepDirection(torch.cat(directions), torch.cat(gradients), torch.cat(decays))
+        decays.append(w)
+    # Plain SGD: d is the gradient itself, so one flat copy serves both (a vector op saved per parameter).
+    gradient = torch.cat(gradients)
+    same = all(d is g or (d.data_ptr() == g.data_ptr() and d.shape == g.shape) for d, g in zip(directions, gradients))
+    direction = gradient if same else torch.cat(directions)
+    decay = None
+    if any(w != 0.0 for w in decays):
+        decay = torch.cat([torch.full((p.numel(),), w, dtype=dtype, device=p.device) for p, w in zip(params, decays)])
+    return StepDirection(direction, gradient, decay)
 
 
 def directional_sharpness(op: Any, step: StepDirection) -> DirectionalSharpness:
@@ -254,15 +262,17 @@ def directional_sharpness(op: Any, step: StepDirection) -> DirectionalSharpness:
         ValueError: vectors of ``step`` whose length is not ``op.dim``.
     """
     d = step.direction.detach().to(device=op.device, dtype=op.dtype)
-    if d.shape != (op.dim,) or step.gradient.shape != (op.dim,) or step.decay.shape != (op.dim,):
-        raise ValueError(f"the step's vectors must have length op.dim={op.dim}, got {tuple(d.shape)}.")
+    shapes = {tuple(t.shape) for t in (step.direction, step.gradient, step.decay) if t is not None}
+    if shapes != {(op.dim,)}:
+        raise ValueError(f"the step's vectors must have length op.dim={op.dim}, got {sorted(shapes)}.")
     g = step.gradient.detach().to(device=op.device, dtype=op.dtype)
-    w = step.decay.detach().to(device=op.device, dtype=op.dtype)
     slope = float(g @ d)
     if not (math.isfinite(slope) and slope > 0.0):
         # No descent along d (or a non-finite gradient): the product is not needed to reject it.
         return DirectionalSharpness(slope, math.nan, math.nan, num_hvps=0)
-    curvature = float(d @ op.matvec(d)) + float((w * d) @ d)
+    curvature = float(d @ op.matvec(d))
+    if step.decay is not None:
+        curvature += float((step.decay.detach().to(device=op.device, dtype=op.dtype) * d) @ d)
     sharpness = curvature / slope if math.isfinite(curvature) else math.nan
     return DirectionalSharpness(slope, curvature, sharpness)
 

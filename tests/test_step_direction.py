@@ -193,7 +193,7 @@ def test_no_descent_direction_is_nan_and_no_product_is_spent():
     model = TwoPieceQuadratic()
     with HessianOperator(model, loss_fn, None) as op:
         theta, g = _grad(model)
-        step = StepDirection(direction=-g, gradient=g, decay=torch.zeros(DIM, dtype=torch.float64))
+        step = StepDirection(direction=-g, gradient=g, decay=None)
         res = directional_sharpness(op, step)
         assert math.isnan(res.sharpness) and res.num_hvps == 0 and op.num_hvps == 0
         # Negative curvature along a descent direction: s < 0, which the rule rejects.
