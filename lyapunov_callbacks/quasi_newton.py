@@ -122,7 +122,8 @@ class QuasiNewtonLR(Callback):
     step's gradient is reused, so the product costs one forward and backward at :math:`\theta + \epsilon d`;
     ``"autograd"`` is exact and builds its own double-backward graph. ``{prefix}/sharpness`` (the raw s) is
     logged instead of ``{prefix}/h0``. ``momentum_aware``, ``batch="fixed"``, ``smoothing`` and
-    ``rayleigh_every`` do not apply and are refused at construction (momentum is inside :math:`d`).
+    ``rayleigh_every`` do not apply and are refused at construction (momentum is inside :math:`d`). Gradient
+    clipping, which Lightning applies after this hook, is not in :math:`d` (the unclipped step is measured).
 
     **Accumulation.** With ``accumulate_grad_batches = k`` the estimate is of the mean of the step's ``k``
     micro-batch losses (each with its training dropout masks), the loss the step optimises, as the monitors
