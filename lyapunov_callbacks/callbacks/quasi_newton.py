@@ -39,11 +39,12 @@ from lyapunov_callbacks.callbacks._lightning import (
     step_loss,
 )
 from lyapunov_callbacks.core.eigen import METHODS
-from lyapunov_callbacks.core.hessian import BACKENDS, trainable_parameters
+from lyapunov_callbacks.core.hessian import BACKENDS, backend_class, trainable_parameters
 from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_preconditioner
 from lyapunov_callbacks.core.quasi_newton_rule import RULES, QuasiNewtonRule
 from lyapunov_callbacks.core.stability import momentum_stability_factor, stability_factor
 from lyapunov_callbacks.core.state import preserved_state
+from lyapunov_callbacks.core.step_direction import check_step_optimizer, directional_sharpness, step_direction
 from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout, log_reference_levels
 from lyapunov_callbacks.core.tracker import EigenTracker
 
@@ -83,6 +84,19 @@ class QuasiNewtonLR(Callback):
     :math:`P^{-1/2}HP^{-1/2}`, :math:`P` the preconditioner of the coming step,
     :func:`~lyapunov_callbacks.core.preconditioned.step_preconditioner`) and :math:`c = (1+\beta_1)/(1-\beta_1)`;
     ``{prefix}/pre_h0`` is logged instead of ``{prefix}/h0``. Other optimisers are refused at fit start.
+
+    **rule="batch_sharpness"** (the greedy step along the optimiser's own direction; derivations in
+    :mod:`lyapunov_callbacks.core.step_direction`). At each scheduled or triggered step one HVP on the step's own
+    batch (and dropout masks) gives :math:`s = d^\top \nabla^2 F\, d / \nabla F^\top d`, with :math:`d` the
+    direction the optimiser is about to move (read from the step's ``.grad`` and the optimiser's state: the
+    gradient for plain SGD, the new momentum buffer for heavy-ball SGD, :math:`g + \mu b` for Nesterov,
+    :math:`\hat m/(\sqrt{\hat v}+\epsilon)` for Adam/AdamW, also at the first step before Adam has state), and
+    α = scale/ŝ with ŝ the bias-corrected EMA (``sharpness_ema``) of s. With ``hvp="finite_difference"`` the
+    step's gradient is reused, so the product costs one forward and backward at :math:`\theta + \epsilon d`;
+    ``"autograd"`` is exact and builds its own double-backward graph. ``{prefix}/sharpness`` (the raw s) is
+    logged instead of ``{prefix}/h0``. ``momentum_aware``, ``batch="fixed"``, ``smoothing`` and
+    ``rayleigh_every`` do not apply and are refused at construction (momentum is inside :math:`d`). Gradient
+    clipping, which Lightning applies after this hook, is not in :math:`d` (the unclipped step is measured).
 
     **Measured loss.** The step's batch (``batch="current"``; with ``accumulate_grad_batches = k`` the mean of its
     micro-batch losses, with their dropout masks) or a probe batch drawn once (``batch="fixed"``). Under DDP the
@@ -124,13 +138,17 @@ class QuasiNewtonLR(Callback):
         min_lr: lower clamp of α (> 0).
         max_lr: upper clamp of α (≥ ``min_lr``), a safety net.
         momentum_aware: SGD with momentum: scale α by the heavy-ball stability factor.
-        rule: ``"newton"`` (α·h0 = scale·c, default) or ``"edge"`` (α·h0 = edge·scale·c).
+        rule: ``"newton"`` (α·h0 = scale·c, default), ``"edge"`` (α·h0 = edge·scale·c) or
+            ``"batch_sharpness"`` (see *rule="batch_sharpness"* above).
         edge: the target of ``rule="edge"``, in (0, 2); default 1.8.
         max_lr_growth: largest factor (> 1) by which one estimate may raise the LR, default 2.
         loss_rise: relative loss rise (> 0) that triggers an estimate, default 1.0; ``None``: no loss trigger.
         loss_window: number of recent losses (≥ 1) whose mean is the loss trigger's reference, default 10.
         rayleigh_every: one-HVP Rayleigh check every this many steps (≥ 1); ``None`` (default): never.
         rayleigh_rise: relative rise (> 0) of the Rayleigh quotient over h0 that triggers, default 0.1.
+        sharpness_ema: ``rule="batch_sharpness"``: EMA factor in [0, 1) of the measurement, default 0.9.
+        warmup_steps: ``rule="batch_sharpness"``: measure at every step of the first ``warmup_steps`` (≥ 0)
+            steps, then every ``every_n_steps``; default 0.
         seed: seed of the solver's random start vector and of the probe batch's indices.
         dtype: dtype of the estimate, ``None`` (the parameters', float32 under mixed precision),
             ``"float32"``/``"float64"`` or a ``torch.dtype``.
@@ -178,6 +196,8 @@ class QuasiNewtonLR(Callback):
         loss_window: int = 10,
         rayleigh_every: Optional[int] = None,
         rayleigh_rise: float = 0.1,
+        sharpness_ema: float = 0.9,
+        warmup_steps: int = 0,
         seed: int = 0,
         dtype: Optional[Union[str, torch.dtype]] = None,
         prefix: str = "quasi_newton",
@@ -205,6 +225,9 @@ class QuasiNewtonLR(Callback):
             rayleigh_every=rayleigh_every, rayleigh_rise=rayleigh_rise,
             drift_tol=drift_tol, min_every=min_every, max_every=max_every,
         )
+        if rule == "batch_sharpness":
+            _check_sharpness_settings(batch, momentum_aware)
+            self._rule_settings.update(sharpness_ema=sharpness_ema, warmup_steps=warmup_steps)
         self.rule = QuasiNewtonRule(**self._rule_settings)
         self.method = method
         self.hvp = hvp
@@ -275,7 +298,10 @@ class QuasiNewtonLR(Callback):
         self._configured_lr = lrs[0]
         self._adam = type(optimizer) in _ADAM
         rule = self.rule
-        rule.stability_factor = self._stability_factor(optimizer)
+        if rule.rule == "batch_sharpness":
+            check_step_optimizer(optimizer)  # the direction carries momentum, β1 and the decay
+        else:
+            rule.stability_factor = self._stability_factor(optimizer)
         rule.weight_decay = (
             max(float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups) if not self._adam else 0.0
         )
@@ -341,7 +367,10 @@ class QuasiNewtonLR(Callback):
         estimated, h0 = False, float("nan")
         while rule.needs_estimate(step, loss=loss, rayleigh=rayleigh):
             tol, cap = (rule.warmup_tol, rule.warmup_hvps_left) if not rule.warmup_done else (self.tol, None)
-            h0, hvps = self._estimate(trainer, pl_module, optimizer, measured, tol=tol, cap=cap)
+            if rule.rule == "batch_sharpness":
+                h0, hvps = self._directional_sharpness(trainer, pl_module, optimizer, measured)
+            else:
+                h0, hvps = self._estimate(trainer, pl_module, optimizer, measured, tol=tol, cap=cap)
             rule.update(h0, step, hvps=hvps)
             estimated = True
         if not estimated:
@@ -428,9 +457,27 @@ class QuasiNewtonLR(Callback):
         h0 = float(trainer.strategy.broadcast(float(result.eigenvalues[0]), src=0))
         return h0, int(result.num_hvps)
 
+    def _directional_sharpness(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, measured: tuple
+    ) -> tuple[float, int]:
+        """``(s, HVPs)`` of ``rule="batch_sharpness"``: the step's curvature along its direction per unit slope
+        (rank 0's value)."""
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        options = {}
+        if backend_class(self.hvp).takes_gradient:  # the step's gradient (the all-rank mean under DDP) is ∇L(θ)
+            options["gradient"] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        scales = self._group_ratios if len(self._group_ratios) == len(optimizer.param_groups) else None
+        with preserved_state(pl_module, copy_tensors=False):
+            with measurement_operator(pl_module, *measured, self.hvp, self.dtype, **options) as op:
+                step = step_direction(optimizer, params, grads=grads, group_scales=scales, dtype=op.dtype)
+                result = directional_sharpness(op, step)
+        self._tracker.total_hvps += result.num_hvps
+        return float(trainer.strategy.broadcast(result.sharpness, src=0)), result.num_hvps
+
     def _warn(self, h0: float, step: int, was_warmup: bool) -> None:
         rule = self.rule
-        if was_warmup and not rule.warmup_converged and math.isfinite(h0) and (
+        if was_warmup and not rule.warmup_converged and math.isfinite(h0) and rule.rule != "batch_sharpness" and (
             rule.warmup_max_hvps == self._rule_settings["warmup_max_hvps"]
         ):
             rank_zero_warn(
@@ -452,7 +499,10 @@ class QuasiNewtonLR(Callback):
         rule = self.rule
         metrics = dict(extra)
         # Own tags: HessianEigenvalueMonitor logs hessian/* in the same hook, with its own options.
-        metrics[f"{self.prefix}/pre_h0" if self._adam else f"{self.prefix}/h0"] = finite_or_nan(h0)
+        if rule.rule == "batch_sharpness":
+            metrics[f"{self.prefix}/sharpness"] = finite_or_nan(h0)
+        else:
+            metrics[f"{self.prefix}/pre_h0" if self._adam else f"{self.prefix}/h0"] = finite_or_nan(h0)
         metrics[f"{self.prefix}/lr"] = rule.lr
         metrics["optim/lr"] = rule.lr
         metrics[f"{self.prefix}/rejected_estimates"] = float(rule.rejected_estimates)
@@ -462,7 +512,7 @@ class QuasiNewtonLR(Callback):
             metrics[f"{self.prefix}/every_n_steps"] = float(rule.every_n_steps_in_use)
         prog_bar = (f"{self.prefix}/lr",) if self.prog_bar else ()
         log_measurements(trainer, pl_module, metrics, step, prog_bar=prog_bar)
-        if self._hessian_tags and trainer.is_global_zero:
+        if self._hessian_tags and trainer.is_global_zero and rule.rule != "batch_sharpness":
             # The figure's curves (hessian/inv_h0), to the loggers only: a HessianEigenvalueMonitor would log
             # these tags through LightningModule.log in the same hook, with its own options.
             if self._adam:
@@ -486,3 +536,16 @@ class QuasiNewtonLR(Callback):
             for group, ratio in zip(groups, ratios):
                 group["lr"] = self.rule.lr * ratio
 
+
+def _check_sharpness_settings(batch: str, momentum_aware: bool) -> None:
+    """Refuse, at construction, the settings ``rule="batch_sharpness"`` has no use for."""
+    if batch != "current":
+        raise ValueError(
+            f"rule='batch_sharpness' measures the step's own batch along the step's own direction; got "
+            f"batch={batch!r}: use batch='current'."
+        )
+    if momentum_aware:
+        raise ValueError(
+            "rule='batch_sharpness' reads momentum from the optimiser's buffer (it is inside the step's "
+            "direction); got momentum_aware=True: leave momentum_aware=False."
+        )

@@ -19,8 +19,9 @@ from lyapunov_callbacks.core.stability import adam_stability_factor
 
 __all__ = ["QuasiNewtonRule", "RULES", "TRIGGERS", "adam_stability_factor"]
 
-#: The two step rules: ``"newton"`` (the paper's α·h0 = scale) and ``"edge"`` (α·h0 = ``edge`` < 2).
-RULES = ("newton", "edge")
+#: The step rules: ``"newton"`` (the paper's α·h0 = scale), ``"edge"`` (α·h0 = ``edge`` < 2) and
+#: ``"batch_sharpness"`` (α = scale/s, s the curvature along the optimiser's own step per unit slope).
+RULES = ("newton", "edge", "batch_sharpness")
 #: Why an estimate was asked for, in the order they are checked.
 TRIGGERS = ("warmup", "rayleigh", "growth", "loss", "schedule")
 # A fresh warm-up estimate is "the same" as the previous one within warmup_tol relatively; with fewer HVPs than
@@ -54,6 +55,29 @@ class QuasiNewtonRule:
     ``lyapunov_callbacks.core.stability`` for heavy-ball SGD and :func:`adam_stability_factor` (with h0 =
     λ1(P⁻¹H)) for Adam. :math:`w` is SGD's coupled ``weight_decay``: it adds :math:`wI` to the curvature of the
     update map, so with :math:`h_0 \ll w` the step is set by :math:`w`.
+
+    **rule="batch_sharpness"** (the greedy step along the optimiser's own direction). The measurement passed
+    to :meth:`update` is not h0 but :math:`s = d^\top \nabla^2 F\, d / \nabla F^\top d`, the curvature of the
+    mini-batch objective along the step's direction :math:`d` per unit slope
+    (:func:`~lyapunov_callbacks.core.step_direction.directional_sharpness`, one HVP on the step's batch), and
+
+    .. math:: \alpha = \mathrm{clamp}\big(\text{scale} / \hat s,\ \text{min\_lr},\ \text{max\_lr}\big),
+       \qquad \hat s_n = \frac{\text{EMA}_\beta(s)_n}{1 - \beta^n},
+
+    :math:`\beta` = ``sharpness_ema`` and :math:`n` the number of good measurements (the bias correction makes
+    the first one count fully). :math:`1/s` minimises the quadratic model of the batch's objective along the
+    step the optimiser takes (for plain SGD, :math:`\lVert g\rVert^2/g^\top H_B g`); momentum, Nesterov, Adam
+    and weight decay are inside :math:`d`, so ``stability_factor`` and ``weight_decay`` do not enter this
+    rule. It is not bounded by :math:`2/h_0`: the greedy step may exceed it for a step (it then overshoots
+    only the sharpest direction, which the next gradient turns towards), and that is where it outruns
+    ``"newton"``. Safety is the same as the other rules': NaN/∞/≤ 0 measurements (no descent along
+    :math:`d`, or no positive curvature) are rejected, ``max_lr_growth`` limits each rise, the clamps hold, and
+    a **loss-rise brake**: an estimate asked for by the loss trigger is taken at once, :math:`\hat s \leftarrow
+    \max(\hat s, s)` (the EMA continues from there), so a sharpening lowers the LR at the next step instead of
+    being averaged away. The warm-up is the first measurement at the initial weights (exact: one HVP, nothing
+    to converge), which sets the LR without the growth limit. Then ``"schedule"`` asks for a measurement at
+    every step of the first ``warmup_steps`` steps, and every ``every_n_steps`` steps after them: the
+    curvature moves fastest early, and measuring sparsely from the start overshoots there.
 
     **When to estimate.** :meth:`needs_estimate` answers, at a step, whether h0 should be (re-)estimated now:
 
@@ -90,7 +114,8 @@ class QuasiNewtonRule:
     a fall of h0 is averaged, a rise is taken at once (smoothing a sharpening would keep a diverging LR).
 
     Args:
-        rule: ``"newton"`` (α = scale·c/(h0 + w), default) or ``"edge"`` (α = edge·scale·c/(h0 + w)).
+        rule: ``"newton"`` (α = scale·c/(h0 + w), default), ``"edge"`` (α = edge·scale·c/(h0 + w)) or
+            ``"batch_sharpness"`` (α = scale/ŝ, the greedy step along the optimiser's direction; see above).
         scale: multiplies α (> 0); 1 is the quasi-Newton step.
         edge: target of α·(h0 + w)/c under ``rule="edge"``, in (0, 2); default 1.8.
         stability_factor: c > 0, the optimiser's stability limit over plain GD's (1 for SGD).
@@ -113,13 +138,19 @@ class QuasiNewtonRule:
         rayleigh_every: ask for a Rayleigh check every this many steps (≥ 1); ``None`` (default) never.
         rayleigh_rise: relative rise (> 0) of the Rayleigh quotient over h0 that triggers, default 0.1.
         growth_limit: tangent growth factor per step (> 0) above which an estimate is triggered, default 1.1.
+        sharpness_ema: EMA factor β in [0, 1) of ``rule="batch_sharpness"``'s measurement (0: none),
+            default 0.9; unused by the other rules.
+        warmup_steps: ``rule="batch_sharpness"``: measure at every step of the first ``warmup_steps`` (≥ 0)
+            steps before the ``every_n_steps`` schedule starts, default 0; unused by the other rules.
 
     Raises:
         ValueError: for an unknown ``rule``, ``scale``/``stability_factor``/``warmup_tol``/``min_lr``/
             ``rayleigh_rise``/``growth_limit``/``loss_rise`` ≤ 0 or not finite, ``edge`` outside (0, 2),
             ``weight_decay`` < 0, ``every_n_steps`` neither ≥ 1 nor ``"auto"``, ``drift_tol`` ≤ 0, ``min_every`` <
             1, ``max_every`` < ``min_every``, ``warmup_max_hvps``/``loss_window``/``rayleigh_every`` < 1,
-            ``smoothing`` outside [0, 1), ``max_lr`` < ``min_lr`` or ``max_lr_growth`` ≤ 1.
+            ``smoothing`` outside [0, 1), ``max_lr`` < ``min_lr`` or ``max_lr_growth`` ≤ 1; with
+            ``rule="batch_sharpness"``: ``sharpness_ema`` outside [0, 1), ``warmup_steps`` < 0, a ``smoothing``
+            other than 0 (the rule smooths with ``sharpness_ema``) or a ``rayleigh_every`` (no eigenvector).
 
     Example::
 
@@ -165,6 +196,8 @@ class QuasiNewtonRule:
         drift_tol: float = 0.05,
         min_every: int = 10,
         max_every: int = 200,
+        sharpness_ema: float = 0.9,
+        warmup_steps: int = 0,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"`rule` must be one of {', '.join(map(repr, RULES))}, got {rule!r}.")
@@ -197,6 +230,23 @@ class QuasiNewtonRule:
             check_int("rayleigh_every", rayleigh_every, "rayleigh_every=5, or None for no Rayleigh check")
         check_positive("rayleigh_rise", rayleigh_rise, "rayleigh_rise=0.1")
         check_positive("growth_limit", growth_limit, "growth_limit=1.1")
+        if not is_number(sharpness_ema) or not 0.0 <= sharpness_ema < 1.0:
+            raise ValueError(
+                f"`sharpness_ema` must be in [0, 1) (EMA factor of the batch sharpness; 0 = none), got {sharpness_ema!r}."
+            )
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}; use e.g. warmup_steps=0.")
+        if rule == "batch_sharpness":
+            if smoothing != 0:
+                raise ValueError(
+                    f"rule='batch_sharpness' smooths its measurement with `sharpness_ema`; got smoothing={smoothing!r}: "
+                    "leave smoothing=0 and set sharpness_ema (e.g. 0.9)."
+                )
+            if rayleigh_every is not None:
+                raise ValueError(
+                    f"rule='batch_sharpness' keeps no eigenvector for a Rayleigh check; got rayleigh_every="
+                    f"{rayleigh_every!r}: use rayleigh_every=None (the loss trigger is its brake)."
+                )
 
         self.rule = rule
         self.scale = float(scale)
@@ -218,6 +268,8 @@ class QuasiNewtonRule:
         self.rayleigh_every = rayleigh_every
         self.rayleigh_rise = float(rayleigh_rise)
         self.growth_limit = float(growth_limit)
+        self.sharpness_ema = float(sharpness_ema)
+        self.warmup_steps = warmup_steps
         self.reset()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -246,6 +298,9 @@ class QuasiNewtonRule:
         self._losses: deque = deque(maxlen=self.loss_window)
         self._loss_step: Optional[int] = None
         self._last_loss: Optional[float] = None
+        # rule="batch_sharpness": the EMA of the measurement before bias correction, and its number of samples.
+        self._ema: float = 0.0
+        self._ema_count = 0
         self.cadence: Optional[AdaptiveCadence] = (
             AdaptiveCadence(**self._cadence_settings) if is_auto(self.every_n_steps) else None
         )
@@ -278,6 +333,8 @@ class QuasiNewtonRule:
             "loss_step": self._loss_step,
             "last_loss": self._last_loss,
             "cadence": None if self.cadence is None else self.cadence.state_dict(),
+            "ema": self._ema,
+            "ema_count": self._ema_count,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -303,6 +360,8 @@ class QuasiNewtonRule:
         self._last_loss = state_dict["last_loss"]
         if self.cadence is not None and state_dict.get("cadence") is not None:
             self.cadence.load_state_dict(state_dict["cadence"])
+        self._ema = float(state_dict.get("ema", 0.0))
+        self._ema_count = int(state_dict.get("ema_count", 0))
 
     @property
     def warmup_hvps_left(self) -> int:
@@ -311,11 +370,14 @@ class QuasiNewtonRule:
 
     @property
     def target(self) -> float:
-        """The product α·(h0 + w)/c this rule aims at: ``scale`` (newton) or ``edge·scale`` (edge)."""
+        """The product α·(h0 + w)/c this rule aims at: ``scale`` (newton, batch_sharpness: α·s) or ``edge·scale``."""
         return self.scale * (self.edge if self.rule == "edge" else 1.0)
 
     def lr_for(self, h0: float) -> float:
-        """The LR of curvature ``h0`` before the growth limit and the clamps: ``target·c/(h0 + w)``."""
+        """The LR of curvature ``h0`` before the growth limit and the clamps: ``target·c/(h0 + w)``
+        (``rule="batch_sharpness"``: ``scale/h0``, h0 being the directional sharpness s)."""
+        if self.rule == "batch_sharpness":
+            return self.scale / h0
         return self.target * self.stability_factor / (h0 + self.weight_decay)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -380,6 +442,8 @@ class QuasiNewtonRule:
         previous one to ``warmup_tol``, when the budget is spent or when the estimate is rejected.
         """
         h0 = float(h0)
+        if self.rule == "batch_sharpness":
+            return self._update_sharpness(h0, step, hvps)
         good = math.isfinite(h0) and h0 > 0
         self.num_estimates += 1
         self._last_estimate_step = step
@@ -422,6 +486,42 @@ class QuasiNewtonRule:
         self.clamped_estimates += int(self.clamped)
         return self.lr
 
+    def _update_sharpness(self, s: float, step: int, hvps: int) -> float:
+        """:meth:`update` of ``rule="batch_sharpness"``: ``s`` is the directional sharpness of this step."""
+        good = math.isfinite(s) and s > 0
+        trigger = self.last_trigger
+        self.num_estimates += 1
+        self._last_estimate_step = step
+        self._pending = None
+        self._losses.clear()
+        if self._last_loss is not None and self._loss_step == step and math.isfinite(self._last_loss):
+            self._losses.append(self._last_loss)
+        warm = not self.warmup_done
+        if warm:
+            # One measurement is exact (no iteration to converge): the warm-up is the first one.
+            self.warmup_hvps += int(hvps)
+            self.warmup_done = True
+            self.warmup_converged = good
+        if not good:
+            self._reject()
+            return self.lr
+        self.h0 = s
+        beta = self.sharpness_ema
+        self._ema = beta * self._ema + (1.0 - beta) * s
+        self._ema_count += 1
+        smoothed = self._ema / (1.0 - beta**self._ema_count)
+        if trigger == "loss" and s > smoothed:
+            # The brake: a loss rise is answered by this step's curvature at once, and the EMA goes on from it.
+            smoothed = s
+            self._ema = s * (1.0 - beta**self._ema_count)
+        self.h0_smoothed = smoothed
+        lr = self.lr_for(smoothed)
+        if self.lr is not None and not warm:
+            lr = min(lr, self.lr * self.max_lr_growth)
+        self.lr = self._clamp(lr)
+        self.clamped_estimates += int(self.clamped)
+        return self.lr
+
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
     # ---------------------------------------------------------------------------------------------------------
@@ -443,6 +543,8 @@ class QuasiNewtonRule:
     def _scheduled(self, step: int) -> bool:
         if self._last_estimate_step is None:
             return True
+        if self.rule == "batch_sharpness" and step < self.warmup_steps:
+            return True  # measured at every step of its warm-up
         if self.cadence is not None:
             return self.cadence.due(step)
         return step - self._last_estimate_step >= self.every_n_steps

@@ -154,7 +154,7 @@ def test_adamw_monitor_run_has_the_preconditioned_cards(tmp_path):
     scalars = read_scalars(tb.log_dir)
     _assert_no_empty_chart(layout, scalars)
     # pre_stability is logged from the second measurement on (Adam has no v at step 0): references at 0, 2, 4
-    assert scalars["hessian/pre_stability"].steps.tolist() == [2, 4]
+    assert scalars["hessian/pre_stability"].steps.tolist() == [0, 2, 4]  # P = |g| + eps at step 0
     assert scalars["reference/stability_2_edge_of_stability"].steps.tolist() == [0, 2, 4]
 
 

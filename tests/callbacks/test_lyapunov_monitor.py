@@ -230,11 +230,13 @@ def test_state_dict_round_trip_continues_delta_and_partial_window(tmp_path):
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
     _trainer([monitor, ckpt], max_steps=6, enable_checkpointing=True).fit(Quadratic(lr, momentum=0.5), _loader())
     saved = monitor.state_dict()["tangent"]
-    assert saved["num_steps"] == 6 and saved["window_steps"] == 2  # a partial window of 2 steps
+    window = monitor.state_dict()["window"]
+    assert saved["num_steps"] == 6 and window["steps"] == 2  # a partial window of 2 steps
 
     class Probe(L.Callback):
         def on_train_start(self, trainer, pl_module):
             self.state = resumed.tangent.state_dict()
+            self.window = resumed.state_dict()["window"]
 
     resumed, probe, rec = LyapunovExponentMonitor(window=4), Probe(), RecordingLogger()
     _trainer([resumed, probe], logger=rec, max_steps=8).fit(
@@ -242,7 +244,7 @@ def test_state_dict_round_trip_continues_delta_and_partial_window(tmp_path):
     )
     for key in ("delta_theta", "delta_m"):
         assert torch.equal(probe.state[key], saved[key])
-    assert probe.state["num_steps"] == 6 and probe.state["window_steps"] == 2
+    assert probe.state["num_steps"] == 6 and probe.window == window
     assert probe.state["momentum_initialized"] is True
     # the partial window is completed by steps 6 and 7 and logged at step 7
     assert sorted(rec.series("lyapunov/lambda")) == [7]
