@@ -18,6 +18,7 @@ from lyapunov_callbacks._lightning import (
     check_int,
     check_prefix,
     check_supported,
+    compiled_training_step,
     fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
@@ -73,7 +74,9 @@ class LyapunovExponentMonitor(Callback):
     loss ``training_step`` returns (the loss the optimiser steps on; ``training_loss`` for a module that keeps
     its contract), and the products are bit for bit the operator's (``tests/test_lyapunov_training_graph.py``).
     This needs exact products (``hvp="autograd"``), full precision (``32-true`` / ``64-true``), one process, a
-    tangent in the parameters' dtype and no hook on a parameter's gradient; otherwise, and from the first step
+    tangent in the parameters' dtype, no hook on a parameter's gradient and an eager training step (a
+    ``torch.compile``'d step's graph has no double backward: an info message says so at train start); otherwise,
+    and from the first step
     whose product on the graph fails on (e.g. a kernel without a double backward; an info message says so),
     the products come from a :class:`~lyapunov_callbacks.hessian.HessianOperator` that evaluates the loss
     again with the step's RNG state replayed.
@@ -139,7 +142,8 @@ class LyapunovExponentMonitor(Callback):
             at fit start, with an optimiser other than ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (a subclass
             included), ``SGD(maximize=True)``, SGD param groups that differ in momentum, dampening, Nesterov or
             weight decay, trainable parameters the optimiser does not update, manual optimisation, several
-            optimisers or a torch.compile'd module.
+            optimisers, or a torch.compile'd module on PyTorch < 2.6 (from 2.6 on it is measured through its
+            eager code).
 
     Example::
 
@@ -350,6 +354,8 @@ class LyapunovExponentMonitor(Callback):
         if not self.reuse_training_graph or self.hvp != "autograd":
             return None
         if trainer.precision not in ("32-true", "64-true") or trainer.world_size > 1 or is_distributed():
+            return None
+        if compiled_training_step(pl_module, type(self).__name__):
             return None
         params = [p for _, p in trainable_parameters(pl_module)]
         tangent = self.tangent

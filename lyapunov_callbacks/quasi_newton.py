@@ -178,7 +178,7 @@ class QuasiNewtonLR(Callback):
             start: an optimiser other than ``torch.optim.SGD``/``Adam``/``AdamW`` or one whose param groups
             have no ``lr``; Adam groups with different ``betas[0]``; with ``momentum_aware=True`` SGD with
             dampening or groups of different momentum; a configured LR scheduler, several optimisers, manual
-            optimisation, a torch.compile'd module, or a first param group with ``lr <= 0`` when there are
+            optimisation, a torch.compile'd module on PyTorch < 2.6, or a first param group with ``lr <= 0`` when there are
             several groups.
 
     Example::
