@@ -1,8 +1,9 @@
-"""LightningDataModules: CIFAR-10 (or its offline stand-in) and scikit-learn's digits."""
+"""LightningDataModules: CIFAR-10 (or its offline stand-in), scikit-learn's digits, the standard library as text."""
 
 from lyapunov_callbacks.datamodules._common import EpochShuffleSampler
 from lyapunov_callbacks.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, synthetic_cifar10
 from lyapunov_callbacks.datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
+from lyapunov_callbacks.datamodules.text import STDLIB_FILES, TextDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -12,5 +13,7 @@ __all__ = [
     "DIGITS_STD",
     "DigitsDataModule",
     "EpochShuffleSampler",
+    "STDLIB_FILES",
+    "TextDataModule",
     "synthetic_cifar10",
 ]
