@@ -1,4 +1,4 @@
-"""LightningDataModules: CIFAR-10 (or its offline stand-in) and scikit-learn's digits."""
+"""LightningDataModules: CIFAR-10 (or its offline stand-in), scikit-learn's digits, the standard library as text."""
 
 from lyapunov_callbacks.datamodules._common import EpochShuffleSampler
 from lyapunov_callbacks.datamodules.cifar10 import (
@@ -11,6 +11,7 @@ from lyapunov_callbacks.datamodules.cifar10 import (
     synthetic_cifar10,
 )
 from lyapunov_callbacks.datamodules.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
+from lyapunov_callbacks.datamodules.text import STDLIB_FILES, TextDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -23,5 +24,7 @@ __all__ = [
     "DataUnavailableError",
     "DigitsDataModule",
     "EpochShuffleSampler",
+    "STDLIB_FILES",
+    "TextDataModule",
     "synthetic_cifar10",
 ]

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lyapunov_callbacks.core.hessian import HessianOperator
 from lyapunov_callbacks.core.state import restore_rng, rng_snapshot
 from lyapunov_callbacks.callbacks.tensorboard_layout import log_reference_levels
+from lyapunov_callbacks.core.compiled import check_compiled, compiled_modules
 
 __all__ = [
     "BATCHES",
@@ -39,6 +40,7 @@ __all__ = [
     "check_prefix",
     "check_supported",
     "check_tag_owners",
+    "compiled_training_step",
     "current_lr",
     "fast_dev_run_budget",
     "finite_or_nan",
@@ -462,20 +464,11 @@ def check_supported(
         single_optimizer: require exactly one optimiser (checked only once the optimisers exist).
 
     Raises:
-        ValueError: on manual optimisation, several optimisers or a ``torch.compile``d module or submodule
-            (compiled graphs have no double backward) — bad settings raise ``ValueError`` throughout the callbacks.
+        ValueError: on manual optimisation, several optimisers, or a ``torch.compile``d module or submodule on
+            PyTorch < 2.6 (measured through its eager code from 2.6 on, see :mod:`lyapunov_callbacks.core.compiled`)
+            — bad settings raise ``ValueError`` throughout the callbacks.
     """
-    compiled = [
-        name or type(pl_module).__name__
-        for name, module in pl_module.named_modules()
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
-    ]
-    if compiled:
-        raise ValueError(
-            f"{callback_name} cannot measure a torch.compile'd model (compiled: {', '.join(compiled)}): Hessian-"
-            "vector products need a double backward, which torch.compile (aot_autograd) does not support. Remove "
-            "torch.compile / module.compile() for runs with the curvature callbacks."
-        )
+    check_compiled(pl_module, callback_name)
     if not pl_module.automatic_optimization:
         raise ValueError(
             f"{callback_name} needs automatic optimisation (one optimiser step per training batch); the module "
@@ -579,6 +572,24 @@ def check_optimizer_holds_parameters(
         "(e.g. torch.optim.SGD(self.parameters(), ...)), or freeze the ones it should not train "
         "(parameter.requires_grad_(False))."
     )
+
+
+def compiled_training_step(pl_module: pl.LightningModule, callback_name: str) -> bool:
+    """Whether the training step runs ``torch.compile``'d code, telling the user (rank zero) once per call if so.
+
+    A compiled step's autograd graph has no double backward, so a callback that would take Hessian-vector
+    products on the training step's own graph evaluates the loss again through the module's eager code (the
+    :class:`~lyapunov_callbacks.core.hessian.HessianOperator` path) instead. Call it once per fit (e.g. in
+    ``on_train_start``).
+    """
+    compiled = compiled_modules(pl_module)
+    if compiled:
+        rank_zero_info(
+            f"{callback_name}: the training step runs torch.compile'd code (compiled: {', '.join(compiled)}), whose "
+            "graph has no double backward; the Hessian-vector products evaluate the loss again through the "
+            "module's eager code (one more forward per product)."
+        )
+    return bool(compiled)
 
 
 def check_prefix(prefix: Any) -> str:

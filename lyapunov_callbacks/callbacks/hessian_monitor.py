@@ -146,7 +146,7 @@ class HessianEigenvalueMonitor(Callback):
 
     Raises:
         ValueError: on any invalid argument above (the message names the parameter); at fit start, with manual
-            optimisation, several optimisers or a torch.compile'd module; with ``pre_h0=True`` and an
+            optimisation, several optimisers or a torch.compile'd module on PyTorch < 2.6; with ``pre_h0=True`` and an
             optimiser other than SGD/Adam/AdamW, param groups that differ in ``betas[0]`` (Adam) or momentum
             (SGD), or trainable parameters the optimiser does not update; at setup, another curvature callback
             with the same ``prefix``.

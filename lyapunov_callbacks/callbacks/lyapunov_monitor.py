@@ -17,6 +17,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     check_optimizer_holds_parameters,
     check_supported,
     check_tag_owners,
+    compiled_training_step,
     current_lr,
     fast_dev_run_budget,
     finite_or_nan,
@@ -77,7 +78,9 @@ class LyapunovExponentMonitor(Callback):
     loss ``training_step`` returns (the loss the optimiser steps on; ``training_loss`` for a module that keeps
     its contract), and the products are bit for bit the operator's (``tests/test_lyapunov_training_graph.py``).
     This needs exact products (``hvp="autograd"``), full precision (``32-true`` / ``64-true``), one process, a
-    tangent in the parameters' dtype and no hook on a parameter's gradient; otherwise, and from the first step
+    tangent in the parameters' dtype, no hook on a parameter's gradient and an eager training step (a
+    ``torch.compile``'d step's graph has no double backward: an info message says so at train start); otherwise,
+    and from the first step
     whose product on the graph fails on (e.g. a kernel without a double backward; an info message says so),
     the products come from a :class:`~lyapunov_callbacks.core.hessian.HessianOperator` that evaluates the loss
     again with the step's RNG state replayed.
@@ -143,8 +146,8 @@ class LyapunovExponentMonitor(Callback):
             at fit start, with an optimiser other than ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (a subclass
             included), ``SGD(maximize=True)``, SGD param groups that differ in momentum, dampening, Nesterov or
             weight decay, trainable parameters the optimiser does not update (the message names them), manual
-            optimisation, several optimisers or a torch.compile'd module; at setup, another curvature callback
-            with the same ``prefix``.
+            optimisation, several optimisers, or a torch.compile'd module on PyTorch < 2.6 (from 2.6 on it is
+            measured through its eager code); at setup, another curvature callback with the same ``prefix``.
 
     Example::
 
@@ -330,6 +333,8 @@ class LyapunovExponentMonitor(Callback):
         if not self.reuse_training_graph or not backend_class(self.hvp).graph_product:
             return None
         if trainer.precision not in ("32-true", "64-true") or trainer.world_size > 1 or is_distributed():
+            return None
+        if compiled_training_step(pl_module, type(self).__name__):
             return None
         params = [p for _, p in trainable_parameters(pl_module)]
         tangent = self.tangent

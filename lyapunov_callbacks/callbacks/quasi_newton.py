@@ -160,9 +160,9 @@ class QuasiNewtonLR(Callback):
             start: an optimiser other than ``torch.optim.SGD``/``Adam``/``AdamW`` or one whose param groups
             have no ``lr``; Adam groups with different ``betas[0]``; with ``momentum_aware=True`` SGD groups of
             different momentum; a configured LR scheduler, several optimisers, manual optimisation, a
-            torch.compile'd module, or a first param group with ``lr <= 0`` when there are several groups. At setup:
-            a second ``QuasiNewtonLR`` or a ``StochasticWeightAveraging`` (both set the LR: keep one LR owner),
-            or another curvature callback with the same ``prefix``.
+            torch.compile'd module on PyTorch < 2.6, or a first param group with ``lr <= 0`` when there are
+            several groups. At setup: a second ``QuasiNewtonLR`` or a ``StochasticWeightAveraging`` (both set the
+            LR: keep one LR owner), or another curvature callback with the same ``prefix``.
 
     Example::
 

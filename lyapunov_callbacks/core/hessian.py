@@ -21,6 +21,7 @@ from lyapunov_callbacks.core.checks import (
     check_shape,
 )
 from lyapunov_callbacks.core.state import bitwise_equal, preserved_modes, preserved_state, restore_rng, rng_snapshot
+from lyapunov_callbacks.core.compiled import check_compiled, eager_evaluation
 
 __all__ = [
     "AutogradHessian",
@@ -231,6 +232,10 @@ class HessianOperator:
     Hessian of the mean loss over the union of the shards (the full batch). Every rank must
     construct the operator and call ``matvec``/``matmat`` in the same order.
 
+    **Compiled models.** A ``torch.compile``'d model (or submodule) is evaluated through its own eager code
+    (``torch.compiler.set_stance("force_eager")``, see :mod:`lyapunov_callbacks.core.compiled`): the same function
+    at the same weights, with a double backward, and nothing is compiled or recompiled for it.
+
     Measured costs (one product in units of a forward+backward, per backend and model) are in
     ``benchmarks/README.md`` (``hvp_cost.py``); they are not repeated here so they cannot drift.
 
@@ -249,7 +254,8 @@ class HessianOperator:
         ValueError: unknown ``backend``, a non-floating ``dtype``, a non-bool ``snapshot``, a model without
             trainable parameters, a ``loss_fn`` that does not return a scalar, ``distributed=True`` without a
             process group, or a backend option out of range (see the backend)
-            (the :mod:`lyapunov_callbacks.core.checks` types, all ``ValueError`` subclasses).
+            (the :mod:`lyapunov_callbacks.core.checks` types, all ``ValueError`` subclasses); a compiled model on
+            PyTorch < 2.6 (:class:`~lyapunov_callbacks.core.compiled.CompiledModelError`).
         RuntimeError: ``matvec`` after :meth:`close`; :class:`StaleOperatorError` after the
             parameters changed.
 
@@ -297,6 +303,7 @@ class HessianOperator:
             raise TypeError(f"loss_fn={loss_fn!r} must be callable as loss_fn(model, batch) -> scalar Tensor.")
         if not isinstance(snapshot, bool):
             raise ValueError(f"`snapshot` must be True or False, got {snapshot!r}.")
+        check_compiled(model, type(self).__name__)
         named = trainable_parameters(model)
         if not named:
             raise NoTrainableParametersError(
@@ -488,7 +495,9 @@ class HessianOperator:
                 continue
             tensors[name] = b.to(self.dtype, copy=True) if (self._cast and b.is_floating_point()) else b.clone()
         kernels = sdpa_kernel(self._sdpa_backends) if self._sdpa_backends else contextlib.nullcontext()
-        with self._fixed_randomness(), self._full_precision(), kernels:
+        # eager_evaluation: a torch.compile'd model runs its own eager code here (compiled graphs have no double
+        # backward, and a cast or swapped parameters would recompile them); the training graph is left alone.
+        with self._fixed_randomness(), self._full_precision(), kernels, eager_evaluation():
             loss = torch.func.functional_call(self._module, tensors, (self._batch,))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
             raise ValueError(
