@@ -123,7 +123,7 @@ def test_cli_argument_error_ends_in_one_readable_line_in_a_fresh_process(tmp_pat
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "lyapunov-cli: error: HessianEigenvalueMonitor: `every_n_steps` must be an integer >= 1, got 0; "
-        "use e.g. every_n_steps=10."
+        'use e.g. every_n_steps=10 or every_n_steps="auto" (adaptive).'
     )
 
 

@@ -282,7 +282,7 @@ def test_fast_dev_run_runs_every_callback_on_a_minimal_budget(caplog):
 def test_a_compiled_module_is_refused_at_setup_before_pytorch_2_6(callback, monkeypatch):
     # Before torch.compiler.set_stance (PyTorch 2.6) a compiled module cannot be run eagerly on demand; from 2.6 on
     # it is measured through its eager code (tests/test_compiled.py).
-    monkeypatch.setattr("lyapunov_callbacks.compiled.can_evaluate_eagerly", lambda: False)
+    monkeypatch.setattr("lyapunov_callbacks.core.compiled.can_evaluate_eagerly", lambda: False)
     model = TanhMLP()
     model.net = torch.compile(model.net)  # lazy: nothing is compiled before the first call
     with pytest.raises(ValueError, match=r"torch.compile'd model \(compiled: net\).*set_stance \(PyTorch >= 2.6\)"):

@@ -207,10 +207,14 @@ SCENARIOS: dict[str, Callable[[], list]] = {
 
 def run(name: str) -> list:
     """The scenario's records, as JSON would give them back (so a fresh run compares with the stored one)."""
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return json.loads(json.dumps(SCENARIOS[name]()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order for every reduction, on any core count
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return json.loads(json.dumps(SCENARIOS[name]()))
+    finally:
+        torch.set_num_threads(threads)  # tests that run after this one keep the process' setting
 
 
 def differences(stored: list, fresh: list) -> list[str]:
