@@ -28,7 +28,9 @@ which other classes are selected, and the global RNG is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 import math
 
 import torch
@@ -70,7 +72,20 @@ def _one_over_f_fields(n: int, alpha: Tensor, generator: torch.Generator) -> Ten
     return fields / fields.flatten(2).std(dim=2).view(n, 3, 1, 1)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Generate with one torch thread: the FFTs and reductions round differently with another thread count (at
+    1,000 images, one thread and two gave different uint8 images), so the stand-in would depend on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=1)
+@_one_thread()
 def _prototypes() -> Tensor:
     """``[10, K, 3, 32, 32]`` float32 class prototypes (1/f fields, unit std per channel)."""
     gen = torch.Generator().manual_seed(_PROTOTYPE_SEED)
@@ -85,6 +100,7 @@ def _stream_seed(seed: int, split: int, label: int) -> int:
 
 
 @functools.lru_cache(maxsize=24)
+@_one_thread()
 def _class_images(seed: int, split: int, label: int, count: int) -> Tensor:
     """``count`` uint8 ``[count, 3, 32, 32]`` images of class ``label`` (cached per process)."""
     gen = torch.Generator().manual_seed(_stream_seed(seed, split, label))

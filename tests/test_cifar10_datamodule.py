@@ -490,3 +490,22 @@ def test_trainer_fit_and_validate(cifar_dir, tmp_path):
     trainer.fit(model, datamodule=dm)
     # classes 0, 1, 2: 60 training images, 10 % (6) held out.
     assert model.seen == {"train": 54, "val": 6}
+
+
+def test_synthetic_images_do_not_depend_on_the_thread_count():
+    import lyapunov_callbacks.datamodules.synthetic as synthetic
+
+    threads = torch.get_num_threads()
+    images = []
+    try:
+        for count in (1, 2):
+            synthetic._class_images.cache_clear()
+            synthetic._prototypes.cache_clear()
+            torch.set_num_threads(count)
+            images.append(synthetic.synthetic_cifar10(200, seed=3)[0])
+            assert torch.get_num_threads() == count  # the caller's setting is left as it was
+    finally:
+        torch.set_num_threads(threads)
+        synthetic._class_images.cache_clear()
+        synthetic._prototypes.cache_clear()
+    assert torch.equal(images[0], images[1])

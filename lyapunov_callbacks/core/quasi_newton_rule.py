@@ -445,13 +445,7 @@ class QuasiNewtonRule:
         if self.rule == "batch_sharpness":
             return self._update_sharpness(h0, step, hvps)
         good = math.isfinite(h0) and h0 > 0
-        self.num_estimates += 1
-        self._last_estimate_step = step
-        self._pending = None
-        # The loss at this estimate is the reference of the next loss trigger.
-        self._losses.clear()
-        if self._last_loss is not None and self._loss_step == step and math.isfinite(self._last_loss):
-            self._losses.append(self._last_loss)
+        self._record_estimate(step)
         if not self.warmup_done:
             self.warmup_hvps += int(hvps)
             previous, self._warmup_previous = self._warmup_previous, (h0 if good else None)
@@ -486,16 +480,20 @@ class QuasiNewtonRule:
         self.clamped_estimates += int(self.clamped)
         return self.lr
 
-    def _update_sharpness(self, s: float, step: int, hvps: int) -> float:
-        """:meth:`update` of ``rule="batch_sharpness"``: ``s`` is the directional sharpness of this step."""
-        good = math.isfinite(s) and s > 0
-        trigger = self.last_trigger
+    def _record_estimate(self, step: int) -> None:
+        """What every estimate records: its count and step, and the loss at it as the next loss trigger's reference."""
         self.num_estimates += 1
         self._last_estimate_step = step
         self._pending = None
         self._losses.clear()
         if self._last_loss is not None and self._loss_step == step and math.isfinite(self._last_loss):
             self._losses.append(self._last_loss)
+
+    def _update_sharpness(self, s: float, step: int, hvps: int) -> float:
+        """:meth:`update` of ``rule="batch_sharpness"``: ``s`` is the directional sharpness of this step."""
+        good = math.isfinite(s) and s > 0
+        trigger = self.last_trigger
+        self._record_estimate(step)
         warm = not self.warmup_done
         if warm:
             # One measurement is exact (no iteration to converge): the warm-up is the first one.
