@@ -133,7 +133,13 @@ def test_the_cli_without_cifar_ends_in_one_line_naming_the_offline_commands(tmp_
 
 def _make_train_command(*make_args: str) -> list[str]:
     """The command ``make train`` runs (``make -n``), with this interpreter in place of the venv's."""
-    proc = subprocess.run(["make", "-n", "train", *make_args], cwd=REPO_ROOT, capture_output=True, text=True)
+    # Under `make test` the outer make's MAKEFLAGS/MAKELEVEL reach this sub-make, which then prints
+    # "make[1]: Entering/Leaving directory" lines around the command: run it as a top-level make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEFILES")}
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-n", "train", *make_args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
     words = shlex.split(line)
