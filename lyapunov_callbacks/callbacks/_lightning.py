@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lyapunov_callbacks.core.hessian import HessianOperator
-from lyapunov_callbacks.core.state import restore_rng, rng_snapshot
+from lyapunov_callbacks.core.sharded import ShardedHessian, ShardingError, is_sharded, shard_group
+from lyapunov_callbacks.core.state import preserved_state, restore_rng, rng_snapshot
 from lyapunov_callbacks.callbacks.tensorboard_layout import log_reference_levels
 from lyapunov_callbacks.core.compiled import check_compiled, compiled_modules
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_optimizer_holds_parameters",
     "check_positive",
     "check_prefix",
+    "check_sharding",
     "check_supported",
     "check_tag_owners",
     "compiled_training_step",
@@ -46,6 +48,7 @@ __all__ = [
     "finite_or_nan",
     "is_number",
     "log_measurements",
+    "measurement_guard",
     "measurement_operator",
     "resolve_dtype",
     "resolve_loss_fn",
@@ -238,13 +241,19 @@ def step_loss(loss_fn: LossFn, micro: Sequence[tuple[Any, dict]]) -> tuple[LossF
 def measurement_operator(
     pl_module: nn.Module, loss_fn: LossFn, batch: Any, rng: dict, hvp: str, dtype: torch.dtype | None,
     **backend_options: Any,
-) -> HessianOperator:
+) -> HessianOperator | ShardedHessian:
     """The Hessian operator of ``loss_fn(pl_module, batch)`` at the current weights, for use inside one hook.
 
     ``rng`` is restored before the operator is built (it captures the RNG: the training forward's dropout masks)
     and the caller's RNG after. ``snapshot=False``: the operator lives only inside the hook, where nothing writes
     the parameters. ``backend_options`` go to the backend (e.g. ``gradient=`` for finite differences).
+
+    A sharded module (FSDP2) gets a :class:`~lyapunov_callbacks.core.sharded.ShardedHessian` instead, whatever
+    ``hvp`` says (central differences of the strategy's gradients; :func:`check_sharding` said so at fit start);
+    a given ``gradient=`` is passed on, ``dtype`` is the parameters' own.
     """
+    if is_sharded(pl_module):
+        return ShardedHessian(pl_module, loss_fn, batch, rng=rng, gradient=backend_options.get("gradient"))
     current = rng_snapshot()
     try:
         restore_rng(rng)
@@ -253,6 +262,63 @@ def measurement_operator(
                                    **backend_options)
     finally:
         restore_rng(current)
+
+
+def measurement_guard(pl_module: nn.Module) -> contextlib.AbstractContextManager:
+    """The guard around a measurement: :func:`~lyapunov_callbacks.core.state.preserved_state` without copies (the
+    operators never write the module's tensors; it restores modes, RNG and ``.grad`` references and fails loudly on
+    an in-place write). A sharded module's operator perturbs the shards in place and restores them, ``.grad``,
+    buffers, modes and RNG itself after every gradient, so nothing more is needed there."""
+    if is_sharded(pl_module):
+        return contextlib.nullcontext()
+    return preserved_state(pl_module, copy_tensors=False)
+
+
+_SHARDED_HVP_WARNED: set[str] = set()
+
+
+def check_sharding(
+    trainer: pl.Trainer, pl_module: nn.Module, callback_name: str, *, hvp: str = "autograd",
+    method: str = "lanczos", dtype: torch.dtype | None = None, unsupported: str | None = None,
+) -> bool:
+    """Whether the module is sharded (FSDP2); refuse at fit start what cannot be measured on its shards.
+
+    Raises ``ValueError`` (:class:`~lyapunov_callbacks.core.sharded.ShardingError`) for Lightning's ``FSDPStrategy``
+    (FSDP1), tensor parallelism or another layout than FSDP2's, a ``method`` other than Lanczos, a ``dtype`` other
+    than the parameters' own, or a feature the callback names in ``unsupported``. ``hvp="autograd"`` (the
+    default) switches to central finite differences of the strategy's gradients, said once per callback type.
+    """
+    strategy = type(getattr(trainer, "strategy", None)).__name__
+    if strategy == "FSDPStrategy":
+        raise ShardingError(
+            f"{callback_name} does not measure under Lightning's FSDPStrategy (FSDP1: flat parameters that autograd "
+            "cannot follow). Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and "
+            "torch.distributed.fsdp.fully_shard in configure_model (FSDP2), which the curvature callbacks measure."
+        )
+    if shard_group(pl_module, callback_name) is None:
+        return False
+    if unsupported is not None:
+        raise ShardingError(f"{callback_name} on sharded parameters (FSDP2): {unsupported}")
+    if method != "lanczos":
+        raise ShardingError(
+            f"{callback_name}(method={method!r}) on sharded parameters (FSDP2): only method='lanczos' takes its inner "
+            "products over the shards. Use method='lanczos' (the default)."
+        )
+    own = next(p for p in pl_module.parameters() if p.requires_grad).dtype
+    if dtype is not None and dtype != own:
+        raise ShardingError(
+            f"{callback_name}(dtype={dtype}) on sharded parameters (FSDP2): products are differences of the "
+            f"strategy's gradients, in the parameters' dtype ({own}). Use dtype=None."
+        )
+    if hvp == "autograd" and callback_name not in _SHARDED_HVP_WARNED:
+        _SHARDED_HVP_WARNED.add(callback_name)
+        rank_zero_warn(
+            f"{callback_name}: the parameters are sharded (FSDP2), where double backward cannot reach the loss; "
+            "Hessian-vector products are central finite differences of the strategy's own gradients instead of "
+            "hvp='autograd' (exact on quadratic losses, O(eps^2) on smooth models; see docs/user-guide.md, "
+            "'Sharded training')."
+        )
+    return True
 
 
 class ProbeBatch:

@@ -18,12 +18,14 @@ from lyapunov_callbacks.callbacks._lightning import (
     check_int,
     check_positive,
     check_prefix,
+    check_sharding,
     check_supported,
     check_tag_owners,
     current_lr,
     fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
+    measurement_guard,
     measurement_operator,
     resolve_dtype,
     resolve_loss_fn,
@@ -37,7 +39,6 @@ from lyapunov_callbacks.core.hessian import BACKENDS, HessianOperator, trainable
 from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_preconditioner
 from lyapunov_callbacks.core.stability import batch_sharpness as rayleigh_along_gradient
 from lyapunov_callbacks.core.stability import stability_factor
-from lyapunov_callbacks.core.state import preserved_state
 from lyapunov_callbacks.core.tangent import ordered_parameters
 from lyapunov_callbacks.core.tracker import EigenTracker
 
@@ -238,6 +239,7 @@ class HessianEigenvalueMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, type(self).__name__)
+        check_sharding(trainer, pl_module, type(self).__name__, hvp=self.hvp, method=self.method, dtype=self.dtype)
         self._loss_fn = resolve_loss_fn(pl_module)
         budget = max(FAST_DEV_RUN_HVPS, 2 * self.k)
         capped = fast_dev_run_budget(trainer, type(self).__name__, f"each estimate is capped at {budget} HVPs")
@@ -285,7 +287,7 @@ class HessianEigenvalueMonitor(Callback):
         # The operators never write to the module's tensors (detached leaves, cloned buffers), so a guard
         # without copies suffices: it restores modes, RNG and .grad references and fails loudly if a tensor was
         # modified in place.
-        with preserved_state(pl_module, copy_tensors=False):
+        with measurement_guard(pl_module):
             metrics = self._measure(trainer, pl_module, measured)
             if self.batch_sharpness and self._probe is not None:  # on the step's own batch, not the probe's
                 with self._operator(pl_module, *step_loss(self._loss_fn, micro)) as op:

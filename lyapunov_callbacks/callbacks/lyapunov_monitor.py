@@ -15,6 +15,7 @@ from lyapunov_callbacks.callbacks._lightning import (
     check_choice,
     check_prefix,
     check_optimizer_holds_parameters,
+    check_sharding,
     check_supported,
     check_tag_owners,
     compiled_training_step,
@@ -206,6 +207,11 @@ class LyapunovExponentMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, type(self).__name__)
+        check_sharding(
+            trainer, pl_module, type(self).__name__, hvp=self.hvp, unsupported=(
+                "the tangent vector and the optimiser's linearised state are not followed on shards yet. Measure "
+                "h0 and pre_h0 with HessianEigenvalueMonitor (supported under FSDP2), or λ under DDP."),
+        )
         self._loss_fn = resolve_loss_fn(pl_module)
         check_optimizer_holds_parameters(trainer.optimizers[0], pl_module, type(self).__name__)
         try:

@@ -27,11 +27,13 @@ from lyapunov_callbacks.callbacks._lightning import (
     check_lr_owner,
     check_positive,
     check_prefix,
+    check_sharding,
     check_supported,
     check_tag_owners,
     fast_dev_run_budget,
     finite_or_nan,
     log_measurements,
+    measurement_guard,
     measurement_operator,
     resolve_dtype,
     resolve_loss_fn,
@@ -43,7 +45,6 @@ from lyapunov_callbacks.core.hessian import BACKENDS, backend_class, trainable_p
 from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_preconditioner
 from lyapunov_callbacks.core.quasi_newton_rule import RULES, QuasiNewtonRule
 from lyapunov_callbacks.core.stability import momentum_stability_factor, stability_factor
-from lyapunov_callbacks.core.state import preserved_state
 from lyapunov_callbacks.core.step_direction import check_step_optimizer, directional_sharpness, step_direction
 from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout, log_reference_levels
 from lyapunov_callbacks.core.tracker import EigenTracker
@@ -292,6 +293,12 @@ class QuasiNewtonLR(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, "QuasiNewtonLR")
+        check_sharding(
+            trainer, pl_module, "QuasiNewtonLR", hvp=self.hvp, method=self.method, dtype=self.dtype,
+            unsupported=None if self.rule.rule != "batch_sharpness" else (
+                "rule='batch_sharpness' reads the optimiser's step direction from its state, which is not "
+                "followed on shards yet. Use rule='newton' (alpha = 1/h0) or 'edge' under sharding."),
+        )
         optimizer = check_lr_owner(trainer)
         lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._group_ratios = [lr / lrs[0] if len(set(lrs)) > 1 else 1.0 for lr in lrs]
@@ -442,7 +449,7 @@ class QuasiNewtonLR(Callback):
         """``(h0, HVPs used)`` of a warm-started estimate — SGD's h0 or Adam's λ1(P⁻¹H) — or with ``rayleigh``
         the Rayleigh quotient of the last eigenvector (one HVP). Rank 0's value, so every rank decides alike."""
         # The operator never writes to the module's tensors: a guard without copies suffices.
-        with preserved_state(pl_module, copy_tensors=False):
+        with measurement_guard(pl_module):
             with measurement_operator(pl_module, *measured, self.hvp, self.dtype) as op:
                 target = op
                 if self._adam:
@@ -468,7 +475,7 @@ class QuasiNewtonLR(Callback):
         if backend_class(self.hvp).takes_gradient:  # the step's gradient (the all-rank mean under DDP) is ∇L(θ)
             options["gradient"] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         scales = self._group_ratios if len(self._group_ratios) == len(optimizer.param_groups) else None
-        with preserved_state(pl_module, copy_tensors=False):
+        with measurement_guard(pl_module):
             with measurement_operator(pl_module, *measured, self.hvp, self.dtype, **options) as op:
                 step = step_direction(optimizer, params, grads=grads, group_scales=scales, dtype=op.dtype)
                 result = directional_sharpness(op, step)

@@ -24,6 +24,7 @@ from lyapunov_callbacks.core.checks import (
     check_shape,
 )
 from lyapunov_callbacks.core.hessian import BACKENDS, HessianOperator, num_trainable_parameters
+from lyapunov_callbacks.core.space import LocalSpace, space_of
 
 __all__ = [
     "EigenResult",
@@ -148,11 +149,17 @@ class MatrixOperator:
 # ---------------------------------------------------------------------------- helpers
 
 
+def _global_dim(op: Any) -> int:
+    """The dimension of the space (``op.dim`` is this rank's share of it when the space is sharded)."""
+    return int(getattr(op, "global_dim", op.dim))
+
+
 def _check_common(op: Any, k: int, tol: float, max_iter: int) -> None:
     check_operator(op)
     check_int("k", k, "k=1")
-    if k > op.dim:
-        raise NotAnIntegerError(f"k={k} exceeds the operator dimension dim={op.dim}; use k <= {op.dim}.")
+    dim = _global_dim(op)
+    if k > dim:
+        raise NotAnIntegerError(f"k={k} exceeds the operator dimension dim={dim}; use k <= {dim}.")
     check_positive("tol", tol, "tol=1e-4")
     check_int("max_iter", max_iter, f"max_iter=100 (it caps the number of HVPs, >= k={k})", minimum=k)
 
@@ -174,7 +181,7 @@ def _start_block(op: Any, cols: int, init: torch.Tensor | None, seed: int) -> to
     if j < cols:
         parts.append(_randn(op, cols - j, gen))
     block = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    block = _orthonormalize(block, lambda: _randn(op, cols, gen))
+    block = _orthonormalize(block, lambda: _randn(op, cols, gen), space_of(op))
     if getattr(op, "distributed", False):
         _dist.broadcast_(block, getattr(op, "process_group", None))
     return block
@@ -201,21 +208,22 @@ def _rayleigh_ritz_start(
     separate contiguous one: at dim 1.8M a ``[dim, j]`` layout or a stacked copy costs several ms per pass.
     """
     init, norms = _check_init(op, init)
+    space = space_of(op)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     basis: list[torch.Tensor] = []
-    for column, norm_in in zip(init.unbind(1)[: op.dim], norms):  # at most dim orthonormal vectors exist
+    for column, norm_in in zip(init.unbind(1)[: _global_dim(op)], norms):  # at most dim orthonormal vectors exist
         # Columns orthonormal to 1e-3 already (a warm start's Ritz vectors: ~1e-5 in float32 at dim 1.8M) are used
         # as they are, no copy: they only choose the start z, which is normalised exactly below. The norms are
         # the ones _check_init measured (no second pass over the columns).
-        if abs(norm_in - 1.0) <= 1e-3 and all(abs(float(b @ column)) <= 1e-3 for b in basis):
+        if abs(norm_in - 1.0) <= 1e-3 and all(abs(c) <= 1e-3 for c in space.dots(basis, column)):
             basis.append(column)
             continue
         v = column / norm_in  # a new vector; init is never written
-        norm = _reorthogonalize_(v, basis) if basis else 1.0
+        norm = _reorthogonalize_(v, basis, space=space) if basis else 1.0
         if not norm > 1e-8:  # rank-deficient: a seeded random direction instead (left out if that is too)
             v = _randn(op, 1, gen)[:, 0]
-            v.div_(float(torch.linalg.vector_norm(v)))
-            norm = _reorthogonalize_(v, basis, passes=2) if basis else 1.0
+            v.div_(space.norm(v))
+            norm = _reorthogonalize_(v, basis, passes=2, space=space) if basis else 1.0
             if not norm > 1e-8:
                 continue
         basis.append(v.div_(norm) if norm != 1.0 else v)
@@ -229,11 +237,11 @@ def _rayleigh_ritz_start(
     projected = torch.zeros(j, j, dtype=torch.float64)
     for a in range(j):
         for b in range(a, j):
-            projected[a, b] = projected[b, a] = float(basis[a] @ products[b])
+            projected[a, b] = projected[b, a] = space.dot(basis[a], products[b])
     values, vectors = torch.linalg.eigh(projected)
     values, coefficients = values.flip(0), vectors.flip(1).T.tolist()  # rows: Ritz coefficients, descending
     z = _combine(basis, coefficients[0])
-    norm = float(torch.linalg.vector_norm(z))  # 1 up to the basis' orthonormality
+    norm = space.norm(z)  # 1 up to the basis' orthonormality
 
     def rest(count: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [_combine(basis, c) for c in coefficients[1 : 1 + count]]
@@ -244,9 +252,10 @@ def _rayleigh_ritz_start(
 
 
 def _randn(op: Any, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """``[dim, cols]`` standard normal numbers from the CPU generator ``gen``, on the operator's device."""
+    """``[dim, cols]`` standard normal numbers from the CPU generator ``gen``, on the operator's device (this rank's
+    entries of them in a sharded space)."""
     dtype = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
-    out = torch.randn(op.dim, cols, generator=gen, dtype=dtype)
+    out = space_of(op).randn(op.dim, cols, gen, dtype)
     return out.to(device=op.device, dtype=op.dtype)
 
 
@@ -259,29 +268,33 @@ def _check_init(op: Any, init: Any) -> tuple[torch.Tensor, list[float]]:
         init = init.unsqueeze(1)
     # One pass: a NaN/inf entry makes its column's norm non-finite. Only when a norm is non-finite
     # (which a huge finite column can also cause, by overflow) is the element-wise check needed.
-    norms = torch.linalg.vector_norm(init, dim=0)
+    norms = space_of(op).column_norms(init)
     if bool((norms == 0).any()) or (not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(init).all())):
         raise BadShapeError("`init` must have finite, non-zero columns (e.g. the previous eigenvectors).")
     return init, norms.tolist()
 
 
-def _orthonormalize(block: torch.Tensor, fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _orthonormalize(
+    block: torch.Tensor, fallback: Callable[[], torch.Tensor], space: LocalSpace | None = None
+) -> torch.Tensor:
     """Orthonormal columns spanning ``block``; rank-deficient columns are replaced from ``fallback()``.
 
-    ``fallback`` (called only when a column is rank-deficient) returns a block of the same shape.
+    ``fallback`` (called only when a column is rank-deficient) returns a block of the same shape. ``space``: where the
+    columns live (default: whole local vectors).
     """
+    space = space or space_of(None)
     if block.shape[1] == 1:  # a single column: QR is a normalisation (saves a Householder pass)
-        norm = torch.linalg.vector_norm(block)
-        if float(norm) > 0 and math.isfinite(float(norm)):
+        norm = space.norm(block[:, 0])
+        if norm > 0 and math.isfinite(norm):
             return block / norm
-    q, r = torch.linalg.qr(block)
+    q, r = space.qr(block)
     diag = r.diagonal().abs()
     scale = diag.max() if diag.numel() else torch.tensor(1.0)
     bad = diag <= 1e-8 * scale
     if bool(bad.any()):
         block = block.clone()
         block[:, bad] = fallback()[:, bad].to(block)
-        q, r = torch.linalg.qr(block)
+        q, r = space.qr(block)
     # Fix signs so the first column is the (normalised) first input column.
     signs = torch.sign(r.diagonal())
     signs[signs == 0] = 1
@@ -299,7 +312,9 @@ def _result(op: Any, values: torch.Tensor, vectors: torch.Tensor, start_hvps: in
 # ---------------------------------------------------------------------------- Lanczos
 
 
-def _reorthogonalize_(w: torch.Tensor, basis: list[torch.Tensor], passes: int | None = None) -> float:
+def _reorthogonalize_(
+    w: torch.Tensor, basis: list[torch.Tensor], passes: int | None = None, space: LocalSpace | None = None
+) -> float:
     r"""Remove from ``w`` (in place) its components along the orthonormal ``basis``; return ``‖w‖``.
 
     Classical Gram–Schmidt, ``w ← w − Σ_i (q_iᵀw) q_i`` (all coefficients from the same ``w``),
@@ -311,14 +326,15 @@ def _reorthogonalize_(w: torch.Tensor, basis: list[torch.Tensor], passes: int | 
     The norm before a pass is not measured: ``w`` splits into its part along the basis, of length
     ``sqrt(Σ c_i²)``, and the part left, so ``‖w_before‖² = ‖w_after‖² + Σ c_i²`` (one pass over ``w``
     fewer per call; it only decides whether a second pass runs). The coefficients are read in one
-    transfer, not one per basis vector.
+    transfer, not one per basis vector. ``space``: where the vectors live (default: whole local vectors).
     """
+    space = space or space_of(None)
     norm = 0.0
     for i in range(passes if passes is not None else 2):
-        coefficients = torch.stack([q @ w for q in basis]).tolist() if basis else []
+        coefficients = space.dots(basis, w)
         for q, c in zip(basis, coefficients):
             w.sub_(q, alpha=c)
-        norm = float(torch.linalg.vector_norm(w))
+        norm = space.norm(w)
         if passes is None and (i == 1 or norm * norm >= _DGKS_ETA**2 * (norm * norm + math.fsum(
                 c * c for c in coefficients))):
             break
@@ -421,7 +437,9 @@ def lanczos(
         raise ValueError(f"start='rayleigh_ritz' picks one start vector, for k=1; got k={k}. Use start='first'.")
     use_gap = stop == "gap"
     start_hvps = op.num_hvps
-    n = op.dim
+    space = space_of(op)
+    n = op.dim  # the length of the vectors (this rank's entries in a sharded space)
+    dim = _global_dim(op)
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
     first_product = None  # H q_0 when the start already computed it
     span_rest = None  # the Rayleigh-Ritz start's other Ritz pairs
@@ -433,11 +451,11 @@ def lanczos(
         block = _start_block(op, k, init, seed)
         weights = torch.rand(k, generator=gen, dtype=torch.float64).add_(0.5).to(op.device, op.dtype)
         q = block @ weights
-        q = q / torch.linalg.vector_norm(q)
+        q = q / space.norm(q)
     else:
         q = _start_block(op, 1, init, seed)[:, 0]  # already unit-norm
 
-    m_max = min(max_iter, n)
+    m_max = min(max_iter, dim)
     # The Krylov basis is a list of vectors: each new one is the operator's result turned, in place,
     # into q_{j+1}. No basis buffer is allocated (a large fresh buffer costs a page fault per 4 KiB on
     # first touch, more than a Gram-Schmidt pass) and nothing is ever copied.
@@ -455,11 +473,11 @@ def lanczos(
             w, first_product = first_product, None
         else:
             w = op.matvec(q)  # a new tensor (LinearOperator contract), updated in place below
-        alpha = float(q @ w)
+        alpha = space.dot(q, w)
         w.sub_(q, alpha=alpha)
         if j > 0 and beta_prev != 0.0:
             w.sub_(Q[j - 1], alpha=beta_prev)
-        beta = _reorthogonalize_(w, Q)
+        beta = _reorthogonalize_(w, Q, space=space)
         if not (math.isfinite(alpha) and math.isfinite(beta)):
             # A non-finite Hessian (e.g. a diverged loss) has no eigenvalues to report: return NaN,
             # not converged, rather than let the tridiagonal eigensolver raise mid-training.
@@ -485,7 +503,7 @@ def lanczos(
         # Breakdown = invariant Krylov space, its Ritz pairs are exact. Stop if it is the whole
         # space, or if the problem is too large to explore the complement within the budget
         # (there a repeated top eigenvalue is missed anyway, see the docstring).
-        if breakdown and (j + 1 == n or (j + 1 >= k and m_max < n)):
+        if breakdown and (j + 1 == dim or (j + 1 >= k and m_max < dim)):
             converged = True
             break
         if j + 1 >= k and not breakdown:
@@ -503,8 +521,8 @@ def lanczos(
             # Invariant subspace: its Ritz pairs are exact, but a single Krylov space holds one copy
             # of each distinct eigenvalue, so further copies (multiplicities) can only be found in
             # the complement: restart there (T becomes block diagonal).
-            r = torch.randn(n, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
-            Q.append(r.div_(_reorthogonalize_(r, Q, passes=2)))
+            r = space.randn(n, 1, gen, torch.float64)[:, 0].to(op.device, op.dtype)
+            Q.append(r.div_(_reorthogonalize_(r, Q, passes=2, space=space)))
             betas.append(0.0)
             beta_prev = 0.0
         else:
@@ -964,6 +982,11 @@ def solve(
     ``gap_safety``, ``ritz_vectors`` and ``start`` are Lanczos's, ``alpha`` the Lyapunov iteration's.
     """
     check_choice("method", method, METHODS)
+    if method != "lanczos" and space_of(op).sharded:
+        raise UnknownChoiceError(
+            f"method={method!r} on sharded parameters: only method='lanczos' takes its inner products over the "
+            "shards. Use method='lanczos' (the default)."
+        )
     if init is not None:
         init = init.to(device=op.device, dtype=op.dtype)
     if method == "lanczos":

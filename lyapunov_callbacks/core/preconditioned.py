@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lyapunov_callbacks.core.space import local_tensor
 from lyapunov_callbacks.core.tangent import _ADAM_TYPES, _adam_parameters, check_adam, ordered_parameters
 
 __all__ = ["PreconditionedOperator", "preconditioned_operator", "preconditioner_diagonal", "step_preconditioner"]
@@ -64,7 +65,7 @@ def preconditioner_diagonal(
             )
         return diag
     if isinstance(optimizer, torch.optim.SGD):
-        return torch.ones(sum(p.numel() for p in params), dtype=dtype, device=device)
+        return torch.ones(sum(local_tensor(p).numel() for p in params), dtype=dtype, device=device)
     raise TypeError(
         f"preconditioner_diagonal supports torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW; got "
         f"{type(optimizer).__module__}.{type(optimizer).__name__}."
@@ -103,7 +104,8 @@ def step_preconditioner(
     device = params[0].device if device is None else torch.device(device)
     eps = {id(p): float(g["eps"]) for g in optimizer.param_groups for p in g["params"]}
     return torch.cat([
-        (p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p)).flatten().to(dtype) + eps[id(p)]
+        (local_tensor(p.grad).detach().abs() if p.grad is not None else torch.zeros_like(local_tensor(p)))
+        .flatten().to(dtype) + eps[id(p)]
         for p in params
     ]).to(device)
 
@@ -150,6 +152,9 @@ class PreconditionedOperator:
         self.inv_sqrt = self.diagonal.rsqrt()
         self.distributed = getattr(op, "distributed", False)
         self.process_group = getattr(op, "process_group", None)
+        if hasattr(op, "space"):  # a sharded operator's vectors are this rank's entries: same space, same split
+            self.space = op.space
+            self.global_dim = op.global_dim
 
     @property
     def num_hvps(self) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lyapunov_callbacks.core.checks import check_real
+from lyapunov_callbacks.core.space import local_tensor
 
 __all__ = ["AdamTangentDynamics", "TangentDynamics", "tangent_dynamics"]
 
@@ -476,7 +477,8 @@ class _AdamParam:
 
 
 def _adam_parameters(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[_AdamParam]:
-    """Per-parameter view of Adam's hyper-parameters and state, in the order of ``params`` (flat views, no copy)."""
+    """Per-parameter view of Adam's hyper-parameters and state, in the order of ``params`` (flat views, no copy; this
+    rank's shards of a sharded state)."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
     for p in params:
@@ -492,9 +494,9 @@ def _adam_parameters(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
             wd_coupled=0.0 if decoupled else wd, wd_decoupled=wd if decoupled else 0.0,
             maximize=bool(g["maximize"]), amsgrad=bool(g["amsgrad"]),
             step=_as_float(state["step"]) if has else 0.0,
-            m=state["exp_avg"].detach().reshape(-1) if has else None,
-            v=state["exp_avg_sq"].detach().reshape(-1) if has else None,
-            vmax=vmax.detach().reshape(-1) if vmax is not None else None,
+            m=local_tensor(state["exp_avg"]).detach().reshape(-1) if has else None,
+            v=local_tensor(state["exp_avg_sq"]).detach().reshape(-1) if has else None,
+            vmax=local_tensor(vmax).detach().reshape(-1) if vmax is not None else None,
         ))
     return out
 

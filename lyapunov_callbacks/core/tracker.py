@@ -11,6 +11,7 @@ import torch
 from lyapunov_callbacks.core import distributed as _dist
 from lyapunov_callbacks.core.checks import check_choice, check_gap_safety
 from lyapunov_callbacks.core.eigen import METHODS, EigenResult, LinearOperator, solve
+from lyapunov_callbacks.core.space import space_of
 
 __all__ = ["EigenTracker"]
 
@@ -115,6 +116,10 @@ class EigenTracker:
                 from a warm start); ignored by the other methods.
         """
         init = self.start_vectors()
+        if init is not None and init.shape[0] != op.dim:
+            # Vectors of another length: a checkpoint's warm start restored on another rank of a sharded run
+            # (each rank holds its own shards' entries). Start cold rather than fail.
+            init = None
         stop = self.stop if (self.method == "lanczos" and init is not None) else "residual"
         with torch.enable_grad():  # a finite-difference product differentiates the loss again
             result = solve(
@@ -176,7 +181,10 @@ class EigenTracker:
         if self.eigenvectors is None:
             return None
         v = self.eigenvectors[:, 0].to(device=op.device, dtype=op.dtype)
-        value = float(v @ op.matvec(v)) / float(v @ v)
+        if v.shape[0] != op.dim:  # a warm start of another rank's shards (see estimate)
+            return None
+        space = space_of(op)
+        value = space.dot(v, op.matvec(v)) / space.dot(v, v)
         self.total_hvps += 1
         return value
 

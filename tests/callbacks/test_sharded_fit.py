@@ -1,0 +1,157 @@
+"""The curvature callbacks under Lightning's ModelParallelStrategy (FSDP2, 2 CPU processes, gloo) against exact
+single-process references on the union of the ranks' batches, and what is refused under sharding and why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lightning.pytorch as pl
+
+from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
+from lyapunov_callbacks.callbacks._lightning import check_sharding
+from lyapunov_callbacks.core.sharded import ShardingError
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))
+import sharded_fit  # noqa: E402
+
+from core.test_sharded import _dense_hessian, group  # noqa: E402, F401  (the 1-process gloo group fixture)
+
+
+def _run(tmp_path: Path, model: str, optimizer: str) -> list[dict]:
+    out = tmp_path / f"{model}_{optimizer}"
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "sharded_fit.py"), str(out), model, optimizer],
+        cwd=TESTS.parent, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "central finite differences of the strategy's own gradients" in proc.stderr  # said once, not silent
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(sharded_fit.WORLD_SIZE)]
+
+
+def _exact_top(record: dict, step: str, model: str, k: int = 3) -> torch.Tensor:
+    net = sharded_fit.network(model)
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), record["weights"][step]):
+            p.copy_(torch.tensor(w, dtype=torch.float64))
+    x, y = (torch.tensor(t, dtype=torch.float64) for t in record["batches"][step])
+    names = [n for n, _ in net.named_parameters()]
+    params = [p.detach() for p in net.parameters()]
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def loss(theta):
+        pieces, offset = {}, 0
+        for name, p in zip(names, params):
+            pieces[name] = theta[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        return sharded_fit.loss_of(lambda inputs: torch.func.functional_call(net, pieces, (inputs,)), (x, y))
+
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)[:k]
+
+
+def _check_sharded_and_identical(ranks: list[dict]) -> None:
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # every logged value bit-identical on both ranks
+    for record in ranks:
+        assert record["types"] == ["DTensor"]  # every parameter really is a shard
+        assert record["gathers_in_callbacks"] == 0  # nothing was gathered while the callbacks ran
+    assert ranks[0]["local_numel"] + ranks[1]["local_numel"] == ranks[0]["numel"]
+    assert 0 < ranks[1]["local_numel"] < ranks[0]["numel"]
+    assert sorted(map(int, ranks[0]["steps"])) == list(range(sharded_fit.STEPS))
+
+
+@pytest.mark.slow  # two processes that import Lightning and fit 3 steps
+def test_least_squares_h0_top3_and_the_qn_lr_equal_the_exact_union_hessian(tmp_path):
+    ranks = _run(tmp_path, "linear", "sgd")
+    _check_sharded_and_identical(ranks)
+    for step, values in ranks[0]["steps"].items():
+        exact = _exact_top(ranks[0], step, "linear")
+        measured = torch.tensor([values["hessian/h0"], values["hessian/h1"], values["hessian/h2"]], dtype=torch.float64)
+        assert measured == pytest.approx(exact, rel=1e-3)  # the stated bound for a quadratic loss
+        assert measured == pytest.approx(exact, rel=1e-6)  # and what central differences give in float64
+        assert values["lr"] == pytest.approx(1.0 / float(exact[0]), rel=1e-6)  # QN: α = 1/h0 (plain SGD)
+    assert len({v["lr"] for v in ranks[0]["steps"].values()}) == sharded_fit.STEPS  # the LR follows h0
+
+
+@pytest.mark.slow
+def test_tanh_mlp_with_adamw_h0_pre_h0_and_the_qn_lr_equal_one_process_on_the_union(tmp_path):
+    ranks = _run(tmp_path, "mlp", "adamw")
+    _check_sharded_and_identical(ranks)
+    sharded_fit.fit(tmp_path / "single", "mlp", "adamw", sharded=False)  # exact HVPs (autograd), one process
+    single = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    for step, values in ranks[0]["steps"].items():
+        reference = single["steps"][step]
+        for key in ("hessian/h0", "hessian/h1", "hessian/h2", "hessian/pre_h0", "hessian/pre_stability", "lr"):
+            assert values[key] == pytest.approx(reference[key], rel=1e-6), (step, key)
+        exact = _exact_top(ranks[0], step, "mlp")
+        assert [values["hessian/h0"], values["hessian/h1"], values["hessian/h2"]] == pytest.approx(
+            exact.tolist(), rel=1e-6
+        )
+
+
+class _Module(pl.LightningModule):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).sum()
+
+
+def _sharded_module(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    fully_shard(net, mesh=mesh)
+    return _Module(net)
+
+
+def _trainer(strategy=None):
+    return SimpleNamespace(strategy=strategy, optimizers=[], fast_dev_run=False)
+
+
+def test_refusals_under_sharding_name_what_works(group):
+    module = _sharded_module(group)
+    trainer = _trainer()
+    assert check_sharding(trainer, module, "M", hvp="finite_difference") is True
+    assert check_sharding(trainer, _Module(nn.Linear(2, 1)), "M") is False
+    with pytest.raises(ShardingError, match=r"method='power'.*Use method='lanczos'"):
+        check_sharding(trainer, module, "M", hvp="finite_difference", method="power")
+    with pytest.raises(ShardingError, match=r"dtype=torch.float64.*Use dtype=None"):
+        check_sharding(trainer, module, "M", hvp="finite_difference", dtype=torch.float64)
+    with pytest.raises(ShardingError, match=r"HessianEigenvalueMonitor \(supported under FSDP2\)"):
+        LyapunovExponentMonitor().on_fit_start(trainer, module)
+    qn = QuasiNewtonLR(rule="batch_sharpness")
+    with pytest.raises(ShardingError, match=r"rule='newton'"):
+        qn.on_fit_start(trainer, module)
+
+
+def test_fsdp1_is_refused_pointing_to_model_parallel_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ShardingError, match=r"ModelParallelStrategy.*fully_shard"):
+        check_sharding(_trainer(FSDPStrategy()), _Module(nn.Linear(2, 1)), "HessianEigenvalueMonitor")
+
+
+def test_the_default_hvp_switches_to_finite_differences_and_says_so_once(group, monkeypatch):
+    from lyapunov_callbacks.callbacks import _lightning
+
+    monkeypatch.setattr(_lightning, "_SHARDED_HVP_WARNED", set())
+    module = _sharded_module(group)
+    with pytest.warns(UserWarning, match=r"central finite differences of the strategy's own gradients"):
+        check_sharding(_trainer(), module, "HessianEigenvalueMonitor")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_sharding(_trainer(), module, "HessianEigenvalueMonitor")  # said once
+    assert dist.is_initialized()
+    assert HessianEigenvalueMonitor().hvp == "autograd"  # the setting itself is unchanged
