@@ -145,6 +145,27 @@ class GPT(L.LightningModule):
         self.ln_f = nn.LayerNorm(embed_dim)
         self._init_weights(num_layers)
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): shard every block, then the whole model (embeddings,
+        final LayerNorm), over the data-parallel mesh with ``fully_shard``. Without a device mesh, or when already
+        sharded (a second ``fit``/``test`` on the same module), nothing changes."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.blocks[0], FSDPModule):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "GPT shards with FSDP2 only (no tensor-parallel plan): use ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1)."
+            )
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in self.blocks:
+            fully_shard(block, mesh=dp)
+        fully_shard(self, mesh=dp)
+
     def _init_weights(self, num_layers: int) -> None:
         for name, p in self.named_parameters():
             if p.dim() < 2:  # biases 0; LayerNorm weights 1, biases 0

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lyapunov_callbacks import HessianEigenvalueMonitor, QuasiNewtonLR
+from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
 
 WORLD_SIZE = 2
 PER_RANK_BATCH = 8
@@ -117,9 +117,31 @@ class Gathers:
 class Recorder(pl.Callback):
     """Last in the callback list: reads what the monitors logged at this step; rank 0 also saves the weights."""
 
-    def __init__(self, out: Path, gathers: Gathers | None) -> None:
+    def __init__(self, out: Path, gathers: Gathers | None, start_delta: list | None = None) -> None:
         self.out, self.gathers, self.steps = out, gathers, {}
         self.weights, self.batches = {}, {}
+        self.start_delta, self.delta = start_delta, None
+
+    def on_train_start(self, trainer, pl_module):
+        """The λ monitor's start δ: saved (gathered) here, or, for the reference run, replaced by a saved one."""
+        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, LyapunovExponentMonitor))
+        if self.start_delta is not None:  # the single-process reference starts from the sharded run's δ
+            monitor.tangent.delta_theta = torch.tensor(self.start_delta, dtype=monitor.tangent.dtype)
+            return
+        delta = monitor.tangent.delta_theta
+        if trainer.world_size > 1:  # this rank's entries, parameter by parameter: gather each parameter's rows
+            pieces, offset = [], 0
+            for p in pl_module.net.parameters():
+                n = p.to_local().numel()
+                local = delta[offset : offset + n].view(p.to_local().shape)
+                offset += n
+                full = torch.distributed.tensor.DTensor.from_local(local, p.device_mesh, p.placements,
+                                                                   shape=p.shape, stride=p.stride())
+                self.gathers.counting = False
+                pieces.append(full.full_tensor().reshape(-1))
+                self.gathers.counting = True
+            delta = torch.cat(pieces)
+        self.delta = delta.tolist()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._batch = batch
@@ -128,7 +150,7 @@ class Recorder(pl.Callback):
         step = trainer.global_step
         values = {}
         for cb in trainer.callbacks:
-            if isinstance(cb, HessianEigenvalueMonitor) and cb.last_metrics:
+            if isinstance(cb, (HessianEigenvalueMonitor, LyapunovExponentMonitor)) and cb.last_metrics:
                 values.update(cb.last_metrics)
         values["lr"] = optimizer.param_groups[0]["lr"]
         self.steps[step] = values
@@ -158,17 +180,18 @@ class Recorder(pl.Callback):
             "gathers_in_callbacks": None if self.gathers is None else self.gathers.count,
         }
         if trainer.global_rank == 0:
-            record["weights"], record["batches"] = self.weights, self.batches
+            record["weights"], record["batches"], record["start_delta"] = self.weights, self.batches, self.delta
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def callbacks(optimizer: str) -> list[pl.Callback]:
     monitor = HessianEigenvalueMonitor(every_n_steps=1, k=3, tol=1e-8, max_iter=60, pre_h0=optimizer == "adamw")
     qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, warmup_max_hvps=60, max_iter=60)
-    return [monitor, qn]
+    lyapunov = LyapunovExponentMonitor(window=1)  # λ of every step: one log growth each
+    return [monitor, qn, lyapunov]
 
 
-def fit(out: Path, model: str, optimizer: str, sharded: bool = True) -> None:
+def fit(out: Path, model: str, optimizer: str, sharded: bool = True, start_delta: list | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gathers = Gathers() if sharded else None
     trainer = pl.Trainer(
@@ -181,7 +204,7 @@ def fit(out: Path, model: str, optimizer: str, sharded: bool = True) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[*callbacks(optimizer), Recorder(out, gathers)],
+        callbacks=[*callbacks(optimizer), Recorder(out, gathers, start_delta)],
     )
     trainer.fit(Sharded(model, optimizer, sharded=sharded))
 

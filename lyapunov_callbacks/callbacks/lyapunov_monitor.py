@@ -39,6 +39,8 @@ from lyapunov_callbacks.core.hessian import (
     trainable_parameters,
 )
 from lyapunov_callbacks.core.lyapunov_window import LyapunovWindow
+from lyapunov_callbacks.core.sharded import shard_group
+from lyapunov_callbacks.core.space import ShardedSpace, local_tensor
 from lyapunov_callbacks.core.state import rng_snapshot
 from lyapunov_callbacks.core.tangent import AdamTangentDynamics, TangentDynamics, tangent_dynamics
 
@@ -207,11 +209,7 @@ class LyapunovExponentMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, type(self).__name__)
-        check_sharding(
-            trainer, pl_module, type(self).__name__, hvp=self.hvp, unsupported=(
-                "the tangent vector and the optimiser's linearised state are not followed on shards yet. Measure "
-                "h0 and pre_h0 with HessianEigenvalueMonitor (supported under FSDP2), or λ under DDP."),
-        )
+        self._sharded = check_sharding(trainer, pl_module, type(self).__name__, hvp=self.hvp, dtype=self.dtype)
         self._loss_fn = resolve_loss_fn(pl_module)
         check_optimizer_holds_parameters(trainer.optimizers[0], pl_module, type(self).__name__)
         try:
@@ -302,6 +300,7 @@ class LyapunovExponentMonitor(Callback):
     def _reset(self) -> None:
         """A fresh start: no δ (built at fit start), no pending state, an empty window."""
         self.tangent: TangentDynamics | AdamTangentDynamics | None = None
+        self._sharded = False  # FSDP2 shards (set at fit start)
         self.last_metrics: dict[str, float] = {}
         self._lambda_window = LyapunovWindow(self.window, self.every_n_steps)
         self._warned_skip = False
@@ -322,6 +321,11 @@ class LyapunovExponentMonitor(Callback):
         # The operator's flat order (the module's trainable parameters), which per-group LRs and Adam's
         # per-parameter state are matched to.
         params = [p for _, p in trainable_parameters(pl_module)]
+        if self._sharded:  # FSDP2: the tangent holds this rank's entries, norms summed over ranks
+            return tangent_dynamics(
+                trainer.optimizers[0], sum(local_tensor(p).numel() for p in params), params=params, seed=self.seed,
+                dtype=self._tangent_dtype(pl_module), space=ShardedSpace(shard_group(pl_module)),
+            )
         return tangent_dynamics(
             trainer.optimizers[0], num_trainable_parameters(pl_module), params=params, seed=self.seed,
             dtype=self._tangent_dtype(pl_module),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lyapunov_callbacks.core.checks import check_real
-from lyapunov_callbacks.core.space import local_tensor
+from lyapunov_callbacks.core.space import LOCAL, LocalSpace, local_tensor
 
 __all__ = ["AdamTangentDynamics", "TangentDynamics", "tangent_dynamics"]
 
@@ -30,7 +30,10 @@ class _TangentBase:
     device: torch.device
     seed: int
 
-    def _init_common(self, dim: int, seed: int, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+    def _init_common(
+        self, dim: int, seed: int, dtype: torch.dtype | None, device: torch.device | str | None,
+        space: LocalSpace | None = None,
+    ) -> None:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim={dim!r} must be a positive integer (the number of trainable parameters).")
         dtype = torch.float32 if dtype is None else dtype
@@ -40,14 +43,28 @@ class _TangentBase:
         self.dtype = dtype
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.seed = int(seed)
+        # Where the vectors live: whole (LOCAL), or this rank's shards of them (a ShardedSpace, whose squared norms
+        # are summed over the ranks, so every rank gets the same growth).
+        self.space = space or LOCAL
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        delta = torch.randn(dim, generator=gen, dtype=torch.float64)
-        self.delta_theta = (delta / torch.linalg.vector_norm(delta)).to(device=self.device, dtype=dtype)
+        if self.space.sharded:
+            delta = self.space.randn(dim, 1, gen, torch.float64)[:, 0]
+            delta = delta / self.space.norm(delta)
+        else:
+            delta = torch.randn(dim, generator=gen, dtype=torch.float64)
+            delta = delta / torch.linalg.vector_norm(delta)
+        self.delta_theta = delta.to(device=self.device, dtype=dtype)
         self.num_steps = 0
         self.log_growth_sum = 0.0
         self.window_log_growth_sum = 0.0
         self.window_steps = 0
         self.last_log_growth: float | None = None
+
+    def _total(self, square: torch.Tensor) -> torch.Tensor:
+        """A squared norm of this rank's entries, summed over the ranks in a sharded space (else as it is)."""
+        if not self.space.sharded:
+            return square
+        return self.space.all_sum(square)[0].to(square.dtype)
 
     def _hv(self, hvp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         hv = hvp(self.delta_theta)
@@ -178,6 +195,7 @@ class TangentDynamics(_TangentBase):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         momentum_initialized: bool = False,
+        space: LocalSpace | None = None,
     ) -> None:
         self.momentum = check_real("momentum", momentum, 0.0, 1.0)
         self.dampening = check_real("dampening", dampening, 0.0, 1.0)
@@ -188,7 +206,7 @@ class TangentDynamics(_TangentBase):
                 f"nesterov=True requires momentum > 0 and dampening == 0 (got momentum={momentum}, "
                 f"dampening={dampening}), as in torch.optim.SGD."
             )
-        self._init_common(dim, seed, dtype, device)
+        self._init_common(dim, seed, dtype, device, space)
         self.delta_m: torch.Tensor | None = (
             torch.zeros(dim, dtype=self.dtype, device=self.device) if self.momentum != 0 else None
         )
@@ -208,6 +226,7 @@ class TangentDynamics(_TangentBase):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        space: LocalSpace | None = None,
     ) -> TangentDynamics:
         """Tangent dynamics matching ``optimizer``'s hyper-parameters (momentum, dampening, Nesterov, weight decay).
 
@@ -225,6 +244,8 @@ class TangentDynamics(_TangentBase):
             seed: seed of the random start vector.
             dtype: dtype of the tangent state (default float32).
             device: device of the tangent state (default: the device of the optimiser's parameters).
+            space: a :class:`~lyapunov_callbacks.core.space.ShardedSpace` when the parameters are shards: the
+                vectors then hold this rank's entries (``dim`` = their number) and norms are summed over the ranks.
 
         Raises:
             TypeError: ``optimizer`` is not ``torch.optim.SGD`` (only SGD with or without momentum,
@@ -257,7 +278,7 @@ class TangentDynamics(_TangentBase):
                     "between groups)."
                 )
         params = ordered_parameters(optimizer, params)
-        n = sum(p.numel() for p in params)
+        n = sum(local_tensor(p).numel() for p in params)
         if dim != n:
             raise ValueError(f"dim={dim} does not match the {n} trainable parameters updated by the optimizer.")
         momentum_initialized = any(
@@ -276,17 +297,18 @@ class TangentDynamics(_TangentBase):
             dtype=dtype,
             device=device,
             momentum_initialized=momentum_initialized,
+            space=space,
         )
         tangent.optimizer = optimizer
         group_of = {id(p): g for g in groups for p in g["params"]}
         offset = 0
         for p in params:  # runs of consecutive parameters of one group share a slice
-            g = group_of[id(p)]
+            g, numel = group_of[id(p)], local_tensor(p).numel()
             if tangent._lr_slices and tangent._lr_slices[-1][1] is g:
-                tangent._lr_slices[-1] = (slice(tangent._lr_slices[-1][0].start, offset + p.numel()), g)
+                tangent._lr_slices[-1] = (slice(tangent._lr_slices[-1][0].start, offset + numel), g)
             else:
-                tangent._lr_slices.append((slice(offset, offset + p.numel()), g))
-            offset += p.numel()
+                tangent._lr_slices.append((slice(offset, offset + numel), g))
+            offset += numel
         return tangent
 
     def _step_sizes(self, lr: float | torch.Tensor | None) -> float | torch.Tensor:
@@ -345,6 +367,7 @@ class TangentDynamics(_TangentBase):
             d_d = torch.add(d_g, new_m, alpha=self.momentum) if self.nesterov else new_m
             new_theta = _axpy(d_theta, d_d, lr)
             new_sq = torch.dot(new_theta, new_theta) + torch.dot(new_m, new_m)
+        old_sq, new_sq = self._total(old_sq), self._total(new_sq)
         new_sq_value = float(new_sq)
         if new_sq_value == 0.0:
             # The step annihilated the perturbation (e.g. α = 1/h on a one-dimensional quadratic): the
@@ -578,16 +601,17 @@ class AdamTangentDynamics(_TangentBase):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        space: LocalSpace | None = None,
     ) -> None:
         check_adam(optimizer, type(self).__name__)
         self.optimizer = optimizer
         self.params = ordered_parameters(optimizer, params)
-        n = sum(p.numel() for p in self.params)
+        n = sum(local_tensor(p).numel() for p in self.params)
         if dim != n:
             raise ValueError(f"dim={dim} does not match the {n} trainable parameters updated by the optimizer.")
         if device is None and self.params:
             device = self.params[0].device
-        self._init_common(dim, seed, dtype, device)
+        self._init_common(dim, seed, dtype, device, space)
         self.amsgrad = any(bool(g["amsgrad"]) for g in optimizer.param_groups)
         self.delta_m = torch.zeros(dim, dtype=self.dtype, device=self.device)
         self.delta_v = torch.zeros(dim, dtype=self.dtype, device=self.device)
@@ -605,9 +629,10 @@ class AdamTangentDynamics(_TangentBase):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        space: LocalSpace | None = None,
     ) -> AdamTangentDynamics:
         """Same as the constructor (kept for symmetry with :meth:`TangentDynamics.from_optimizer`)."""
-        return cls(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device)
+        return cls(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device, space=space)
 
     def _state_vectors(self) -> list[torch.Tensor]:
         vectors = [self.delta_theta, self.delta_m, self.delta_v]
@@ -629,7 +654,8 @@ class AdamTangentDynamics(_TangentBase):
                 )
             active = [g is not None for g in grads]
             gradient = torch.cat([
-                (torch.zeros_like(p) if g is None else g).detach().reshape(-1) for p, g in zip(self.params, grads)
+                (torch.zeros_like(local_tensor(p)) if g is None else local_tensor(g)).detach().reshape(-1)
+                for p, g in zip(self.params, grads)
             ])
         if not isinstance(gradient, torch.Tensor) or gradient.shape != (self.dim,):
             shape = getattr(gradient, "shape", gradient)
@@ -670,6 +696,7 @@ class AdamTangentDynamics(_TangentBase):
         # One parameter at a time: its hyper-parameters are Python scalars, and no [dim]-sized copy of them
         # (or of m, v) is made.
         for p, r, updated in zip(self.params, _adam_parameters(self.optimizer, self.params), active):
+            p = local_tensor(p)
             piece = slice(offset, offset + p.numel())
             offset += p.numel()
             olds = [x[piece] for x in old_state]
@@ -710,8 +737,8 @@ class AdamTangentDynamics(_TangentBase):
                 d_m_new / denom - m_new * d_denom / denom**2
             )
 
-        old_sq = sum(x.pow(2).sum() for x in old_state)
-        new_sq = sum(x.pow(2).sum() for x in new_state)
+        old_sq = self._total(sum(x.pow(2).sum() for x in old_state))
+        new_sq = self._total(sum(x.pow(2).sum() for x in new_state))
         if float(new_sq) == 0.0:
             return self._record(-math.inf)
         log_growth = 0.5 * (math.log(float(new_sq)) - math.log(float(old_sq)))
@@ -765,6 +792,7 @@ def tangent_dynamics(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    space: LocalSpace | None = None,
 ) -> TangentDynamics | AdamTangentDynamics:
     """The tangent of ``optimizer``'s steps: :class:`TangentDynamics` (SGD) or :class:`AdamTangentDynamics` (Adam).
 
@@ -778,7 +806,7 @@ def tangent_dynamics(
         dim: length of the flat parameter vector.
         params: the parameters in the flat order of the Hessian operator (for SGD it matters only when the
             groups' LRs differ); ``None`` = the optimiser's order.
-        seed, dtype, device: as in :class:`TangentDynamics`.
+        seed, dtype, device, space: as in :meth:`TangentDynamics.from_optimizer`.
 
     Raises:
         TypeError: any other optimiser (the message names the supported ones).
@@ -789,9 +817,11 @@ def tangent_dynamics(
         tangent = tangent_dynamics(trainer.optimizers[0], dim, params=list(model.parameters()), dtype=torch.float64)
     """
     if type(optimizer) in _ADAM_TYPES:
-        return AdamTangentDynamics(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device)
+        return AdamTangentDynamics(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device, space=space)
     if isinstance(optimizer, torch.optim.SGD):
-        return TangentDynamics.from_optimizer(optimizer, dim, params=params, seed=seed, dtype=dtype, device=device)
+        return TangentDynamics.from_optimizer(
+            optimizer, dim, params=params, seed=seed, dtype=dtype, device=device, space=space
+        )
     raise TypeError(
         f"tangent_dynamics supports torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW; got "
         f"{type(optimizer).__module__}.{type(optimizer).__name__}."

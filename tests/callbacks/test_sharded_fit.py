@@ -38,7 +38,7 @@ def _run(tmp_path: Path, model: str, optimizer: str) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(sharded_fit.WORLD_SIZE)]
 
 
-def _exact_top(record: dict, step: str, model: str, k: int = 3) -> torch.Tensor:
+def _exact_hessian(record: dict, step: str, model: str) -> torch.Tensor:
     net = sharded_fit.network(model)
     with torch.no_grad():
         for p, w in zip(net.parameters(), record["weights"][step]):
@@ -55,7 +55,11 @@ def _exact_top(record: dict, step: str, model: str, k: int = 3) -> torch.Tensor:
             offset += p.numel()
         return sharded_fit.loss_of(lambda inputs: torch.func.functional_call(net, pieces, (inputs,)), (x, y))
 
-    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).flip(0)[:k]
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def _exact_top(record: dict, step: str, model: str, k: int = 3) -> torch.Tensor:
+    return torch.linalg.eigvalsh(_exact_hessian(record, step, model)).flip(0)[:k]
 
 
 def _check_sharded_and_identical(ranks: list[dict]) -> None:
@@ -69,7 +73,7 @@ def _check_sharded_and_identical(ranks: list[dict]) -> None:
 
 
 @pytest.mark.slow  # two processes that import Lightning and fit 3 steps
-def test_least_squares_h0_top3_and_the_qn_lr_equal_the_exact_union_hessian(tmp_path):
+def test_least_squares_h0_top3_lambda_and_the_qn_lr_equal_the_exact_union_hessian(tmp_path):
     ranks = _run(tmp_path, "linear", "sgd")
     _check_sharded_and_identical(ranks)
     for step, values in ranks[0]["steps"].items():
@@ -79,17 +83,27 @@ def test_least_squares_h0_top3_and_the_qn_lr_equal_the_exact_union_hessian(tmp_p
         assert measured == pytest.approx(exact, rel=1e-6)  # and what central differences give in float64
         assert values["lr"] == pytest.approx(1.0 / float(exact[0]), rel=1e-6)  # QN: α = 1/h0 (plain SGD)
     assert len({v["lr"] for v in ranks[0]["steps"].values()}) == sharded_fit.STEPS  # the LR follows h0
+    # λ of each step (window 1) is log‖(I − αH)δ‖ of the unit tangent δ, from the start δ the ranks drew.
+    delta = torch.tensor(ranks[0]["start_delta"], dtype=torch.float64)
+    for step in sorted(ranks[0]["steps"], key=int):
+        values = ranks[0]["steps"][step]
+        moved = delta - values["lr"] * (_exact_hessian(ranks[0], step, "linear") @ delta)
+        growth = float(torch.log(torch.linalg.vector_norm(moved) / torch.linalg.vector_norm(delta)))
+        assert values["lyapunov/lambda"] == pytest.approx(growth, rel=1e-6, abs=1e-9), step
+        delta = moved / torch.linalg.vector_norm(moved)
 
 
 @pytest.mark.slow
-def test_tanh_mlp_with_adamw_h0_pre_h0_and_the_qn_lr_equal_one_process_on_the_union(tmp_path):
+def test_tanh_mlp_with_adamw_h0_pre_h0_lambda_and_the_qn_lr_equal_one_process_on_the_union(tmp_path):
     ranks = _run(tmp_path, "mlp", "adamw")
     _check_sharded_and_identical(ranks)
-    sharded_fit.fit(tmp_path / "single", "mlp", "adamw", sharded=False)  # exact HVPs (autograd), one process
+    # One process on the union batch with exact HVPs (autograd), its λ tangent started from the ranks' δ.
+    sharded_fit.fit(tmp_path / "single", "mlp", "adamw", sharded=False, start_delta=ranks[0]["start_delta"])
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     for step, values in ranks[0]["steps"].items():
         reference = single["steps"][step]
-        for key in ("hessian/h0", "hessian/h1", "hessian/h2", "hessian/pre_h0", "hessian/pre_stability", "lr"):
+        for key in ("hessian/h0", "hessian/h1", "hessian/h2", "hessian/pre_h0", "hessian/pre_stability", "lr",
+                    "lyapunov/lambda"):
             assert values[key] == pytest.approx(reference[key], rel=1e-6), (step, key)
         exact = _exact_top(ranks[0], step, "mlp")
         assert [values["hessian/h0"], values["hessian/h1"], values["hessian/h2"]] == pytest.approx(
@@ -127,8 +141,8 @@ def test_refusals_under_sharding_name_what_works(group):
         check_sharding(trainer, module, "M", hvp="finite_difference", method="power")
     with pytest.raises(ShardingError, match=r"dtype=torch.float64.*Use dtype=None"):
         check_sharding(trainer, module, "M", hvp="finite_difference", dtype=torch.float64)
-    with pytest.raises(ShardingError, match=r"HessianEigenvalueMonitor \(supported under FSDP2\)"):
-        LyapunovExponentMonitor().on_fit_start(trainer, module)
+    with pytest.raises(ShardingError, match=r"dtype=torch.float64"):
+        LyapunovExponentMonitor(dtype="float64").on_fit_start(trainer, module)
     qn = QuasiNewtonLR(rule="batch_sharpness")
     with pytest.raises(ShardingError, match=r"rule='newton'"):
         qn.on_fit_start(trainer, module)
