@@ -1,7 +1,8 @@
 """A 2-process fit under Lightning's ModelParallelStrategy (FSDP2, gloo on CPU) with the curvature callbacks.
 
-Run as a script (Lightning relaunches this file for rank 1): ``python tests/sharded_fit.py OUT MODEL OPTIMIZER``,
-MODEL ``linear`` (least squares: a quadratic loss) or ``mlp`` (a tanh network), OPTIMIZER ``sgd`` or ``adamw``.
+Run as a script (Lightning relaunches this file for rank 1): ``python tests/sharded_fit.py OUT MODEL OPTIMIZER [RULE]``,
+MODEL ``linear`` (least squares: a quadratic loss) or ``mlp`` (a tanh network), OPTIMIZER ``sgd``, ``sgdm`` (momentum
+0.9) or ``adamw``, RULE QuasiNewtonLR's rule (default ``newton``).
 Each rank writes ``OUT/rank<r>.json``: per measured step the monitor's and QuasiNewtonLR's logged values, the
 layout of the parameters, and how often a DTensor was gathered while the callbacks ran. Rank 0 also writes the
 full weights at each measurement and the union of the ranks' batches (gathered by this recorder, outside the
@@ -86,7 +87,7 @@ class Sharded(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9 if self.optimizer == "sgdm" else 0.0)
 
     def train_dataloader(self):
         dataset = data()
@@ -184,14 +185,17 @@ class Recorder(pl.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def callbacks(optimizer: str) -> list[pl.Callback]:
-    monitor = HessianEigenvalueMonitor(every_n_steps=1, k=3, tol=1e-8, max_iter=60, pre_h0=optimizer == "adamw")
-    qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, warmup_max_hvps=60, max_iter=60)
+def callbacks(optimizer: str, rule: str) -> list[pl.Callback]:
+    monitor = HessianEigenvalueMonitor(every_n_steps=1, k=3, tol=1e-8, max_iter=60, pre_h0=optimizer == "adamw",
+                                       batch_sharpness=True)
+    qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, warmup_max_hvps=60, max_iter=60, rule=rule)
     lyapunov = LyapunovExponentMonitor(window=1)  # λ of every step: one log growth each
     return [monitor, qn, lyapunov]
 
 
-def fit(out: Path, model: str, optimizer: str, sharded: bool = True, start_delta: list | None = None) -> None:
+def fit(
+    out: Path, model: str, optimizer: str, rule: str = "newton", sharded: bool = True, start_delta: list | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gathers = Gathers() if sharded else None
     trainer = pl.Trainer(
@@ -204,10 +208,10 @@ def fit(out: Path, model: str, optimizer: str, sharded: bool = True, start_delta
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[*callbacks(optimizer), Recorder(out, gathers, start_delta)],
+        callbacks=[*callbacks(optimizer, rule), Recorder(out, gathers, start_delta)],
     )
     trainer.fit(Sharded(model, optimizer, sharded=sharded))
 
 
 if __name__ == "__main__":
-    fit(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    fit(Path(sys.argv[1]), sys.argv[2], sys.argv[3], *sys.argv[4:5])

@@ -293,12 +293,7 @@ class QuasiNewtonLR(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer, pl_module, "QuasiNewtonLR")
-        check_sharding(
-            trainer, pl_module, "QuasiNewtonLR", hvp=self.hvp, method=self.method, dtype=self.dtype,
-            unsupported=None if self.rule.rule != "batch_sharpness" else (
-                "rule='batch_sharpness' reads the optimiser's step direction from its state, which is not "
-                "followed on shards yet. Use rule='newton' (alpha = 1/h0) or 'edge' under sharding."),
-        )
+        check_sharding(trainer, pl_module, "QuasiNewtonLR", hvp=self.hvp, method=self.method, dtype=self.dtype)
         optimizer = check_lr_owner(trainer)
         lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._group_ratios = [lr / lrs[0] if len(set(lrs)) > 1 else 1.0 for lr in lrs]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lyapunov_callbacks.core.checks import check_beta, check_real
+from lyapunov_callbacks.core.space import space_of
 
 __all__ = [
     "adam_quasi_newton_lr",
@@ -234,7 +235,8 @@ def batch_sharpness(op: Any, gradient: torch.Tensor | None = None) -> float:
         shape = tuple(gradient.shape) if isinstance(gradient, torch.Tensor) else type(gradient).__name__
         raise ValueError(f"gradient must be a flat tensor of shape [dim={op.dim}], got {shape}.")
     g = gradient.detach().to(device=op.device, dtype=op.dtype)
-    norm_sq = float(g @ g)
+    space = space_of(op)  # a sharded operator's vectors are this rank's entries: inner products over the ranks
+    norm_sq = space.dot(g, g)
     if norm_sq == 0.0:
         return math.nan
-    return float(g @ op.matvec(g)) / norm_sq
+    return space.dot(g, op.matvec(g)) / norm_sq

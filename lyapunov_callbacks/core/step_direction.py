@@ -56,6 +56,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from lyapunov_callbacks.core.space import local_tensor, space_of
+
 __all__ = [
     "DirectionalSharpness",
     "StepDirection",
@@ -217,13 +219,16 @@ def step_direction(
     directions, gradients, decays = [], [], []
     for p, g in zip(params, grads):
         i = where.get(id(p))
+        # Sharded parameters (FSDP2 DTensors): this rank's shards of p, g and the state, element by element.
+        state = {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in optimizer.state.get(p, {}).items()}
+        p, g = local_tensor(p), None if g is None else local_tensor(g)
         if g is None or i is None:
             zero = torch.zeros(p.numel(), dtype=dtype, device=p.device)
             directions.append(zero)
             gradients.append(zero if g is None else g.detach().reshape(-1).to(dtype))
             decays.append(0.0)
             continue
-        group, state = optimizer.param_groups[i], optimizer.state.get(p, {})
+        group = optimizer.param_groups[i]
         pd, gd = p.detach().to(dtype), g.detach().to(dtype)
         if isinstance(optimizer, torch.optim.SGD):
             d, grad, w = _sgd_direction(pd, gd, group, state)
@@ -238,7 +243,9 @@ def step_direction(
     direction = gradient if same else torch.cat(directions)
     decay = None
     if any(w != 0.0 for w in decays):
-        decay = torch.cat([torch.full((p.numel(),), w, dtype=dtype, device=p.device) for p, w in zip(params, decays)])
+        decay = torch.cat([
+            torch.full((local_tensor(p).numel(),), w, dtype=dtype, device=p.device) for p, w in zip(params, decays)
+        ])
     return StepDirection(direction, gradient, decay)
 
 
@@ -266,13 +273,14 @@ def directional_sharpness(op: Any, step: StepDirection) -> DirectionalSharpness:
     if shapes != {(op.dim,)}:
         raise ValueError(f"the step's vectors must have length op.dim={op.dim}, got {sorted(shapes)}.")
     g = step.gradient.detach().to(device=op.device, dtype=op.dtype)
-    slope = float(g @ d)
+    space = space_of(op)  # a sharded operator's vectors are this rank's entries: inner products over the ranks
+    slope = space.dot(g, d)
     if not (math.isfinite(slope) and slope > 0.0):
         # No descent along d (or a non-finite gradient): the product is not needed to reject it.
         return DirectionalSharpness(slope, math.nan, math.nan, num_hvps=0)
-    curvature = float(d @ op.matvec(d))
+    curvature = space.dot(d, op.matvec(d))
     if step.decay is not None:
-        curvature += float((step.decay.detach().to(device=op.device, dtype=op.dtype) * d) @ d)
+        curvature += space.dot(step.decay.detach().to(device=op.device, dtype=op.dtype) * d, d)
     sharpness = curvature / slope if math.isfinite(curvature) else math.nan
     return DirectionalSharpness(slope, curvature, sharpness)
 

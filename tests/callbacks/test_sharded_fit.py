@@ -27,10 +27,10 @@ import sharded_fit  # noqa: E402
 from core.test_sharded import _dense_hessian, group  # noqa: E402, F401  (the 1-process gloo group fixture)
 
 
-def _run(tmp_path: Path, model: str, optimizer: str) -> list[dict]:
-    out = tmp_path / f"{model}_{optimizer}"
+def _run(tmp_path: Path, model: str, optimizer: str, rule: str = "newton") -> list[dict]:
+    out = tmp_path / f"{model}_{optimizer}_{rule}"
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "sharded_fit.py"), str(out), model, optimizer],
+        [sys.executable, str(TESTS / "sharded_fit.py"), str(out), model, optimizer, rule],
         cwd=TESTS.parent, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -98,14 +98,28 @@ def test_tanh_mlp_with_adamw_h0_pre_h0_lambda_and_the_qn_lr_equal_one_process_on
     ranks = _run(tmp_path, "mlp", "adamw")
     _check_sharded_and_identical(ranks)
     # One process on the union batch with exact HVPs (autograd), its λ tangent started from the ranks' δ.
-    sharded_fit.fit(tmp_path / "single", "mlp", "adamw", sharded=False, start_delta=ranks[0]["start_delta"])
+    _check_equal_to_one_process(tmp_path, ranks, "mlp", "adamw", "newton")
+
+
+@pytest.mark.slow
+def test_momentum_sgd_with_the_batch_sharpness_rule_equals_one_process_on_the_union(tmp_path):
+    ranks = _run(tmp_path, "mlp", "sgdm", "batch_sharpness")
+    _check_sharded_and_identical(ranks)
+    _check_equal_to_one_process(tmp_path, ranks, "mlp", "sgdm", "batch_sharpness")
+    assert len({v["lr"] for v in ranks[0]["steps"].values()}) == sharded_fit.STEPS  # the LR follows the rule
+
+
+def _check_equal_to_one_process(tmp_path: Path, ranks: list[dict], model: str, optimizer: str, rule: str) -> None:
+    sharded_fit.fit(tmp_path / "single", model, optimizer, rule, sharded=False, start_delta=ranks[0]["start_delta"])
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     for step, values in ranks[0]["steps"].items():
         reference = single["steps"][step]
-        for key in ("hessian/h0", "hessian/h1", "hessian/h2", "hessian/pre_h0", "hessian/pre_stability", "lr",
-                    "lyapunov/lambda"):
+        keys = ["hessian/h0", "hessian/h1", "hessian/h2", "hessian/batch_sharpness", "lr", "lyapunov/lambda"]
+        if optimizer == "adamw":
+            keys += ["hessian/pre_h0", "hessian/pre_stability"]
+        for key in keys:
             assert values[key] == pytest.approx(reference[key], rel=1e-6), (step, key)
-        exact = _exact_top(ranks[0], step, "mlp")
+        exact = _exact_top(ranks[0], step, model)
         assert [values["hessian/h0"], values["hessian/h1"], values["hessian/h2"]] == pytest.approx(
             exact.tolist(), rel=1e-6
         )
@@ -143,9 +157,6 @@ def test_refusals_under_sharding_name_what_works(group):
         check_sharding(trainer, module, "M", hvp="finite_difference", dtype=torch.float64)
     with pytest.raises(ShardingError, match=r"dtype=torch.float64"):
         LyapunovExponentMonitor(dtype="float64").on_fit_start(trainer, module)
-    qn = QuasiNewtonLR(rule="batch_sharpness")
-    with pytest.raises(ShardingError, match=r"rule='newton'"):
-        qn.on_fit_start(trainer, module)
 
 
 def test_fsdp1_is_refused_pointing_to_model_parallel_strategy():
