@@ -6,9 +6,11 @@ LyapunovExponentMonitor windows of 10 every 50; 400 steps, validation once per e
 directory, then reads the TensorBoard scalars back and prints, every 50 steps: the training loss, hessian/h0,
 hessian/pre_h0, hessian/pre_stability (AdamW's edge of stability is at 2) and the λ of the window that ended
 there, plus the last validation loss in bits per byte, the fit's wall-clock and CPU time and the machine's load.
-Torch runs on one thread unless ``--threads N``. Writes ``benchmarks/results/gpt_training.md`` for a full run.
+Torch runs on one thread unless ``--threads N``. Writes ``benchmarks/results/gpt_training.md`` and the figure
+``docs/figures/gpt/adamw_monitors.png`` (training loss, ``pre_stability`` against its edge at 2, and λ of every
+window, over the steps) for a full run (``--figure`` elsewhere).
 
-Run: ``python benchmarks/gpt_training.py [--quick] [--threads N] [--steps N]``.
+Run: ``python benchmarks/gpt_training.py [--quick] [--threads N] [--steps N] [--figure PATH]``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 import _common as C
 import torch
 
-RUN_FILE = Path(__file__).resolve().parents[1] / "configs" / "gpt" / "adamw_monitors.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FILE = ROOT / "configs" / "gpt" / "adamw_monitors.yaml"
+FIGURE = ROOT / "docs" / "figures" / "gpt" / "adamw_monitors.png"
 #: Every how many steps a row is printed: the λ window ends at 50k + 9, the h0 estimates are at multiples of 10.
 ROW_EVERY = 50
 TAGS = ("train/loss", "hessian/h0", "hessian/pre_h0", "hessian/pre_stability")
@@ -43,6 +47,9 @@ def main(argv=None) -> int:
     def extra(parser):
         C.add_out_argument(parser, "gpt_training.md")
         parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the run file's, 400)")
+        parser.add_argument("--figure", default=None,
+                            help=f"where to draw the figure (default: {FIGURE.relative_to(ROOT)} for a full run, "
+                                 "none for --quick)")
 
     args = C.parse_args(__doc__.splitlines()[0], argv, extra)
     if args.threads is None:
@@ -79,11 +86,43 @@ def main(argv=None) -> int:
         print(C.table(["step", "train loss (last logged by step + 9)", "h0", "pre_h0", "pre_stability",
                        "λ (window step .. step + 9)"], rows))
         print("\npre_h0 and pre_stability start at step 10: at step 0 AdamW has no second-moment estimate yet.")
+        figure = args.figure or (None if args.quick else FIGURE)
+        if figure is not None:
+            draw(scalars, Path(figure))
+            print(f"\nFigure: {Path(figure).resolve().relative_to(ROOT) if Path(figure).resolve().is_relative_to(ROOT) else figure}")
         val = scalars.get("val/bpb")
         if val is not None and len(val.values):
             print(f"\nValidation: {float(val.values[-1]):.3g} bits per byte at step {int(val.steps[-1])} "
                   "(8 for a uniform guess).")
     return 0
+
+
+def draw(scalars, path: Path) -> None:
+    """Three panels over the steps: the training loss, ``pre_stability`` with AdamW's edge at 2, and λ per window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
+    panels = [("train/loss", "training loss", "log"), ("hessian/pre_stability", "pre_stability", "linear"),
+              ("lyapunov/lambda", "λ (window of 10 steps)", "linear")]
+    for ax, (tag, label, scale) in zip(axes, panels):
+        series = scalars.get(tag)
+        if series is not None:
+            ax.plot(list(series.steps), list(series.values), marker="." if tag != "train/loss" else None, lw=1)
+        ax.set_yscale(scale)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+    axes[1].axhline(2.0, color="tab:red", ls="--", lw=1, label="edge of stability (2)")
+    axes[1].set_ylim(bottom=0)
+    axes[1].legend(loc="center right", fontsize=8)
+    axes[2].axhline(0.0, color="grey", lw=0.8)
+    fig.suptitle("Byte-level GPT (220,544 parameters) on the standard library's text, AdamW lr 1e-3 "
+                 "(configs/gpt/adamw_monitors.yaml)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

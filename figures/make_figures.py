@@ -892,11 +892,13 @@ def _render_page(args: argparse.Namespace, defaults: dict[str, Path], spec: dict
                 for fig, f in spec["figures"].items()}
     return render_results_page(args.summary_dir, figures_root, args.page, intro=RESULTS_INTRO + "\n" + scale_text(spec),
                                figures=captions, figure_of=figure_of(every), lr_free=LR_FREE_PATH,
-                               limitations=LIMITATIONS)
+                               limitations=LIMITATIONS, gpt=GPT_PATH)
 
 
 #: The learning-rate-free benchmark's results (QN against tuned SGD, Prodigy, D-Adaptation, schedule-free SGD).
 LR_FREE_PATH = ROOT / "benchmarks" / "results" / "lr_free.md"
+#: The GPT run file's training run, quoted beyond the paper's figures.
+GPT_PATH = ROOT / "benchmarks" / "results" / "gpt_training.md"
 
 #: The fixed limitations of the page (what the runs cannot show; no result is asserted here).
 LIMITATIONS = (

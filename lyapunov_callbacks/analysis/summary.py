@@ -801,6 +801,41 @@ def outcome_table(rows: Sequence[dict[str, Any]]) -> list[str]:
                    "late α·h0 probe"), out)
 
 
+def gpt_section(path: str | Path) -> list[str]:
+    """The results page's section beyond the paper: the byte-level GPT's run (``benchmarks/results/gpt_training.md``,
+    AdamW with both monitors), its table quoted as committed and one computed sentence on ``pre_stability`` and λ
+    after the first window (the range of the logged values; no number typed by hand)."""
+    path = Path(path)
+    head = ["## Beyond the paper: a byte-level GPT with AdamW", ""]
+    if not path.is_file():
+        return [*head, f"`{path.name}` is not in this checkout: `python benchmarks/gpt_training.py` writes it.", ""]
+    text = path.read_text().splitlines()
+    table = [line for line in text if line.startswith("|")]
+    if len(table) < 3:
+        return [*head, f"`{path.name}` has no table.", ""]
+    columns = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+
+    def column(prefix: str) -> list[float]:
+        i = next(j for j, c in enumerate(columns) if c.startswith(prefix))
+        values = [float(r[i]) for r in rows[1:]]  # after the first window (AdamW has no v at step 0)
+        return [v for v in values if math.isfinite(v)]
+
+    pre, lam = column("pre_stability"), column("λ")
+    run = next((line for line in text if " steps in " in line and "wall-clock" in line), "")
+    said = []
+    if pre and lam:
+        inside = "inside the edge" if max(pre) < 2 else "reaching the edge"
+        said = [f"From step {rows[1][0]} on, `pre_stability` (AdamW's preconditioned α·h0, scaled so that its edge of "
+                f"stability is at 2) stays between {min(pre):.3g} and {max(pre):.3g}, {inside}, and λ over each "
+                f"10-step window between {min(lam):.3g} and {max(lam):.3g}. Beyond the paper, whose experiments stop "
+                "at ResNet-18 and SGD: no claim of it is judged on this run.", ""]
+    return [*head,
+            f"`configs/gpt/adamw_monitors.yaml` ({run.split(' (')[0] if run else 'see the file'}; "
+            f"[`benchmarks/results/gpt_training.md`](../benchmarks/results/gpt_training.md), "
+            "`python benchmarks/gpt_training.py`):", "", *table, "", *said]
+
+
 def lr_free_rows(path: str | Path, data: str) -> list[str]:
     """The rows of ``benchmarks/results/lr_free.md``'s final-loss table for ``data``, as a markdown table (the
     header it has), or a line saying the file is missing."""
@@ -826,7 +861,8 @@ def lr_free_rows(path: str | Path, data: str) -> list[str]:
 def render_results_page(summary_dir: str | Path, figures_dir: str | Path, out: str | Path,
                         datasets: Sequence[str] = ("synthetic", "digits", "cifar"), intro: str = "", *,
                         figures: dict[str, dict[str, Any]] | None = None, figure_of: dict[str, str] | None = None,
-                        lr_free: str | Path | None = None, limitations: Sequence[str] = ()) -> Path:
+                        lr_free: str | Path | None = None, limitations: Sequence[str] = (),
+                        gpt: str | Path | None = None) -> Path:
     """Write the results page from the committed summaries: the verdict in words per claim and data set, then
     the data, scale and limitations, the criteria, and per data set the outcome table, the verdict table, QN
     against tuned SGD and the LR-free optimisers (``lr_free``), and the figures with the paper's claim and the
@@ -838,6 +874,7 @@ def render_results_page(summary_dir: str | Path, figures_dir: str | Path, out: s
         figure_of: run name -> the figures showing it (the verdict table's pointers).
         lr_free: ``benchmarks/results/lr_free.md``.
         limitations: fixed sentences of the limitations list (no result in them).
+        gpt: ``benchmarks/results/gpt_training.md``, quoted in a section beyond the paper (:func:`gpt_section`).
     """
     # Resolved, so that a relative page path and an absolute figures path still give a relative image link.
     summary_dir, figures_dir, out = Path(summary_dir).resolve(), Path(figures_dir).resolve(), Path(out).resolve()
@@ -915,6 +952,8 @@ def render_results_page(summary_dir: str | Path, figures_dir: str | Path, out: s
             if spec:
                 lines += [f"*Claim (paper's caption, abridged):* {spec.get('caption', '')}. "
                           f"*Observed:* {observed(spec.get('runs', []), by_name)}", ""]
+    if gpt is not None:
+        lines += gpt_section(gpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out

@@ -165,3 +165,26 @@ def test_d_rises_below_one_percent_are_not_rises():
     assert summary.d_label(_row("quasi_newton/mlp_ce", _log(full=qn_full))) == "disagrees"
     # three loss values (ResNet-18's ten steps) cannot show a monotone loss
     assert summary.d_label(_row("quasi_newton/mlp_ce", _log(full=[1.0, 0.9, 0.8]))).startswith("too short (3")
+
+
+def test_the_gpt_section_quotes_the_run_table_and_computes_its_sentence(tmp_path):
+    from lyapunov_callbacks.analysis.summary import gpt_section
+
+    path = tmp_path / "gpt_training.md"
+    path.write_text(
+        "# GPT run file trained to the end\n\n400 steps in 857 s wall-clock, 295 s CPU (737 ms CPU per step).\n\n"
+        "| step | train loss | h0 | pre_h0 | pre_stability | λ (window step .. step + 9) |\n"
+        "|---|---|---|---|---|---|\n"
+        "| 0 | 4.4 | 137 | nan | nan | 0.251 |\n"
+        "| 50 | 3.0 | 50 | 1.1e+04 | 0.585 | 0.003 |\n"
+        "| 100 | 2.7 | 39 | 9.0e+03 | 0.435 | -0.002 |\n"
+    )
+    lines = gpt_section(path)
+    assert lines[0] == "## Beyond the paper: a byte-level GPT with AdamW"
+    assert "| 100 | 2.7 | 39 | 9.0e+03 | 0.435 | -0.002 |" in lines  # quoted as committed
+    sentence = next(line for line in lines if line.startswith("From step"))
+    # the first window (no Adam v yet, λ of the transient) is left out of the ranges
+    assert sentence.startswith("From step 50 on, `pre_stability`")
+    assert "between 0.435 and 0.585, inside the edge" in sentence and "between -0.002 and 0.003" in sentence
+    assert "400 steps in 857 s wall-clock, 295 s CPU" in lines[2]
+    assert gpt_section(tmp_path / "missing.md")[2].startswith("`missing.md` is not in this checkout")

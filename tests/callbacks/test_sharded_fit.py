@@ -24,8 +24,6 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 import sharded_fit  # noqa: E402
 
-from core.test_sharded import _dense_hessian, group  # noqa: E402, F401  (the 1-process gloo group fixture)
-
 
 def _run(tmp_path: Path, model: str, optimizer: str, rule: str = "newton") -> list[dict]:
     out = tmp_path / f"{model}_{optimizer}_{rule}"
@@ -146,8 +144,8 @@ def _trainer(strategy=None):
     return SimpleNamespace(strategy=strategy, optimizers=[], fast_dev_run=False)
 
 
-def test_refusals_under_sharding_name_what_works(group):
-    module = _sharded_module(group)
+def test_refusals_under_sharding_name_what_works(gloo_mesh):
+    module = _sharded_module(gloo_mesh)
     trainer = _trainer()
     assert check_sharding(trainer, module, "M", hvp="finite_difference") is True
     assert check_sharding(trainer, _Module(nn.Linear(2, 1)), "M") is False
@@ -166,11 +164,11 @@ def test_fsdp1_is_refused_pointing_to_model_parallel_strategy():
         check_sharding(_trainer(FSDPStrategy()), _Module(nn.Linear(2, 1)), "HessianEigenvalueMonitor")
 
 
-def test_the_default_hvp_switches_to_finite_differences_and_says_so_once(group, monkeypatch):
+def test_the_default_hvp_switches_to_finite_differences_and_says_so_once(gloo_mesh, monkeypatch):
     from lyapunov_callbacks.callbacks import _lightning
 
     monkeypatch.setattr(_lightning, "_SHARDED_HVP_WARNED", set())
-    module = _sharded_module(group)
+    module = _sharded_module(gloo_mesh)
     with pytest.warns(UserWarning, match=r"central finite differences of the strategy's own gradients"):
         check_sharding(_trainer(), module, "HessianEigenvalueMonitor")
     import warnings

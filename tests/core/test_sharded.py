@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -22,21 +21,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.dis
 def _loss(model, batch):
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
-
-
-@pytest.fixture
-def group():
-    """A 1-process gloo group, destroyed after the test so no other test sees torch.distributed initialised."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def _pair(mesh, dtype=torch.float32, dropout=0.0, norm=False):
@@ -61,8 +45,8 @@ def _batch(dtype=torch.float32):
     return torch.randn(32, 6, generator=g, dtype=dtype), torch.randn(32, 3, generator=g, dtype=dtype)
 
 
-def test_parameters_are_dtensor_shards_and_the_space_is_sharded(group):
-    net, ref = _pair(group)
+def test_parameters_are_dtensor_shards_and_the_space_is_sharded(gloo_mesh):
+    net, ref = _pair(gloo_mesh)
     assert is_sharded(net) and not is_sharded(ref)
     assert shard_group(ref) is None and shard_group(net) is not None
     with ShardedHessian(net, _loss, _batch()) as op:
@@ -71,8 +55,8 @@ def test_parameters_are_dtensor_shards_and_the_space_is_sharded(group):
 
 
 @pytest.mark.parametrize("scheme, rel", [("central", 2e-5), ("forward", 5e-4)])
-def test_top3_in_float32_match_the_exact_hessian_within_the_stated_error(group, scheme, rel):
-    net, ref = _pair(group)
+def test_top3_in_float32_match_the_exact_hessian_within_the_stated_error(gloo_mesh, scheme, rel):
+    net, ref = _pair(gloo_mesh)
     batch = _batch()
     exact = torch.linalg.eigvalsh(_dense_hessian(ref.double(), (batch[0].double(), batch[1].double()))).flip(0)[:3]
     with ShardedHessian(net, _loss, batch, scheme=scheme) as op:
@@ -82,8 +66,8 @@ def test_top3_in_float32_match_the_exact_hessian_within_the_stated_error(group, 
     assert op.fd_rel_eps == pytest.approx(default_fd_rel_eps(torch.float32, scheme))
 
 
-def test_float64_central_products_equal_autograd_products(group):
-    net, ref = _pair(group, dtype=torch.float64)
+def test_float64_central_products_equal_autograd_products(gloo_mesh):
+    net, ref = _pair(gloo_mesh, dtype=torch.float64)
     batch = _batch(torch.float64)
     v = torch.randn(sum(p.numel() for p in ref.parameters()), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with HessianOperator(ref, _loss, batch) as exact, ShardedHessian(net, _loss, batch) as op:
@@ -92,8 +76,8 @@ def test_float64_central_products_equal_autograd_products(group):
         assert float(op.loss()) == pytest.approx(float(exact.loss()), rel=1e-12)
 
 
-def test_a_measurement_leaves_shards_grads_buffers_modes_and_rng_exactly_as_they_were(group):
-    net, _ = _pair(group, dropout=0.3, norm=True)
+def test_a_measurement_leaves_shards_grads_buffers_modes_and_rng_exactly_as_they_were(gloo_mesh):
+    net, _ = _pair(gloo_mesh, dropout=0.3, norm=True)
     batch = _batch()
     _loss(net, batch).backward()  # a step's gradient in .grad
     shards = [p.to_local().clone() for p in net.parameters()]
@@ -112,8 +96,8 @@ def test_a_measurement_leaves_shards_grads_buffers_modes_and_rng_exactly_as_they
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_one_matrix_under_dropout_every_gradient_uses_the_captured_masks(group):
-    net, _ = _pair(group, dtype=torch.float64, dropout=0.5)
+def test_one_matrix_under_dropout_every_gradient_uses_the_captured_masks(gloo_mesh):
+    net, _ = _pair(gloo_mesh, dtype=torch.float64, dropout=0.5)
     with ShardedHessian(net, _loss, _batch(torch.float64)) as op:
         v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         w = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -121,33 +105,33 @@ def test_one_matrix_under_dropout_every_gradient_uses_the_captured_masks(group):
         assert float(w @ op.matvec(v)) == pytest.approx(float(v @ op.matvec(w)), rel=1e-6)  # symmetric
 
 
-def test_a_tensor_parallel_layout_is_refused_naming_what_works(group):
+def test_a_tensor_parallel_layout_is_refused_naming_what_works(gloo_mesh):
     from torch.distributed.tensor import Replicate, distribute_tensor
 
     net = nn.Linear(4, 2)
-    net.weight = nn.Parameter(distribute_tensor(net.weight.detach(), group, [Replicate()]))
-    net.bias = nn.Parameter(distribute_tensor(net.bias.detach(), group, [Replicate()]))
+    net.weight = nn.Parameter(distribute_tensor(net.weight.detach(), gloo_mesh, [Replicate()]))
+    net.bias = nn.Parameter(distribute_tensor(net.bias.detach(), gloo_mesh, [Replicate()]))
     with pytest.raises(ShardingError, match=r"tensor_parallel_size=1.*fully_shard"):
         shard_group(net)
 
 
-def test_a_mix_of_sharded_and_plain_parameters_is_refused(group):
+def test_a_mix_of_sharded_and_plain_parameters_is_refused(gloo_mesh):
     from torch.distributed.fsdp import fully_shard
 
     net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
-    fully_shard(net[0], mesh=group)
+    fully_shard(net[0], mesh=gloo_mesh)
     with pytest.raises(ShardingError, match=r"fully_shard to the root"):
         ShardedHessian(net, _loss, _batch())
 
 
-def test_only_lanczos_takes_its_inner_products_over_the_shards(group):
-    net, _ = _pair(group)
+def test_only_lanczos_takes_its_inner_products_over_the_shards(gloo_mesh):
+    net, _ = _pair(gloo_mesh)
     with ShardedHessian(net, _loss, _batch()) as op:
         with pytest.raises(ValueError, match=r"method='lanczos'"):
             solve(op, "power", k=1)
 
 
-def test_sharded_space_reductions_equal_the_plain_ones_on_one_rank(group):
+def test_sharded_space_reductions_equal_the_plain_ones_on_one_rank(gloo_mesh):
     space = ShardedSpace()
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, dtype=torch.float64, generator=g), torch.randn(50, dtype=torch.float64, generator=g)
