@@ -245,3 +245,42 @@ def digits_8x8_loader(batch_size: int = 64, seed: int = 0) -> torch.utils.data.D
     dataset = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- the two MLPs
+#: ``name -> description`` of the two models the cost benchmarks fit (``monitor_overhead.py``, ``cadence.py``).
+MODELS = {
+    "small": "MLP 64-256-256-10 (85,002 params), 8×8 digits, batch 64",
+    "readme": "MLP 3072-512-512-2 (1,841,162 params), synthetic CIFAR stand-in, batch 128",
+}
+
+
+def model_data(which: str, seed: int):
+    """``(datamodule or None, train loader or None)`` of the model ``which`` of :data:`MODELS`."""
+    if which == "small":
+        return None, digits_8x8_loader(64, seed)
+    from lyapunov_callbacks.datamodules import CIFAR10DataModule
+
+    # 10000 images over ten classes -> ~2000 of the two kept classes: ~16 batches per epoch.
+    return CIFAR10DataModule(synthetic=True, classes=[0, 1], batch_size=128, seed=seed,
+                             synthetic_train_size=10000, synthetic_val_size=200), None
+
+
+def model_module(which: str, seed: int, lr: float = 0.1):
+    """The LightningModule of the model ``which`` of :data:`MODELS` (SGD at ``lr`` for ``small``; the README MLP
+    keeps its own optimiser)."""
+    if which == "small":
+        return small_mlp_module(seed, lr=lr)
+    from lyapunov_callbacks.models import MLP
+
+    torch.manual_seed(seed)
+    return MLP(num_classes=2, hidden_sizes=[512, 512])
+
+
+def fit_model(trainer, which: str, seed: int, model) -> None:
+    """``trainer.fit`` of ``model`` on the data of ``which``."""
+    dm, loader = model_data(which, seed)
+    if dm is not None:
+        trainer.fit(model, datamodule=dm)
+    else:
+        trainer.fit(model, train_dataloaders=loader)

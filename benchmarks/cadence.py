@@ -1,9 +1,14 @@
 """Tracking accuracy against cost of the h0 monitor's cadence: fixed ``every_n_steps`` against ``"auto"``.
 
-One model (``small``: MLP 64-256-256-10 ReLU on scikit-learn's 8×8 digits, SGD lr 0.1, batch 64), fitted for
-``--steps`` optimiser steps (default 1000; ``--quick``: 60) with no validation, checkpointing, logger or progress
-bar. h0 is measured on the monitor's fixed probe batch (``batch="fixed"``, 64 samples), whose Hessian moves only
-with the weights.
+Two models, each fitted with plain SGD (lr 0.1) for ``--steps`` optimiser steps (default 1000; ``--quick``: 60, the
+small model only) with no validation, checkpointing, logger or progress bar (``_common.MODELS``):
+
+- ``small``: MLP 64-256-256-10 ReLU (85,002 parameters) on scikit-learn's 8×8 digits, batch 64;
+- ``readme``: MLP 3072-512-512-2 ReLU (1,841,162 parameters) on the synthetic two-class CIFAR stand-in, batch 128,
+  the model of the README.
+
+h0 is measured on the monitor's fixed probe batch (``batch="fixed"``, 64 samples), whose Hessian moves only with
+the weights.
 
 - **Reference**: a separate fit with ``HessianEigenvalueMonitor(every_n_steps=5, tol=1e-3, batch="fixed")``.
   The monitors leave training bit-identical (checked here: every fit's final weights equal the plain fit's), so
@@ -20,12 +25,13 @@ with the weights.
   clock and the process's CPU time, the latter less sensitive to a shared machine).
 
 Targets (issue 25): ``"auto"`` at the default ``drift_tol``: median error ≤ 0.05 and 90th percentile ≤ 0.20 at
-≤ 1.2× a plain fit, and never worse in error than the fixed cadence of the same cost.
+≤ 1.2× a plain fit on both models, and never worse in error than the fixed cadence of the same cost.
 
 A full run (not ``--quick``) writes its tables, with ``uptime`` before and after, to
 ``benchmarks/results/cadence.md`` (``--out FILE`` elsewhere).
 
-Run: ``python benchmarks/cadence.py [--quick] [--threads 1] [--steps N] [--repeats N] [--out FILE]``.
+Run: ``python benchmarks/cadence.py [--quick] [--threads 1] [--steps N] [--repeats N] [--models small,readme]
+[--out FILE]``.
 """
 
 from __future__ import annotations
@@ -84,8 +90,9 @@ def _recorder(monitor):
     return Record()
 
 
-def fit(steps: int, seed: int, monitor_kwargs: dict | None) -> dict:
-    """One fit: wall and CPU seconds of ``trainer.fit``, the final weights, and the logged h0 per step."""
+def fit(which: str, steps: int, seed: int, monitor_kwargs: dict | None) -> dict:
+    """One fit of the model ``which``: wall and CPU seconds of ``trainer.fit``, the final weights, and the logged h0
+    per step."""
     from lyapunov_callbacks.callbacks.hessian_monitor import HessianEigenvalueMonitor
 
     callbacks, record, monitor = [], None, None
@@ -93,11 +100,10 @@ def fit(steps: int, seed: int, monitor_kwargs: dict | None) -> dict:
         monitor = HessianEigenvalueMonitor(batch="fixed", **monitor_kwargs)
         record = _recorder(monitor)
         callbacks = [monitor, record]
-    model = C.small_mlp_module(seed, lr=LR)
-    loader = C.digits_8x8_loader(64, seed)
+    model = C.model_module(which, seed, lr=LR)
     trainer = _trainer(steps, callbacks)
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(model, train_dataloaders=loader)
+    C.fit_model(trainer, which, seed, model)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {
         "wall": wall,
@@ -151,6 +157,7 @@ def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit (default 1000; quick 60)")
         p.add_argument("--window", type=int, default=45, help="steps of the reference's centred running median")
+        p.add_argument("--models", default=None, help="comma-separated: small, readme (default both; quick: small)")
         C.add_out_argument(p, "cadence.md")
 
     args = C.parse_args("Tracking accuracy against cost of the h0 monitor's cadence.", argv, extra=extra)
@@ -158,16 +165,20 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (1 if args.quick else 2)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    models = (args.models or ("small" if args.quick else "small,readme")).split(",")
+    result = {}
     with C.recorded(C.out_path(args, "cadence.md"), "cadence.py", argv, "Cadence: tracking accuracy against cost"):
-        C.header(f"Cadence of HessianEigenvalueMonitor(batch=\"fixed\"): small MLP on digits, {steps} steps", args)
-        result = _run(steps, repeats, args.seed, args.window)
+        for which in models:
+            C.header(f"Cadence of HessianEigenvalueMonitor(batch=\"fixed\"): {C.MODELS[which]}, {steps} steps", args)
+            result[which] = _run(which, steps, repeats, args.seed, args.window)
+            print()
     return result
 
 
-def _run(steps: int, repeats: int, seed: int, window: int) -> dict:
-    fit(min(steps, 20), seed, None)  # warm-up: imports, allocator, first-call costs
-    C.progress("cadence: reference fit (every 5 steps, tol 1e-3)")
-    reference = fit(steps, seed, REFERENCE)
+def _run(which: str, steps: int, repeats: int, seed: int, window: int) -> dict:
+    fit(which, min(steps, 20), seed, None)  # warm-up: imports, allocator, first-call costs
+    C.progress(f"cadence, {which}: reference fit (every 5 steps, tol 1e-3)")
+    reference = fit(which, steps, seed, REFERENCE)
     ref_steps = sorted(reference["h0"])
     smoothed = running_median([reference["h0"][s] for s in ref_steps], (window // REFERENCE["every_n_steps"]) // 2)
 
@@ -175,8 +186,8 @@ def _run(steps: int, repeats: int, seed: int, window: int) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            C.progress(f"cadence: repetition {r + 1}/{repeats}, {name}")
-            runs[name].append(fit(steps, seed, None if name == "plain fit" else VARIANTS[name]))
+            C.progress(f"cadence, {which}: repetition {r + 1}/{repeats}, {name}")
+            runs[name].append(fit(which, steps, seed, None if name == "plain fit" else VARIANTS[name]))
 
     plain = runs["plain fit"]
     identical = all(torch.equal(run["weights"], reference["weights"]) for rs in runs.values() for run in rs)

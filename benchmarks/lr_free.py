@@ -236,6 +236,7 @@ def fit(
             "QN newton": dict(loss_rise=None),
             "QN newton+trig": dict(),
             "QN newton+trig /40": dict(every_n_steps=40),
+            "QN newton+trig auto": dict(every_n_steps="auto"),  # benchmarks/qn_cadence.py's row
             "QN edge 1.8": dict(rule="edge", edge=1.8),
         }[row]
         settings.setdefault("every_n_steps", 10)

@@ -61,31 +61,15 @@ TARGETS = {"h0 / 10": 1.5, "h0 / 50": 1.1, "h0 / 10, fixed": 1.5, "h0 / 50, fixe
 ACCURACY = 1e-2
 LR = 0.1
 
-#: ``name -> description`` of the models.
-MODELS = {
-    "small": "MLP 64-256-256-10 (85,002 params), 8×8 digits, batch 64",
-    "readme": "MLP 3072-512-512-2 (1,841,162 params), synthetic CIFAR stand-in, batch 128",
-}
+MODELS = C.MODELS
 
 
 def _data(which: str, seed: int):
-    """``(datamodule or None, train loader or None)`` of the model ``which``."""
-    if which == "small":
-        return None, C.digits_8x8_loader(64, seed)
-    from lyapunov_callbacks.datamodules import CIFAR10DataModule
-
-    # 10000 images over ten classes -> ~2000 of the two kept classes: ~16 batches per epoch.
-    return CIFAR10DataModule(synthetic=True, classes=[0, 1], batch_size=128, seed=seed,
-                             synthetic_train_size=10000, synthetic_val_size=200), None
+    return C.model_data(which, seed)
 
 
 def _model(which: str, seed: int):
-    if which == "small":
-        return C.small_mlp_module(seed, lr=LR)
-    from lyapunov_callbacks.models import MLP
-
-    torch.manual_seed(seed)
-    return MLP(num_classes=2, hidden_sizes=[512, 512])
+    return C.model_module(which, seed, lr=LR)
 
 
 def _fit(trainer, which: str, seed: int, model) -> float:

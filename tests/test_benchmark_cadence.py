@@ -47,7 +47,7 @@ def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
     bench = _load()
     out = tmp_path / "cadence.md"
     try:
-        result = bench.main(["--quick", "--threads", "1", "--out", str(out)])
+        result = bench.main(["--quick", "--threads", "1", "--out", str(out)])["small"]
     finally:
         lightning_logger.setLevel(level)
     text = out.read_text()

@@ -24,7 +24,8 @@ from lyapunov_callbacks.core.checks import (
     check_shape,
 )
 from lyapunov_callbacks.core.hessian import BACKENDS, HessianOperator, num_trainable_parameters
-from lyapunov_callbacks.core.space import LocalSpace, space_of
+from lyapunov_callbacks.core.sharded import ShardedHessian, is_sharded
+from lyapunov_callbacks.core.space import LocalSpace, local_tensor, space_of
 
 __all__ = [
     "EigenResult",
@@ -147,6 +148,11 @@ class MatrixOperator:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _local_dim(model: nn.Module) -> int:
+    """This rank's number of trainable entries (all of them on an unsharded model)."""
+    return sum(local_tensor(p).numel() for p in model.parameters() if p.requires_grad)
 
 
 def _global_dim(op: Any) -> int:
@@ -883,7 +889,9 @@ def top_hessian_eigenvalues(
 
     Builds a :class:`~lyapunov_callbacks.core.hessian.HessianOperator` (see it for the side-effect
     guarantees, dropout / BatchNorm handling and the DDP average), runs the chosen solver and
-    releases the autograd graph.
+    releases the autograd graph. A model sharded with FSDP2 (``fully_shard``) gets a
+    :class:`~lyapunov_callbacks.core.sharded.ShardedHessian` instead (central differences of the strategy's
+    gradients; ``init`` and the eigenvectors are then this rank's entries; Lanczos only); call it on every rank.
 
     Args:
         model: the module; its trainable parameters define the Hessian.
@@ -948,12 +956,21 @@ def top_hessian_eigenvalues(
                 f"`alpha`={alpha!r} is only used by method='lyapunov' (got method={method!r}); leave it None."
             )
         check_positive("alpha", alpha, "alpha=None (automatic)")
-    if init is not None:
-        check_shape("init", init, dim, matrix=True)
-    # snapshot=False: the operator lives only inside this call, where nothing else can write the parameters.
-    with HessianOperator(
-        model, loss_fn, batch, backend=hvp, process_group=process_group, dtype=dtype, snapshot=False
-    ) as op:
+    sharded = is_sharded(model)
+    if init is not None:  # sharded: this rank's entries of the vectors
+        check_shape("init", init, _local_dim(model) if sharded else dim, matrix=True)
+    if sharded:  # FSDP2 shards: central differences of the strategy's gradients, whatever `hvp` says
+        if dtype is not None:
+            raise UnknownChoiceError(
+                f"dtype={dtype} on sharded parameters: products are taken in the parameters' dtype; use dtype=None."
+            )
+        operator: Any = ShardedHessian(model, loss_fn, batch)
+    else:
+        # snapshot=False: the operator lives only inside this call, where nothing else can write the parameters.
+        operator = HessianOperator(
+            model, loss_fn, batch, backend=hvp, process_group=process_group, dtype=dtype, snapshot=False
+        )
+    with operator as op:
         return solve(op, method, k=k, tol=tol, max_iter=max_iter, init=init, seed=seed, alpha=alpha, stop=stop,
                      gap_safety=gap_safety, ritz_vectors=ritz_vectors, start=start)
 

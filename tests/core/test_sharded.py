@@ -157,3 +157,17 @@ def _dense_hessian(model, batch):
         return _loss(lambda x: torch.func.functional_call(model, pieces, (x,)), batch)
 
     return torch.autograd.functional.hessian(loss, flat)
+
+
+def test_top_hessian_eigenvalues_measures_a_sharded_model_in_a_plain_loop(gloo_mesh):
+    from lyapunov_callbacks.core.eigen import top_hessian_eigenvalues
+
+    net, ref = _pair(gloo_mesh, dtype=torch.float64)
+    batch = _batch(torch.float64)
+    sharded = top_hessian_eigenvalues(net, _loss, batch, k=2, tol=1e-8)
+    exact = top_hessian_eigenvalues(ref, _loss, batch, k=2, tol=1e-8)
+    assert sharded.eigenvalues == pytest.approx(exact.eigenvalues, rel=1e-6)
+    warm = top_hessian_eigenvalues(net, _loss, batch, k=2, tol=1e-8, init=sharded.eigenvectors)
+    assert warm.num_hvps < sharded.num_hvps  # the warm start is this rank's entries, accepted as such
+    with pytest.raises(ValueError, match=r"dtype=None"):
+        top_hessian_eigenvalues(net, _loss, batch, dtype=torch.float32)
