@@ -171,7 +171,8 @@ def _metric(metrics: Mapping[str, Any], tag: str) -> Optional[float]:
 def fit_summary_lines(trainer: Any) -> list[str]:
     """What a finished fit printed last: two lines, and one per :class:`QuasiNewtonLR`.
 
-    1. the final validation accuracy (``val/acc`` of the last validation epoch);
+    1. the final validation accuracy (``val/acc`` of the last validation epoch; without it, every other ``val/``
+       metric, e.g. a language model's ``val/loss`` and ``val/bpb``);
     2. the last h0 and the LR α: h0 from ``quasi_newton/h0`` (``quasi_newton/pre_h0``, λ1(P⁻¹H), for Adam) or
        ``hessian/h0``; α from ``quasi_newton/lr`` or the optimiser's first param group;
     3. per ``QuasiNewtonLR``: its estimates, and the rejected, clamped and loss/Rayleigh-triggered ones.
@@ -181,10 +182,14 @@ def fit_summary_lines(trainer: Any) -> list[str]:
     """
     metrics = trainer.callback_metrics
     acc = _metric(metrics, "val/acc")
-    lines = [
-        f"final validation accuracy (val/acc): {acc:.4f}" if acc is not None
-        else "final validation accuracy: not logged (no validation loop ran)"
-    ]
+    others = sorted(tag for tag in metrics if tag.startswith("val/") and _metric(metrics, tag) is not None)
+    if acc is not None:
+        first = f"final validation accuracy (val/acc): {acc:.4f}"
+    elif others:  # a model without accuracy (a language model: val/loss, val/bpb)
+        first = "final validation: " + ", ".join(f"{tag} {_metric(metrics, tag):.4g}" for tag in others)
+    else:
+        first = "final validation accuracy: not logged (no validation loop ran)"
+    lines = [first]
     qns = [cb for cb in trainer.callbacks if isinstance(cb, QuasiNewtonLR)]
     h0_tags = [f"{qn.prefix}/{name}" for qn in qns for name in ("h0", "pre_h0")] + ["hessian/h0", "hessian/pre_h0"]
     h0_tag = next((tag for tag in h0_tags if _metric(metrics, tag) is not None), None)

@@ -143,3 +143,19 @@ def test_predict_runs_on_the_test_split_of_the_shipped_data_modules(tmp_path, da
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(logits, model(images), rtol=1e-5, atol=1e-6)
+
+
+def test_summary_of_a_model_without_accuracy_names_its_validation_metrics():
+    from types import SimpleNamespace
+
+    import torch
+
+    trainer = SimpleNamespace(
+        callback_metrics={"val/loss": torch.tensor(2.1689), "val/bpb": torch.tensor(3.1291),
+                          "train/loss": torch.tensor(2.0), "hessian/h0": torch.tensor(54.36)},
+        callbacks=[], optimizers=[torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)],
+    )
+    assert fit_summary_lines(trainer) == [
+        "final validation: val/bpb 3.129, val/loss 2.169",
+        "last h0 = 54.36 (hessian/h0), α = 0.001 (the optimiser's first param group)",
+    ]
