@@ -75,6 +75,8 @@ def main(argv=None) -> int:
         total = cli.trainer.global_step
         (run,) = find_runs(tmp)
         scalars = read_scalars(run)
+        params = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
+        print(f"GPT of {params:,} trainable parameters.")
         print(f"{total} steps in {wall:.0f} s wall-clock, {cpu:.0f} s CPU ({cpu / total * 1e3:.0f} ms CPU per step, "
               "validation and the monitors included).\n")
         rows = []
@@ -85,7 +87,12 @@ def main(argv=None) -> int:
                          _value_at(scalars.get("lyapunov/lambda"), end)])
         print(C.table(["step", "train loss (last logged by step + 9)", "h0", "pre_h0", "pre_stability",
                        "λ (window step .. step + 9)"], rows))
-        print("\npre_h0 and pre_stability start at step 10: at step 0 AdamW has no second-moment estimate yet.")
+        first_pre = rows[0][4] if rows else float("nan")
+        if first_pre == first_pre:
+            print("\nAt step 0, before AdamW's first step, P is |g| + ε, what that step divides by (the step is "
+                  "lr·g/(|g| + ε), about lr·sign(g)); from step 10 on P is √v̂ + ε.")
+        else:
+            print("\npre_h0 and pre_stability start at step 10: at step 0 AdamW has no second-moment estimate yet.")
         figure = args.figure or (None if args.quick else FIGURE)
         if figure is not None:
             draw(scalars, Path(figure))
@@ -105,17 +112,16 @@ def draw(scalars, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
-    panels = [("train/loss", "training loss", "log"), ("hessian/pre_stability", "pre_stability", "linear"),
-              ("lyapunov/lambda", "λ (window of 10 steps)", "linear")]
+    panels = [("train/loss", "training loss", "linear"), ("hessian/pre_stability", "pre_stability (log scale)", "log"),
+              ("lyapunov/lambda", "λ (window of 10 steps; symlog)", "symlog")]
     for ax, (tag, label, scale) in zip(axes, panels):
         series = scalars.get(tag)
         if series is not None:
             ax.plot(list(series.steps), list(series.values), marker="." if tag != "train/loss" else None, lw=1)
-        ax.set_yscale(scale)
+        ax.set_yscale(scale, **({"linthresh": 1e-3} if scale == "symlog" else {}))
         ax.set_title(label)
         ax.set_xlabel("step")
     axes[1].axhline(2.0, color="tab:red", ls="--", lw=1, label="edge of stability (2)")
-    axes[1].set_ylim(bottom=0)
     axes[1].legend(loc="center right", fontsize=8)
     axes[2].axhline(0.0, color="grey", lw=0.8)
     fig.suptitle("Byte-level GPT (220,544 parameters) on the standard library's text, AdamW lr 1e-3 "

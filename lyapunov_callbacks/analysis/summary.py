@@ -818,7 +818,8 @@ def gpt_section(path: str | Path) -> list[str]:
 
     def column(prefix: str) -> list[float]:
         i = next(j for j, c in enumerate(columns) if c.startswith(prefix))
-        values = [float(r[i]) for r in rows[1:]]  # after the first window (AdamW has no v at step 0)
+        # After the first window: at step 0 Adam's P is |g| + ε (no v yet) and λ's window is the initial transient.
+        values = [float(r[i]) for r in rows[1:]]
         return [v for v in values if math.isfinite(v)]
 
     pre, lam = column("pre_stability"), column("λ")
