@@ -279,14 +279,14 @@ _SHARDED_HVP_WARNED: set[str] = set()
 
 def check_sharding(
     trainer: pl.Trainer, pl_module: nn.Module, callback_name: str, *, hvp: str = "autograd",
-    method: str = "lanczos", dtype: torch.dtype | None = None, unsupported: str | None = None,
+    method: str = "lanczos", dtype: torch.dtype | None = None,
 ) -> bool:
     """Whether the module is sharded (FSDP2); refuse at fit start what cannot be measured on its shards.
 
     Raises ``ValueError`` (:class:`~lyapunov_callbacks.core.sharded.ShardingError`) for Lightning's ``FSDPStrategy``
-    (FSDP1), tensor parallelism or another layout than FSDP2's, a ``method`` other than Lanczos, a ``dtype`` other
-    than the parameters' own, or a feature the callback names in ``unsupported``. ``hvp="autograd"`` (the
-    default) switches to central finite differences of the strategy's gradients, said once per callback type.
+    (FSDP1), tensor parallelism or another layout than FSDP2's, a ``method`` other than Lanczos, or a ``dtype``
+    other than the parameters' own. ``hvp="autograd"`` (the default) switches to central finite differences of the
+    strategy's gradients, said once per callback type.
     """
     strategy = type(getattr(trainer, "strategy", None)).__name__
     if strategy == "FSDPStrategy":
@@ -297,8 +297,6 @@ def check_sharding(
         )
     if shard_group(pl_module, callback_name) is None:
         return False
-    if unsupported is not None:
-        raise ShardingError(f"{callback_name} on sharded parameters (FSDP2): {unsupported}")
     if method != "lanczos":
         raise ShardingError(
             f"{callback_name}(method={method!r}) on sharded parameters (FSDP2): only method='lanczos' takes its inner "

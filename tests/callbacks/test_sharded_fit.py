@@ -23,6 +23,7 @@ from lyapunov_callbacks.core.sharded import ShardingError
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 import sharded_fit  # noqa: E402
+from dense_hessian import dense_hessian  # noqa: E402
 
 
 def _run(tmp_path: Path, model: str, optimizer: str, rule: str = "newton") -> list[dict]:
@@ -42,18 +43,7 @@ def _exact_hessian(record: dict, step: str, model: str) -> torch.Tensor:
         for p, w in zip(net.parameters(), record["weights"][step]):
             p.copy_(torch.tensor(w, dtype=torch.float64))
     x, y = (torch.tensor(t, dtype=torch.float64) for t in record["batches"][step])
-    names = [n for n, _ in net.named_parameters()]
-    params = [p.detach() for p in net.parameters()]
-    flat = torch.cat([p.reshape(-1) for p in params])
-
-    def loss(theta):
-        pieces, offset = {}, 0
-        for name, p in zip(names, params):
-            pieces[name] = theta[offset : offset + p.numel()].view(p.shape)
-            offset += p.numel()
-        return sharded_fit.loss_of(lambda inputs: torch.func.functional_call(net, pieces, (inputs,)), (x, y))
-
-    return torch.autograd.functional.hessian(loss, flat)
+    return dense_hessian(net, sharded_fit.loss_of, (x, y))
 
 
 def _exact_top(record: dict, step: str, model: str, k: int = 3) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dense_hessian import dense_hessian
 from lyapunov_callbacks.core.eigen import solve
 from lyapunov_callbacks.core.hessian import HessianOperator
 from lyapunov_callbacks.core.sharded import ShardedHessian, ShardingError, default_fd_rel_eps, is_sharded, shard_group
@@ -145,18 +146,7 @@ def test_sharded_space_reductions_equal_the_plain_ones_on_one_rank(gloo_mesh):
 
 
 def _dense_hessian(model, batch):
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    flat = torch.cat([p.reshape(-1) for p in params])
-
-    def loss(theta):
-        pieces, offset = {}, 0
-        for name, p in zip(names, params):
-            pieces[name] = theta[offset : offset + p.numel()].view(p.shape)
-            offset += p.numel()
-        return _loss(lambda x: torch.func.functional_call(model, pieces, (x,)), batch)
-
-    return torch.autograd.functional.hessian(loss, flat)
+    return dense_hessian(model, _loss, batch)
 
 
 def test_top_hessian_eigenvalues_measures_a_sharded_model_in_a_plain_loop(gloo_mesh):
