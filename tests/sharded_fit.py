@@ -2,7 +2,8 @@
 
 Run as a script (Lightning relaunches this file for rank 1): ``python tests/sharded_fit.py OUT MODEL OPTIMIZER [RULE]``,
 MODEL ``linear`` (least squares: a quadratic loss) or ``mlp`` (a tanh network), OPTIMIZER ``sgd``, ``sgdm`` (momentum
-0.9) or ``adamw``, RULE QuasiNewtonLR's rule (default ``newton``).
+0.9) or ``adamw``, RULE QuasiNewtonLR's rule (default ``newton``), or ``monitors`` (the two monitors, no
+QuasiNewtonLR) or ``plain`` (no curvature callback: the trajectory the monitors must leave unchanged).
 Each rank writes ``OUT/rank<r>.json``: per measured step the monitor's and QuasiNewtonLR's logged values, the
 layout of the parameters, and how often a DTensor was gathered while the callbacks ran. Rank 0 also writes the
 full weights at each measurement and the union of the ranks' batches (gathered by this recorder, outside the
@@ -125,7 +126,9 @@ class Recorder(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         """The λ monitor's start δ: saved (gathered) here, or, for the reference run, replaced by a saved one."""
-        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, LyapunovExponentMonitor))
+        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LyapunovExponentMonitor)), None)
+        if monitor is None:
+            return
         if self.start_delta is not None:  # the single-process reference starts from the sharded run's δ
             monitor.tangent.delta_theta = torch.tensor(self.start_delta, dtype=monitor.tangent.dtype)
             return
@@ -179,6 +182,8 @@ class Recorder(pl.Callback):
             "local_numel": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params),
             "numel": sum(p.numel() for p in params),
             "gathers_in_callbacks": None if self.gathers is None else self.gathers.count,
+            # this rank's shards after the last step, as they are (no gather)
+            "final_shards": [(p.to_local() if hasattr(p, "to_local") else p).detach().tolist() for p in params],
         }
         if trainer.global_rank == 0:
             record["weights"], record["batches"], record["start_delta"] = self.weights, self.batches, self.delta
@@ -186,10 +191,15 @@ class Recorder(pl.Callback):
 
 
 def callbacks(optimizer: str, rule: str) -> list[pl.Callback]:
+    if rule == "plain":
+        return []
     monitor = HessianEigenvalueMonitor(every_n_steps=1, k=3, tol=1e-8, max_iter=60, pre_h0=optimizer == "adamw",
                                        batch_sharpness=True)
-    qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, warmup_max_hvps=60, max_iter=60, rule=rule)
+    qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, warmup_max_hvps=60, max_iter=60,
+                       rule=rule if rule != "monitors" else "newton")
     lyapunov = LyapunovExponentMonitor(window=1)  # λ of every step: one log growth each
+    if rule == "monitors":
+        return [monitor, lyapunov]
     return [monitor, qn, lyapunov]
 
 

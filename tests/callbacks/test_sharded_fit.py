@@ -4,6 +4,7 @@ single-process references on the union of the ranks' batches, and what is refuse
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +27,15 @@ import sharded_fit  # noqa: E402
 from dense_hessian import dense_hessian  # noqa: E402
 
 
-def _run(tmp_path: Path, model: str, optimizer: str, rule: str = "newton") -> list[dict]:
+def _run(tmp_path: Path, model: str, optimizer: str, rule: str = "newton", said: bool = True) -> list[dict]:
     out = tmp_path / f"{model}_{optimizer}_{rule}"
     proc = subprocess.run(
         [sys.executable, str(TESTS / "sharded_fit.py"), str(out), model, optimizer, rule],
         cwd=TESTS.parent, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "central finite differences of the strategy's own gradients" in proc.stderr  # said once, not silent
+    if said:  # the switch from hvp="autograd" is said, not silent
+        assert "central finite differences of the strategy's own gradients" in proc.stderr
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(sharded_fit.WORLD_SIZE)]
 
 
@@ -95,6 +97,18 @@ def test_momentum_sgd_with_the_batch_sharpness_rule_equals_one_process_on_the_un
     _check_sharded_and_identical(ranks)
     _check_equal_to_one_process(tmp_path, ranks, "mlp", "sgdm", "batch_sharpness")
     assert len({v["lr"] for v in ranks[0]["steps"].values()}) == sharded_fit.STEPS  # the LR follows the rule
+
+
+@pytest.mark.slow
+def test_the_monitors_leave_a_sharded_adamw_fit_bit_for_bit_unchanged(tmp_path):
+    plain = _run(tmp_path, "mlp", "adamw", "plain", said=False)
+    monitored = _run(tmp_path, "mlp", "adamw", "monitors")
+    measured = monitored[0]["steps"]["2"]
+    assert math.isfinite(measured["lyapunov/lambda"]) and measured["hessian/pre_h0"] > 0  # both monitors measured
+    assert "hessian/h0" not in plain[0]["steps"]["2"]
+    assert monitored[0]["weights"] == plain[0]["weights"]  # the full weights before every step
+    for rank in range(sharded_fit.WORLD_SIZE):  # and each rank's shards after the last one
+        assert monitored[rank]["final_shards"] == plain[rank]["final_shards"]
 
 
 def _check_equal_to_one_process(tmp_path: Path, ranks: list[dict], model: str, optimizer: str, rule: str) -> None:
