@@ -66,45 +66,42 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-class WideMLP:
-    """Built inside a function so that Lightning is imported only when the benchmark runs."""
+def _wide_mlp():
+    """The wide tanh MLP as a LightningModule (built here so that Lightning is imported only when a fit runs)."""
+    import lightning.pytorch as pl
 
-    @staticmethod
-    def module():
-        import lightning.pytorch as pl
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(1024, 2048), nn.Tanh(), nn.Linear(2048, 2048), nn.Tanh(),
+                                     nn.Linear(2048, 10))
 
-        class Module(pl.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                torch.manual_seed(0)
-                self.net = nn.Sequential(nn.Linear(1024, 2048), nn.Tanh(), nn.Linear(2048, 2048), nn.Tanh(),
-                                         nn.Linear(2048, 10))
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
 
-            def configure_model(self) -> None:
-                from torch.distributed.fsdp import fully_shard
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
 
-                mesh = self.device_mesh["data_parallel"]
-                for layer in self.net:
-                    if isinstance(layer, nn.Linear):
-                        fully_shard(layer, mesh=mesh)
-                fully_shard(self.net, mesh=mesh)
+        def training_loss(self, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
 
-            def training_loss(self, batch):
-                x, y = batch
-                return nn.functional.cross_entropy(self.net(x), y)
+        def training_step(self, batch, batch_idx):
+            return self.training_loss(batch)
 
-            def training_step(self, batch, batch_idx):
-                return self.training_loss(batch)
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-            def configure_optimizers(self):
-                return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(1 + self.global_rank)
+            x, y = torch.randn(64 * 40, 1024, generator=g), torch.randint(0, 10, (64 * 40,), generator=g)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
 
-            def train_dataloader(self):
-                g = torch.Generator().manual_seed(1 + self.global_rank)
-                x, y = torch.randn(64 * 40, 1024, generator=g), torch.randint(0, 10, (64 * 40,), generator=g)
-                return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
-
-        return Module(), None
+    return Module(), None
 
 
 def _gpt():
@@ -122,7 +119,7 @@ def _run(model_name: str, steps: int, out: Path) -> None:
     from lyapunov_callbacks import HessianEigenvalueMonitor
 
     torch.set_num_threads(1)
-    module, data = _gpt() if model_name == "gpt" else WideMLP.module()
+    module, data = _gpt() if model_name == "gpt" else _wide_mlp()
     monitor = HessianEigenvalueMonitor(every_n_steps=EVERY, tol=1e-3, pre_h0=True)
     rows: list[dict] = []
 

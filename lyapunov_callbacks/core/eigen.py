@@ -25,7 +25,7 @@ from lyapunov_callbacks.core.checks import (
 )
 from lyapunov_callbacks.core.hessian import BACKENDS, HessianOperator, num_trainable_parameters
 from lyapunov_callbacks.core.sharded import ShardedHessian, is_sharded
-from lyapunov_callbacks.core.space import LocalSpace, local_tensor, space_of
+from lyapunov_callbacks.core.space import LOCAL, LocalSpace, local_tensor, space_of
 
 __all__ = [
     "EigenResult",
@@ -288,7 +288,7 @@ def _orthonormalize(
     ``fallback`` (called only when a column is rank-deficient) returns a block of the same shape. ``space``: where the
     columns live (default: whole local vectors).
     """
-    space = space or space_of(None)
+    space = space or LOCAL
     if block.shape[1] == 1:  # a single column: QR is a normalisation (saves a Householder pass)
         norm = space.norm(block[:, 0])
         if norm > 0 and math.isfinite(norm):
@@ -334,7 +334,7 @@ def _reorthogonalize_(
     fewer per call; it only decides whether a second pass runs). The coefficients are read in one
     transfer, not one per basis vector. ``space``: where the vectors live (default: whole local vectors).
     """
-    space = space or space_of(None)
+    space = space or LOCAL
     norm = 0.0
     for i in range(passes if passes is not None else 2):
         coefficients = space.dots(basis, w)

@@ -36,6 +36,7 @@ declares the model's non-smooth modules (:attr:`ShardedHessian.nonsmooth`) and t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,12 +59,19 @@ class ShardingError(ValueError):
     """A sharded layout the curvature callbacks cannot measure (tensor parallelism, mixed or 2-D meshes)."""
 
 
-def _is_dtensor(t: Any) -> bool:
+@functools.cache
+def _dtensor_type() -> type | None:
+    """``DTensor``, imported on first use (not at the core's import); ``None`` without ``torch.distributed``."""
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without torch.distributed has no DTensor
-        return False
-    return isinstance(t, DTensor)
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def is_sharded(model: nn.Module) -> bool:

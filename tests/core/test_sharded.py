@@ -161,3 +161,18 @@ def test_top_hessian_eigenvalues_measures_a_sharded_model_in_a_plain_loop(gloo_m
     assert warm.num_hvps < sharded.num_hvps  # the warm start is this rank's entries, accepted as such
     with pytest.raises(ValueError, match=r"dtype=None"):
         top_hessian_eigenvalues(net, _loss, batch, dtype=torch.float32)
+
+
+def test_sharded_orthonormalisation_replaces_a_rank_deficient_column(gloo_mesh):
+    from lyapunov_callbacks.core.eigen import _orthonormalize
+
+    g = torch.Generator().manual_seed(3)
+    block = torch.randn(40, 3, dtype=torch.float64, generator=g)
+    block[:, 2] = 2.0 * block[:, 0] - block[:, 1]  # in the span of the first two: Cholesky of the Gram matrix fails
+    fallback = torch.randn(40, 3, dtype=torch.float64, generator=g)
+    q = _orthonormalize(block, lambda: fallback, ShardedSpace())
+    assert q.T @ q == pytest.approx(torch.eye(3, dtype=torch.float64), abs=1e-12)
+    # the first column is the normalised first input column; the first two span the input's first two
+    assert q[:, 0] == pytest.approx(block[:, 0] / torch.linalg.vector_norm(block[:, 0]), rel=1e-12)
+    residual = block[:, :2] - q[:, :2] @ (q[:, :2].T @ block[:, :2])
+    assert float(torch.linalg.vector_norm(residual)) < 1e-10
