@@ -9,7 +9,10 @@ import torch
 from lyapunov_callbacks.core.space import local_tensor
 from lyapunov_callbacks.core.tangent import _ADAM_TYPES, _adam_parameters, check_adam, ordered_parameters
 
-__all__ = ["PreconditionedOperator", "preconditioned_operator", "preconditioner_diagonal", "step_preconditioner"]
+__all__ = [
+    "PreconditionedOperator", "preconditioned_operator", "preconditioner_diagonal", "step_preconditioned",
+    "step_preconditioner",
+]
 
 
 def preconditioner_diagonal(
@@ -177,6 +180,12 @@ class PreconditionedOperator:
 
     def __repr__(self) -> str:
         return f"PreconditionedOperator({self.op!r})"
+
+
+def step_preconditioned(op: Any, optimizer: torch.optim.Optimizer, params: Any = None) -> PreconditionedOperator:
+    """:math:`P^{-1/2} H P^{-1/2}` for ``op`` = H and the :func:`step_preconditioner` of the coming step (also
+    before Adam's first step, where P = |g| + ε); ``params`` in ``op``'s flat order."""
+    return PreconditionedOperator(op, step_preconditioner(optimizer, params, dtype=op.dtype, device=op.device))
 
 
 def preconditioned_operator(

@@ -11,13 +11,16 @@ import math
 from collections import deque
 from typing import Any, Optional, Union
 
+import torch
+
 from lyapunov_callbacks.core.cadence import AdaptiveCadence, check_every_n_steps, is_auto
 
 # One definition of each stability factor (re-exported here for the rule's callers).
 from lyapunov_callbacks.core.checks import check_int, check_positive, is_number
-from lyapunov_callbacks.core.stability import adam_stability_factor
+from lyapunov_callbacks.core.stability import adam_stability_factor, rule_stability_factor
+from lyapunov_callbacks.core.step_direction import check_step_optimizer
 
-__all__ = ["QuasiNewtonRule", "RULES", "TRIGGERS", "adam_stability_factor"]
+__all__ = ["QuasiNewtonRule", "RULES", "TRIGGERS", "adam_stability_factor", "check_sharpness_settings"]
 
 #: The step rules: ``"newton"`` (the paper's α·h0 = scale), ``"edge"`` (α·h0 = ``edge`` < 2) and
 #: ``"batch_sharpness"`` (α = scale/s, s the curvature along the optimiser's own step per unit slope).
@@ -363,6 +366,64 @@ class QuasiNewtonRule:
         self._ema = float(state_dict.get("ema", 0.0))
         self._ema_count = int(state_dict.get("ema_count", 0))
 
+    def configure_for(self, optimizer: Any, momentum_aware: bool = False) -> Optional[str]:
+        """Take the constants of ``optimizer`` (``torch.optim.SGD``, ``Adam`` or ``AdamW``) the rule depends on.
+
+        The stability factor c (:func:`~lyapunov_callbacks.core.stability.rule_stability_factor`: Adam's, or heavy
+        ball's with ``momentum_aware``, else 1) and SGD's largest coupled ``weight_decay`` w (added to h0; Adam's
+        estimate is of P⁻¹H, so w = 0). ``rule="batch_sharpness"`` checks instead that the step direction can be
+        read from the optimiser (momentum, β1 and decay are inside it).
+
+        Returns:
+            A warning for SGD with momentum under the plain-SGD factor (``momentum_aware=False``), else ``None``.
+
+        Raises:
+            ValueError: as ``rule_stability_factor`` / ``check_step_optimizer``, with the fix.
+        """
+        adam = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+        groups = optimizer.param_groups
+        self.weight_decay = 0.0 if adam else max(float(g.get("weight_decay", 0.0)) for g in groups)
+        if self.rule == "batch_sharpness":
+            check_step_optimizer(optimizer)
+            return None
+        self.stability_factor = rule_stability_factor(optimizer, momentum_aware)
+        momentum = max(float(g.get("momentum", 0.0) or 0.0) for g in groups)
+        if adam or momentum_aware or momentum <= 0:
+            return None
+        return (
+            f"QuasiNewtonLR: the optimiser uses momentum {momentum}, but 1/h0 is the plain-SGD rule; pass "
+            "momentum_aware=True for α = (1+μ)/h0 (half the heavy-ball stability limit 2(1+μ)/h0)."
+        )
+
+    def log_values(self, value: float, preconditioned: bool = False, warmup: bool = False) -> dict[str, float]:
+        """What a caller logs after the estimates of one step, under short names (it adds its prefix).
+
+        The measured curvature ``value`` (NaN if not finite) as ``sharpness`` (``rule="batch_sharpness"``),
+        ``pre_h0`` (``preconditioned``: λ1(P⁻¹H)) or ``h0``; ``lr``; the counters ``rejected_estimates``,
+        ``clamped_estimates`` and ``triggered_estimates``; ``every_n_steps`` with the adaptive cadence; and with
+        ``warmup`` (the step ended the warm-up) ``warmup_hvps``.
+        """
+        name = "sharpness" if self.rule == "batch_sharpness" else ("pre_h0" if preconditioned else "h0")
+        values = {"warmup_hvps": float(self.warmup_hvps)} if warmup else {}
+        values[name] = value if math.isfinite(value) else float("nan")
+        values["lr"] = self.lr
+        values["rejected_estimates"] = float(self.rejected_estimates)
+        values["clamped_estimates"] = float(self.clamped_estimates)
+        values["triggered_estimates"] = float(self.triggers["loss"] + self.triggers["rayleigh"])
+        if self.cadence is not None:
+            values["every_n_steps"] = float(self.every_n_steps_in_use)
+        return values
+
+    def warmup_warning(self, value: float) -> Optional[str]:
+        """Why the warm-up that just ended is not converged (``warmup_max_hvps`` ran out), or ``None``."""
+        if self.warmup_converged or not math.isfinite(value) or self.rule == "batch_sharpness":
+            return None
+        return (
+            f"QuasiNewtonLR: the warm-up used warmup_max_hvps={self.warmup_max_hvps} HVPs before h0 was stable to "
+            f"warmup_tol={self.warmup_tol} (last estimate {value:.6g}); training starts with it. Raise "
+            "warmup_max_hvps or warmup_tol."
+        )
+
     @property
     def warmup_hvps_left(self) -> int:
         """HVP budget left for the next warm-up estimate (0 once the warm-up is done)."""
@@ -570,3 +631,17 @@ def _loss_rose(loss: float, recent: deque, rise: float) -> bool:
         return True
     reference = sum(recent) / len(recent)
     return loss > (1.0 + rise) * reference
+
+
+def check_sharpness_settings(batch: str, momentum_aware: bool) -> None:
+    """Refuse, at construction, the settings ``rule="batch_sharpness"`` has no use for."""
+    if batch != "current":
+        raise ValueError(
+            f"rule='batch_sharpness' measures the step's own batch along the step's own direction; got "
+            f"batch={batch!r}: use batch='current'."
+        )
+    if momentum_aware:
+        raise ValueError(
+            "rule='batch_sharpness' reads momentum from the optimiser's buffer (it is inside the step's "
+            "direction); got momentum_aware=True: leave momentum_aware=False."
+        )

@@ -23,6 +23,7 @@ __all__ = [
     "batch_sharpness",
     "momentum_stability_factor",
     "pre_stability",
+    "rule_stability_factor",
     "stability_factor",
 ]
 
@@ -203,6 +204,25 @@ def stability_factor(optimizer: torch.optim.Optimizer) -> float:
         f"stability_factor supports torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW; got "
         f"{type(optimizer).__module__}.{type(optimizer).__name__}."
     )
+
+
+def rule_stability_factor(optimizer: torch.optim.Optimizer, momentum_aware: bool = False) -> float:
+    r"""The factor :math:`c` of the quasi-Newton rule :math:`\alpha = \mathrm{scale}\cdot c/h_0`.
+
+    :func:`stability_factor` for Adam/AdamW (with :math:`h_0 = \lambda_1(P^{-1}H)`) and, with ``momentum_aware``,
+    for SGD; plain SGD's 1 otherwise, also for SGD with momentum (the paper's rule).
+
+    Raises:
+        ValueError: as :func:`stability_factor`, with the fix (one β1 in every group; one momentum setting).
+    """
+    adam = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+    if not adam and not momentum_aware:
+        return 1.0
+    try:
+        return stability_factor(optimizer)
+    except ValueError as err:
+        fix = "use the same betas in every group" if adam else "use one setting or momentum_aware=False"
+        raise ValueError(f"QuasiNewtonLR with {type(optimizer).__name__}: {err} Fix: {fix}.") from err
 
 
 def batch_sharpness(op: Any, gradient: torch.Tensor | None = None) -> float:

@@ -125,6 +125,20 @@ class _TangentBase:
         """Put back the state of :meth:`snapshot` (vectors, counters, flags)."""
         self.__dict__.update(snapshot)
 
+    def step_or_undo(self, hvp: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """:meth:`step` with each group's own LR, undone when its log growth is not finite (a diverged loss or an
+        annihilated perturbation): returns the log growth, or NaN with the state as it was before the call.
+
+        The growth is finite exactly when the new state's squared norm is finite and non-zero, i.e. when the
+        product and every entry of the new state are finite, so no separate pass over them is needed.
+        """
+        saved = self.snapshot()
+        growth = self.step(hvp)
+        if math.isfinite(growth):
+            return growth
+        self.restore(saved)
+        return float("nan")
+
     def _vector(self, value: torch.Tensor) -> torch.Tensor:
         return value.to(device=self.device, dtype=self.dtype).clone()
 

@@ -408,3 +408,34 @@ def test_plain_loop_collapse_raises_lr_by_at_most_twice_per_estimate():
     assert all(r <= 2.0 + 1e-9 for r in ratios)
     assert ratios.count(pytest.approx(2.0)) == 6     # estimates at 6, 9, …, 21 double; 24 reaches 1/h0
     assert lrs[-1] == pytest.approx(1.0 / h_exact[-1], rel=1e-6)
+
+
+def test_configure_for_takes_c_and_w_from_the_optimiser_and_warns_for_momentum_under_the_sgd_factor():
+    params = [torch.zeros(3, requires_grad=True)]
+    rule = QuasiNewtonRule()
+    warning = rule.configure_for(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01))
+    assert (rule.stability_factor, rule.weight_decay) == (1.0, 0.01) and "momentum_aware=True" in warning
+    assert rule.configure_for(torch.optim.SGD(params, lr=0.1, momentum=0.9), momentum_aware=True) is None
+    assert rule.stability_factor == pytest.approx(1.9) and rule.weight_decay == 0.0
+    assert QuasiNewtonRule().configure_for(torch.optim.AdamW(params, weight_decay=0.1)) is None
+    adam = QuasiNewtonRule()
+    adam.configure_for(torch.optim.AdamW(params, betas=(0.9, 0.999), weight_decay=0.1))
+    assert (adam.stability_factor, adam.weight_decay) == (pytest.approx(adam_stability_factor(0.9)), 0.0)
+    with pytest.raises(ValueError, match="Fix: use the same betas in every group"):
+        QuasiNewtonRule().configure_for(
+            torch.optim.Adam([{"params": params}, {"params": [torch.zeros(1, requires_grad=True)], "betas": (0.5, 0.9)}])
+        )
+
+
+def test_log_values_name_the_measured_curvature_and_the_counters():
+    rule = QuasiNewtonRule(every_n_steps="auto")
+    rule.update(4.0, 0, hvps=10)
+    values = rule.log_values(4.0, preconditioned=True, warmup=True)
+    assert values == {
+        "warmup_hvps": 10.0, "pre_h0": 4.0, "lr": rule.lr, "rejected_estimates": 0.0, "clamped_estimates": 0.0,
+        "triggered_estimates": 0.0, "every_n_steps": float(rule.every_n_steps_in_use),
+    }
+    assert set(QuasiNewtonRule().log_values(float("inf"))) >= {"h0", "lr"}
+    assert QuasiNewtonRule().log_values(float("inf"))["h0"] != QuasiNewtonRule().log_values(float("inf"))["h0"]
+    sharp = QuasiNewtonRule(rule="batch_sharpness")
+    assert "sharpness" in sharp.log_values(2.0) and sharp.warmup_warning(2.0) is None
