@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
         for rule, (loss, last_lr, elapsed, callbacks) in results.items():
             if callbacks:
                 qn = callbacks[0]
-                rule += f" (warm-up {qn.warmup_hvps} HVPs, {qn.total_hvps} in all)"
+                rule += f" (warm-up {qn.rule.warmup_hvps} HVPs, {qn.total_hvps} in all)"
             loss_text = f"{loss:.4f}" if math.isfinite(loss) else "diverged (nan)"
             rows.append(
                 f"| {name} | {rule} | {loss_text} | {last_lr:.4g} | {elapsed:.1f} | {elapsed / reference_time:.2f} |"

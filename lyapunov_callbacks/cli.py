@@ -206,8 +206,8 @@ def fit_summary_lines(trainer: Any) -> list[str]:
     for qn in qns:
         triggered = _metric(metrics, f"{qn.prefix}/triggered_estimates")
         lines.append(
-            f"{qn.prefix}: {qn.num_estimates} estimates, {qn.rejected_estimates} rejected, "
-            f"{qn.clamped_estimates} clamped, {0 if triggered is None else int(triggered)} triggered by a loss jump "
+            f"{qn.prefix}: {qn.rule.num_estimates} estimates, {qn.rule.rejected_estimates} rejected, "
+            f"{qn.rule.clamped_estimates} clamped, {0 if triggered is None else int(triggered)} triggered by a loss jump "
             f"or the Rayleigh check"
         )
     return lines

@@ -56,11 +56,11 @@ def test_fit_prints_the_summary_of_the_run_and_a_working_tensorboard_command(tmp
     expected = [
         f"final validation accuracy (val/acc): {acc:.4f}",
         f"last h0 = {h0:.4g} (quasi_newton/h0), α = {lr:.4g} (quasi_newton/lr)",
-        f"quasi_newton: {qn.num_estimates} estimates, {qn.rejected_estimates} rejected, {qn.clamped_estimates} "
+        f"quasi_newton: {qn.rule.num_estimates} estimates, {qn.rule.rejected_estimates} rejected, {qn.rule.clamped_estimates} "
         f"clamped, {triggered} triggered by a loss jump or the Rayleigh check",
     ]
     assert "\n" + "\n".join(expected) + "\n" in out
-    assert qn.num_estimates >= 1 and 0.0 < lr == pytest.approx(1.0 / h0, rel=1e-6)
+    assert qn.rule.num_estimates >= 1 and 0.0 < lr == pytest.approx(1.0 / h0, rel=1e-6)
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr, rel=1e-6)
 
     # The TensorBoard command names a launcher that exists and the run's folder.

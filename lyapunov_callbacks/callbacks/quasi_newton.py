@@ -8,6 +8,7 @@ Lightning's hooks.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -18,41 +19,44 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lyapunov_callbacks.callbacks._lightning import (
     BATCHES,
-    FAST_DEV_RUN_HVPS,
-    HeldLearningRateMonitors,
     ProbeBatch,
+    StepLoss,
     StepMicroBatches,
     check_choice,
     check_int,
-    check_lr_owner,
     check_positive,
-    check_prefix,
-    check_sharding,
-    check_supported,
-    check_tag_owners,
-    fast_dev_run_budget,
-    finite_or_nan,
     log_measurements,
     measurement_guard,
     measurement_operator,
     resolve_dtype,
     resolve_loss_fn,
-    run_first,
+    set_lr,
     step_loss,
 )
+from lyapunov_callbacks.callbacks._setup import (
+    FAST_DEV_RUN_HVPS,
+    check_lr_owner,
+    check_prefix,
+    check_sharding,
+    check_supported,
+    check_tag_owners,
+    fast_dev_run_budget,
+    HeldLearningRateMonitors,
+    run_first,
+)
+from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout, log_hessian_curves
 from lyapunov_callbacks.core.eigen import METHODS
 from lyapunov_callbacks.core.hessian import BACKENDS, backend_class, trainable_parameters
-from lyapunov_callbacks.core.preconditioned import PreconditionedOperator, step_preconditioner
-from lyapunov_callbacks.core.quasi_newton_rule import RULES, QuasiNewtonRule
-from lyapunov_callbacks.core.stability import momentum_stability_factor, stability_factor
-from lyapunov_callbacks.core.step_direction import check_step_optimizer, directional_sharpness, step_direction
-from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout, log_reference_levels
+from lyapunov_callbacks.core.preconditioned import step_preconditioned
+from lyapunov_callbacks.core.quasi_newton_rule import RULES, QuasiNewtonRule, check_sharpness_settings
+from lyapunov_callbacks.core.stability import momentum_stability_factor
+from lyapunov_callbacks.core.step_direction import directional_sharpness, step_direction
 from lyapunov_callbacks.core.tracker import EigenTracker
 
 __all__ = ["QuasiNewtonLR", "momentum_stability_factor"]
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
-#: The rule's state, read through the callback under the names it has always had.
+#: The rule's state and settings, once read through the callback (deprecated aliases of ``QuasiNewtonLR.rule.*``).
 _RULE_STATE = (
     "h0", "h0_smoothed", "lr", "warmup_done", "warmup_hvps", "rejected_estimates", "clamped_estimates",
     "num_estimates", "scale", "every_n_steps", "warmup_tol", "warmup_max_hvps", "smoothing", "min_lr", "max_lr",
@@ -72,11 +76,9 @@ class QuasiNewtonLR(Callback):
     :class:`~lyapunov_callbacks.core.quasi_newton_rule.QuasiNewtonRule` (:attr:`rule`; its docstring has the
     maths); this callback measures, applies the LR and logs.
 
-    **When.** All in ``on_before_optimizer_step``, at the pre-step weights after the step's backward, so the step
-    about to be taken uses the new LR. Every training batch also gets the current α in ``on_train_batch_start``
-    (so the LR holds right after a resume). This callback runs first among the callbacks, so monitors reading the
-    LR see the new one; a ``LearningRateMonitor`` is held until the step's LR is set and then logs, so it shows
-    the LR each step used (never the configured LR at step 0, which no step uses).
+    The LR is set in ``on_before_optimizer_step``, at the pre-step weights after the step's backward, so the step
+    about to be taken uses it; this callback runs first, and a ``LearningRateMonitor`` logs the LR each step used
+    (the user guide's *QuasiNewtonLR in detail* says how).
 
     **Optimisers.** ``torch.optim.SGD``: :math:`c = 1`, or with ``momentum_aware=True`` the heavy-ball factor of
     :func:`~lyapunov_callbacks.core.stability.stability_factor` (:math:`1+\mu`, divided by :math:`1-\tau`
@@ -86,24 +88,17 @@ class QuasiNewtonLR(Callback):
     :func:`~lyapunov_callbacks.core.preconditioned.step_preconditioner`) and :math:`c = (1+\beta_1)/(1-\beta_1)`;
     ``{prefix}/pre_h0`` is logged instead of ``{prefix}/h0``. Other optimisers are refused at fit start.
 
-    **rule="batch_sharpness"** (the greedy step along the optimiser's own direction; derivations in
-    :mod:`lyapunov_callbacks.core.step_direction`). At each scheduled or triggered step one HVP on the step's own
-    batch (and dropout masks) gives :math:`s = d^\top \nabla^2 F\, d / \nabla F^\top d`, with :math:`d` the
-    direction the optimiser is about to move (read from the step's ``.grad`` and the optimiser's state: the
-    gradient for plain SGD, the new momentum buffer for heavy-ball SGD, :math:`g + \mu b` for Nesterov,
-    :math:`\hat m/(\sqrt{\hat v}+\epsilon)` for Adam/AdamW, also at the first step before Adam has state), and
-    α = scale/ŝ with ŝ the bias-corrected EMA (``sharpness_ema``) of s. With ``hvp="finite_difference"`` the
-    step's gradient is reused, so the product costs one forward and backward at :math:`\theta + \epsilon d`;
-    ``"autograd"`` is exact and builds its own double-backward graph. ``{prefix}/sharpness`` (the raw s) is
-    logged instead of ``{prefix}/h0``. ``momentum_aware``, ``batch="fixed"``, ``smoothing`` and
-    ``rayleigh_every`` do not apply and are refused at construction (momentum is inside :math:`d`). Gradient
-    clipping, which Lightning applies after this hook, is not in :math:`d` (the unclipped step is measured).
+    **rule="batch_sharpness"**: α = scale/ŝ, ŝ the bias-corrected EMA (``sharpness_ema``) of
+    :math:`s = d^\top \nabla^2 F\, d / \nabla F^\top d`, :math:`d` the direction the optimiser is about to move
+    (the gradient for plain SGD, the new momentum buffer for heavy ball, :math:`\hat m/(\sqrt{\hat v}+\epsilon)`
+    for Adam/AdamW), one HVP on the step's own batch per measured step; ``{prefix}/sharpness`` (the raw s) is logged
+    instead of ``{prefix}/h0``. ``momentum_aware``, ``batch="fixed"``, ``smoothing`` and ``rayleigh_every`` do not
+    apply and are refused. The derivations are in :mod:`lyapunov_callbacks.core.step_direction`; when to use which
+    rule, and measurements of both, in ``docs/quasi-newton-rules.md``.
 
-    **Measured loss.** The step's batch (``batch="current"``; with ``accumulate_grad_batches = k`` the mean of its
-    micro-batch losses, with their dropout masks) or a probe batch drawn once (``batch="fixed"``). Under DDP the
-    HVPs are all-reduced and rank 0's value is broadcast, so every rank sets the same LR. The first param group
-    gets α; other groups keep their configured ratio to it. Under ``fast_dev_run`` the warm-up and each
-    re-estimate are capped at a handful of HVPs.
+    **Measured loss.** The step's batch (``batch="current"``; with accumulation the mean of its micro-batch losses)
+    or a probe batch drawn once (``batch="fixed"``). Under DDP rank 0's value is broadcast, so every rank sets the
+    same LR. The first param group gets α; other groups keep their configured ratio to it.
 
     Logged at each estimate: ``{prefix}/lr``, ``optim/lr``, ``{prefix}/h0`` (SGD) or ``{prefix}/pre_h0`` (Adam),
     ``{prefix}/rejected_estimates``, ``{prefix}/clamped_estimates``, ``{prefix}/triggered_estimates``; at the
@@ -112,9 +107,6 @@ class QuasiNewtonLR(Callback):
     ``hessian/pre_h0`` and ``hessian/pre_stability`` = α·λ1(P⁻¹H)/c (Adam). The ratio is ``scale`` (×c with
     ``momentum_aware``; ×``edge`` under ``rule="edge"``) while h0 sets α, and departs from it where a clamp, the
     growth limit, ``smoothing`` or SGD's weight decay do.
-
-    Cost: the warm-up (typically 10–40 HVPs, one HVP ≈ 2.5–3.3 forward+backward passes), a few HVPs per scheduled
-    or triggered estimate, one HVP per Rayleigh check.
 
     Args:
         scale: α = scale·c/h0; 1 is the quasi-Newton step, must be > 0.
@@ -227,7 +219,7 @@ class QuasiNewtonLR(Callback):
             drift_tol=drift_tol, min_every=min_every, max_every=max_every,
         )
         if rule == "batch_sharpness":
-            _check_sharpness_settings(batch, momentum_aware)
+            check_sharpness_settings(batch, momentum_aware)
             self._rule_settings.update(sharpness_ema=sharpness_ema, warmup_steps=warmup_steps)
         self.rule = QuasiNewtonRule(**self._rule_settings)
         self.method = method
@@ -248,15 +240,21 @@ class QuasiNewtonLR(Callback):
         self._reset()
 
     def __getattr__(self, name: str) -> Any:
-        if name in _RULE_STATE and "rule" in self.__dict__:
+        if name in _RULE_STATE and "rule" in self.__dict__:  # deprecated: the state and settings are the rule's
+            warnings.warn(
+                f"QuasiNewtonLR.{name} is deprecated; read QuasiNewtonLR.rule.{name} (the QuasiNewtonRule that "
+                "decides the LR holds it).", DeprecationWarning, stacklevel=2,
+            )
             return getattr(self.__dict__["rule"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def state_key(self) -> str:
+        # The rule joins the key only where it is not the default, so checkpoints of the default rule keep theirs.
+        rule = {} if self.rule.rule == "newton" else {"rule": self.rule.rule}
         return self._generate_state_key(
             prefix=self.prefix, scale=self.rule.scale, every_n_steps=self.rule.every_n_steps, method=self.method,
-            batch=self.batch,
+            batch=self.batch, **rule,
         )
 
     @property
@@ -273,7 +271,7 @@ class QuasiNewtonLR(Callback):
         self._probe = ProbeBatch(size=self.probe_size, seed=self.seed) if self.batch == "fixed" else None
         self._warned_rejection = False
         self._micro = StepMicroBatches()  # the micro-batches of the current step
-        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss = StepLoss()  # the step's mean loss, for the loss trigger
 
     # ---------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -300,13 +298,9 @@ class QuasiNewtonLR(Callback):
         self._configured_lr = lrs[0]
         self._adam = type(optimizer) in _ADAM
         rule = self.rule
-        if rule.rule == "batch_sharpness":
-            check_step_optimizer(optimizer)  # the direction carries momentum, β1 and the decay
-        else:
-            rule.stability_factor = self._stability_factor(optimizer)
-        rule.weight_decay = (
-            max(float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups) if not self._adam else 0.0
-        )
+        warning = rule.configure_for(optimizer, self.momentum_aware)  # c and w; the direction's optimiser
+        if warning:
+            rank_zero_warn(warning)
         # Adam's warm-started estimates stop on the residual bound alone (P moves with v between estimates).
         self._tracker.stop = "residual" if self._adam else "gap"
         warmup_max_hvps = self._rule_settings["warmup_max_hvps"]
@@ -324,22 +318,19 @@ class QuasiNewtonLR(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the optimiser state (restored after on_fit_start) holds the old LR: re-apply ours.
         if self.rule.warmup_done and self.rule.lr is not None:
-            self._apply_lr(trainer)
+            set_lr(trainer, self.rule.lr, self._group_ratios)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._micro.add(trainer.global_step, batch):
-            self._loss_sum = None
+            self._loss.clear()
         if self.rule.warmup_done and self.rule.lr is not None:
-            self._apply_lr(trainer)
+            set_lr(trainer, self.rule.lr, self._group_ratios)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        # Lightning passes each micro-batch loss divided by accumulate_grad_batches: the sum is the step's mean.
-        if self.rule.loss_rise is None or self._micro.step != trainer.global_step:
-            return
-        value = loss.detach().float()
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        if self.rule.loss_rise is not None and self._micro.step == trainer.global_step:
+            self._loss.add(loss)  # the loss trigger's input
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -359,7 +350,7 @@ class QuasiNewtonLR(Callback):
         micro = self._micro.take(step)
         if micro is None:
             return
-        loss = self._step_loss(trainer)
+        loss = self._loss.take(trainer)  # None without a loss trigger (nothing was added)
         rule = self.rule
         was_warmup = not rule.warmup_done
         measured = self._measured(trainer, pl_module, micro)
@@ -377,10 +368,13 @@ class QuasiNewtonLR(Callback):
             estimated = True
         if not estimated:
             return
-        extra = {f"{self.prefix}/warmup_hvps": float(rule.warmup_hvps)} if was_warmup else {}
         self._warn(h0, step, was_warmup)
-        self._apply_lr(trainer)
-        self._log(trainer, pl_module, h0, step, extra)
+        set_lr(trainer, rule.lr, self._group_ratios)
+        metrics = {f"{self.prefix}/{name}": v for name, v in rule.log_values(h0, self._adam, was_warmup).items()}
+        metrics["optim/lr"] = rule.lr
+        log_measurements(trainer, pl_module, metrics, step, prog_bar=(f"{self.prefix}/lr",) if self.prog_bar else ())
+        if self._hessian_tags and rule.rule != "batch_sharpness":  # the figure's curves, to the loggers only
+            log_hessian_curves(trainer, h0, rule.lr, step, factor=rule.stability_factor if self._adam else None)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpointing
@@ -405,32 +399,6 @@ class QuasiNewtonLR(Callback):
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
     # ---------------------------------------------------------------------------------------------------------
-    def _stability_factor(self, optimizer: torch.optim.Optimizer) -> float:
-        """c of the optimiser (:func:`~lyapunov_callbacks.core.stability.stability_factor`); plain SGD's 1 for SGD
-        with momentum unless ``momentum_aware``."""
-        momenta = [float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups]
-        if not self._adam and not self.momentum_aware:
-            if any(m > 0 for m in momenta):
-                rank_zero_warn(
-                    f"QuasiNewtonLR: the optimiser uses momentum {max(momenta)}, but 1/h0 is the plain-SGD rule; "
-                    "pass momentum_aware=True for α = (1+μ)/h0 (half the heavy-ball stability limit 2(1+μ)/h0)."
-                )
-            return 1.0
-        try:
-            return stability_factor(optimizer)
-        except ValueError as err:
-            fix = "use the same betas in every group" if self._adam else "use one setting or momentum_aware=False"
-            raise ValueError(f"QuasiNewtonLR with {type(optimizer).__name__}: {err} Fix: {fix}.") from err
-
-    def _step_loss(self, trainer: pl.Trainer) -> Optional[float]:
-        """The mean training loss of the step (all ranks' mean under DDP), or ``None`` without a loss trigger."""
-        total, self._loss_sum = self._loss_sum, None
-        if total is None or self.rule.loss_rise is None:
-            return None
-        if trainer.world_size > 1:
-            total = trainer.strategy.reduce(total, reduce_op="mean")
-        return float(total)
-
     def _measured(self, trainer: pl.Trainer, pl_module: pl.LightningModule, micro: list) -> tuple[Any, Any, dict]:
         """``(loss_fn, batch, rng)`` of the measurement: the probe, the step's batch or its micro-batches' mean."""
         if self._probe is not None:
@@ -446,12 +414,8 @@ class QuasiNewtonLR(Callback):
         # The operator never writes to the module's tensors: a guard without copies suffices.
         with measurement_guard(pl_module):
             with measurement_operator(pl_module, *measured, self.hvp, self.dtype) as op:
-                target = op
-                if self._adam:
-                    params = [p for _, p in trainable_parameters(pl_module)]
-                    target = PreconditionedOperator(
-                        op, step_preconditioner(optimizer, params, dtype=op.dtype, device=op.device)
-                    )
+                params = [p for _, p in trainable_parameters(pl_module)]
+                target = step_preconditioned(op, optimizer, params) if self._adam else op
                 if rayleigh:
                     value = self._tracker.rayleigh_quotient(target)
                     return None if value is None else float(trainer.strategy.broadcast(value, src=0))
@@ -479,14 +443,9 @@ class QuasiNewtonLR(Callback):
 
     def _warn(self, h0: float, step: int, was_warmup: bool) -> None:
         rule = self.rule
-        if was_warmup and not rule.warmup_converged and math.isfinite(h0) and rule.rule != "batch_sharpness" and (
-            rule.warmup_max_hvps == self._rule_settings["warmup_max_hvps"]
-        ):
-            rank_zero_warn(
-                f"QuasiNewtonLR: the warm-up used warmup_max_hvps={rule.warmup_max_hvps} HVPs before h0 was "
-                f"stable to warmup_tol={rule.warmup_tol} (last estimate {h0:.6g}); training starts with it. "
-                "Raise warmup_max_hvps or warmup_tol."
-            )
+        warning = rule.warmup_warning(h0) if was_warmup else None
+        if warning and rule.warmup_max_hvps == self._rule_settings["warmup_max_hvps"]:  # not fast_dev_run's cap
+            rank_zero_warn(warning)
         if not (math.isfinite(h0) and h0 > 0) and not self._warned_rejection:
             self._warned_rejection = True
             rank_zero_warn(
@@ -494,60 +453,3 @@ class QuasiNewtonLR(Callback):
                 f"diverged loss or a concave region) and keeps lr={rule.lr:.6g}; further rejections are "
                 f"counted in {self.prefix}/rejected_estimates without another warning."
             )
-
-    def _log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, h0: float, step: int, extra: dict[str, float]
-    ) -> None:
-        rule = self.rule
-        metrics = dict(extra)
-        # Own tags: HessianEigenvalueMonitor logs hessian/* in the same hook, with its own options.
-        if rule.rule == "batch_sharpness":
-            metrics[f"{self.prefix}/sharpness"] = finite_or_nan(h0)
-        else:
-            metrics[f"{self.prefix}/pre_h0" if self._adam else f"{self.prefix}/h0"] = finite_or_nan(h0)
-        metrics[f"{self.prefix}/lr"] = rule.lr
-        metrics["optim/lr"] = rule.lr
-        metrics[f"{self.prefix}/rejected_estimates"] = float(rule.rejected_estimates)
-        metrics[f"{self.prefix}/clamped_estimates"] = float(rule.clamped_estimates)
-        metrics[f"{self.prefix}/triggered_estimates"] = float(rule.triggers["loss"] + rule.triggers["rayleigh"])
-        if rule.cadence is not None:
-            metrics[f"{self.prefix}/every_n_steps"] = float(rule.every_n_steps_in_use)
-        prog_bar = (f"{self.prefix}/lr",) if self.prog_bar else ()
-        log_measurements(trainer, pl_module, metrics, step, prog_bar=prog_bar)
-        if self._hessian_tags and trainer.is_global_zero and rule.rule != "batch_sharpness":
-            # The figure's curves (hessian/inv_h0), to the loggers only: a HessianEigenvalueMonitor would log
-            # these tags through LightningModule.log in the same hook, with its own options.
-            if self._adam:
-                curves = {"hessian/pre_h0": finite_or_nan(h0)}
-            else:
-                curves = {"hessian/h0": finite_or_nan(h0)}
-                if math.isfinite(h0) and h0 > 0:
-                    curves["hessian/inv_h0"] = 1.0 / h0
-            # The stability ratio of the step: α·h0 (Adam: α·λ1(P⁻¹H)/c).
-            if math.isfinite(h0) and h0 > 0:
-                ratio = rule.lr * h0 / (rule.stability_factor if self._adam else 1.0)
-                curves["hessian/pre_stability" if self._adam else "hessian/stability"] = ratio
-            for logger in trainer.loggers:
-                logger.log_metrics(curves, step=step)
-            log_reference_levels(trainer, curves, step)
-
-    def _apply_lr(self, trainer: pl.Trainer) -> None:
-        for optimizer in trainer.optimizers:
-            groups = optimizer.param_groups
-            ratios = self._group_ratios if len(self._group_ratios) == len(groups) else [1.0] * len(groups)
-            for group, ratio in zip(groups, ratios):
-                group["lr"] = self.rule.lr * ratio
-
-
-def _check_sharpness_settings(batch: str, momentum_aware: bool) -> None:
-    """Refuse, at construction, the settings ``rule="batch_sharpness"`` has no use for."""
-    if batch != "current":
-        raise ValueError(
-            f"rule='batch_sharpness' measures the step's own batch along the step's own direction; got "
-            f"batch={batch!r}: use batch='current'."
-        )
-    if momentum_aware:
-        raise ValueError(
-            "rule='batch_sharpness' reads momentum from the optimiser's buffer (it is inside the step's "
-            "direction); got momentum_aware=True: leave momentum_aware=False."
-        )

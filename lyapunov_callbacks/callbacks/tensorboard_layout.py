@@ -22,6 +22,7 @@ what other loggers receive.
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "FIGURE_CATEGORY",
     "REFERENCE_LEVELS",
     "add_paper_layout",
+    "log_hessian_curves",
     "log_reference_levels",
     "paper_layout",
     "reference_levels",
@@ -229,3 +231,29 @@ def log_reference_levels(trainer: pl.Trainer, metrics: Mapping[str, float], step
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_metrics(levels, step=step)
+
+
+def log_hessian_curves(trainer: pl.Trainer, h0: float, lr: float, step: int, factor: float | None = None) -> None:
+    """The figure's ``hessian/*`` curves of a quasi-Newton estimate, to the loggers only (global rank zero).
+
+    ``hessian/h0``, ``hessian/inv_h0`` and the stability ratio ``hessian/stability`` = α·h0; with ``factor``
+    (Adam's stability factor c, h0 then being λ1(P⁻¹H)) ``hessian/pre_h0`` and ``hessian/pre_stability`` = α·h0/c.
+    Not through ``LightningModule.log``: a ``HessianEigenvalueMonitor`` logs these tags there, with its own options.
+    A non-finite h0 is logged as NaN, without 1/h0 or a ratio.
+    """
+    if not trainer.is_global_zero:
+        return
+    usable = math.isfinite(h0) and h0 > 0
+    value = h0 if math.isfinite(h0) else float("nan")
+    if factor is not None:
+        curves = {"hessian/pre_h0": value}
+        if usable:
+            curves["hessian/pre_stability"] = lr * h0 / factor
+    else:
+        curves = {"hessian/h0": value}
+        if usable:
+            curves["hessian/inv_h0"] = 1.0 / h0
+            curves["hessian/stability"] = lr * h0
+    for logger in trainer.loggers:
+        logger.log_metrics(curves, step=step)
+    log_reference_levels(trainer, curves, step)

@@ -236,7 +236,7 @@ def test_cli_accepts_auto_in_yaml_and_trains(cifar_dir, tmp_path, monkeypatch):
     ]  # fmt: skip
     cli = run_cli(["fit", *args])
     qn, probe, fixed = [c for c in cli.trainer.callbacks if isinstance(c, (QuasiNewtonLR, HessianEigenvalueMonitor))]
-    assert qn.every_n_steps == "auto" and qn.rule.cadence is not None and qn.rule.cadence.drift_tol == 0.1
+    assert qn.rule.every_n_steps == "auto" and qn.rule.cadence is not None and qn.rule.cadence.drift_tol == 0.1
     assert qn.rule.cadence.max_every == 100
     assert probe.every_n_steps == "auto" and fixed.every_n_steps == 20
     assert cli.trainer.global_step == 3

@@ -128,7 +128,7 @@ def test_two_hessian_monitors_keep_apart_tags_and_state_through_a_checkpoint(tmp
 
     class AtStart(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            self.vecs = (fast2._tracker.eigenvectors.clone(), full2._tracker.eigenvectors.clone())
+            self.vecs = (fast2._estimates.tracker.eigenvectors.clone(), full2._estimates.tracker.eigenvectors.clone())
 
     probe = AtStart()
     _trainer([fast2, full2, probe], max_steps=6).fit(TanhMLP(), _loader(), ckpt_path=str(tmp_path / "last.ckpt"))
@@ -247,7 +247,7 @@ def test_quasi_newton_keeps_the_ratio_of_param_group_lrs_and_lambda_runs_with_di
     assert len(model.opt.used) == 3 and model.opt.used[0][0] != pytest.approx(0.1)
     for first, second in model.opt.used:
         assert second == pytest.approx(first * 0.2, rel=1e-12)  # both groups scaled by the same factor
-    assert model.opt.used[-1][0] == qn.lr == pytest.approx(1.0 / qn.h0, rel=1e-12)  # α = 1/h0 on the first group
+    assert model.opt.used[-1][0] == qn.rule.lr == pytest.approx(1.0 / qn.rule.h0, rel=1e-12)  # α = 1/h0 on the first group
     # each group's own LR enters the tangent map (checked against finite differences in test_lyapunov_monitor_adam)
     lam = LyapunovExponentMonitor(window=2)
     _trainer([lam], max_steps=2).fit(TanhMLP(group_lrs=(0.1, 0.02)), _loader())

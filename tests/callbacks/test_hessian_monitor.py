@@ -159,7 +159,7 @@ def test_gap_safety_one_keeps_the_stated_error_with_fewer_products():
     capture, rec = Capture(), RecordingLogger()
     default = HessianEigenvalueMonitor(every_n_steps=2)
     loose = HessianEigenvalueMonitor(every_n_steps=2, gap_safety=1, prefix="loose")
-    assert (default.gap_safety, loose.gap_safety, loose._tracker.gap_safety) == (10.0, 1.0, 1.0)
+    assert (default.gap_safety, loose.gap_safety, loose._estimates.tracker.gap_safety) == (10.0, 1.0, 1.0)
     trainer = _trainer([capture, default, loose], logger=rec, max_steps=13)
     trainer.fit(model, DataLoader(_data(), batch_size=8, shuffle=True))
 
@@ -320,7 +320,7 @@ def test_state_dict_round_trip_resumes_warm_start_and_counters(tmp_path):
 
     class Probe(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            self.vectors = resumed._tracker.eigenvectors.clone()
+            self.vectors = resumed._estimates.tracker.eigenvectors.clone()
             self.state = resumed.state_dict()
 
     resumed, probe = HessianEigenvalueMonitor(every_n_steps=2, k=2, batch="fixed", probe_size=8), Probe()

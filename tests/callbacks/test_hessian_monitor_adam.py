@@ -166,7 +166,7 @@ def test_pre_h0_is_on_by_default_for_adam_only_and_warm_starts_from_its_own_vect
     for (init, _, _), (_, previous, _) in zip(calls[1:], calls[:-1]):
         assert torch.equal(init, previous)
     # that second warm start is an eigenvector of P^-1/2 H P^-1/2, not the plain Hessian's
-    pre_vec, h_vec = monitor._pre_tracker.eigenvectors[:, 0], monitor._tracker.eigenvectors[:, 0]
+    pre_vec, h_vec = monitor._estimates.pre_tracker.eigenvectors[:, 0], monitor._estimates.tracker.eigenvectors[:, 0]
     assert abs(float(pre_vec @ h_vec)) < 0.99
     assert monitor.state_dict()["pre_tracker"]["eigenvectors"].shape == (26, 1)
     rec_sgd, _ = runs["sgd_momentum"]

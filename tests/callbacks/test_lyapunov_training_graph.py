@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lyapunov_callbacks.callbacks.lyapunov_monitor as lyap_mod
+import lyapunov_callbacks.core.training_graph as graph_mod  # sums the products on the training graph
 import lyapunov_callbacks.callbacks._lightning as glue_mod  # builds the monitors' operators
 from lyapunov_callbacks.core.hessian import graph_hvp
 from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor
@@ -111,7 +111,7 @@ def _fit(monitor, model, steps: int = 12, **kw) -> list[float]:
 
 def _count(monkeypatch) -> dict[str, int]:
     calls = {"graph": 0, "operator": 0}
-    graph, operator = lyap_mod.graph_hvp, glue_mod.HessianOperator
+    graph, operator = graph_mod.graph_hvp, glue_mod.HessianOperator
 
     def counted_graph(*args, **kwargs):
         calls["graph"] += 1
@@ -121,7 +121,7 @@ def _count(monkeypatch) -> dict[str, int]:
         calls["operator"] += 1
         return operator(*args, **kwargs)
 
-    monkeypatch.setattr(lyap_mod, "graph_hvp", counted_graph)
+    monkeypatch.setattr(graph_mod, "graph_hvp", counted_graph)
     monkeypatch.setattr(glue_mod, "HessianOperator", counted_operator)
     return calls
 
@@ -216,7 +216,7 @@ def test_a_graph_without_double_backward_falls_back_to_the_operator(monkeypatch)
     # The first step's product fails on the graph (retained: the training backward still runs), then every
     # step evaluates training_loss again through the operator.
     assert calls == {"graph": 1, "operator": 4}
-    assert monitor._graph_params is None
+    assert not monitor._graph.enabled
     off = _fit(LyapunovExponentMonitor(window=4, reuse_training_graph=False), FusedNet(), steps=4)
     assert growth == off and all(math.isfinite(g) for g in growth)
 

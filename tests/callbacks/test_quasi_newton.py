@@ -98,7 +98,7 @@ def test_quadratic_lr_is_inverse_top_eigenvalue_and_removes_top_component():
 
     a_max = float(SPECTRUM[0])
     assert rec.lrs[0] == [pytest.approx(1.0 / a_max, rel=1e-4)]
-    assert qn.h0 == pytest.approx(a_max, rel=1e-6)
+    assert qn.rule.h0 == pytest.approx(a_max, rel=1e-6)
     # One GD step with α = 1/a_max multiplies the component along eigenvector i by 1 − a_i/a_max.
     coords0 = Q.T @ THETA0
     coords1 = Q.T @ model.theta.detach()
@@ -106,9 +106,9 @@ def test_quadratic_lr_is_inverse_top_eigenvalue_and_removes_top_component():
     expected = (1.0 - SPECTRUM / a_max) * coords0
     torch.testing.assert_close(coords1, expected, rtol=1e-6, atol=1e-10)
     # The warm-up ran to a stable estimate (two consecutive estimates) in few HVPs, and was logged.
-    assert 2 <= qn.warmup_hvps <= 20
+    assert 2 <= qn.rule.warmup_hvps <= 20
     metrics = model.trainer.callback_metrics
-    assert float(metrics["quasi_newton/warmup_hvps"]) == qn.warmup_hvps
+    assert float(metrics["quasi_newton/warmup_hvps"]) == qn.rule.warmup_hvps
     assert float(metrics["quasi_newton/lr"]) == pytest.approx(1.0 / a_max, rel=1e-4)
     assert float(metrics["quasi_newton/h0"]) == pytest.approx(a_max, rel=1e-6)
 
@@ -121,7 +121,7 @@ def test_scale_clamp_and_every_n_steps():
     assert all(lrs == [0.15] for lrs in rec.lrs.values())
     # Warm-up at 0 (two consecutive agreeing estimates), then scheduled estimates at 3 and 6 only.
     assert qn.rule.triggers["schedule"] == 2 and qn.rule.triggers["loss"] == 0
-    assert qn.num_estimates == qn.rule.triggers["warmup"] + 2
+    assert qn.rule.num_estimates == qn.rule.triggers["warmup"] + 2
 
 
 def test_momentum_stability_factor_matches_pytorch_sgd_map():
@@ -250,7 +250,7 @@ def test_bad_estimates_keep_last_good_lr(mode):
     good = 1.0 / float(SPECTRUM[0])
     for step in range(5):
         assert rec.lrs[step] == [pytest.approx(good, rel=1e-4)], step
-    assert qn.rejected_estimates == 3  # steps 2, 3, 4
+    assert qn.rule.rejected_estimates == 3  # steps 2, 3, 4
     assert float(model.trainer.callback_metrics["quasi_newton/rejected_estimates"]) == 3.0
     rejections = [w for w in caught if "rejected the h0 estimate" in str(w.message)]
     assert len(rejections) == 1
@@ -269,7 +269,7 @@ def test_rejected_warm_up_falls_back_to_configured_lr_clamped():
     with pytest.warns(UserWarning, match="rejected the h0 estimate"):
         _trainer([qn, rec], max_steps=3).fit(Quadratic(lr=0.2, measured_mode="concave"), _loader())
     assert all(lrs == [0.05] for lrs in rec.lrs.values())  # the configured 0.2, clamped to max_lr
-    assert qn.rejected_estimates == 3
+    assert qn.rule.rejected_estimates == 3
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -318,7 +318,7 @@ def test_resume_keeps_h0_and_lr_without_new_warm_up(tmp_path):
             if trainer.global_step == 4:
                 self.lr = optimizer.param_groups[0]["lr"]
                 self.hvps = resumed.total_hvps
-                self.warmup_done = resumed.warmup_done
+                self.warmup_done = resumed.rule.warmup_done
 
     resumed = QuasiNewtonLR(every_n_steps=3, smoothing=0.5)
     probe = Probe()
@@ -326,13 +326,13 @@ def test_resume_keeps_h0_and_lr_without_new_warm_up(tmp_path):
     second.fit(Quadratic(lr=0.01), _loader(), ckpt_path=ckpt)
     assert probe.lr == saved["lr"]
     assert probe.hvps == saved_hvps  # no warm-up re-run
-    assert resumed.warmup_hvps == saved["warmup_hvps"]
-    assert resumed.num_estimates == saved["num_estimates"] + 1  # only the step-6 re-estimate
+    assert resumed.rule.warmup_hvps == saved["warmup_hvps"]
+    assert resumed.rule.num_estimates == saved["num_estimates"] + 1  # only the step-6 re-estimate
     # The loaded warm-start vector is the saved one.
     loaded = QuasiNewtonLR(every_n_steps=3, smoothing=0.5)
     loaded.load_state_dict(torch.load(ckpt, weights_only=False)["callbacks"][qn.state_key])
     torch.testing.assert_close(loaded._tracker.eigenvectors, saved_vectors, rtol=0, atol=0)
-    assert loaded.h0_smoothed == saved["h0_smoothed"] and loaded.lr == saved["lr"]
+    assert loaded.rule.h0_smoothed == saved["h0_smoothed"] and loaded.rule.lr == saved["lr"]
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -427,7 +427,7 @@ def test_mlp_short_run_lowers_loss_with_lr_in_bounds(loss):
     lrs = torch.tensor([v for lrs in rec.lrs.values() for v in lrs])
     assert bool(((lrs >= 1e-3) & (lrs <= 2.0)).all())
     assert end < 0.9 * start, (start, end)
-    assert qn.rejected_estimates == 0
+    assert qn.rule.rejected_estimates == 0
     # One warm-up, then an estimate at least every 10 steps (a loss trigger restarts the count).
     assert qn.rule.triggers["schedule"] + qn.rule.triggers["loss"] >= 19
 
@@ -435,4 +435,4 @@ def test_mlp_short_run_lowers_loss_with_lr_in_bounds(loss):
 def test_default_re_estimate_tolerance_is_1e_2_and_warm_up_stays_tight():
     qn = QuasiNewtonLR()
     assert qn.tol == qn._tracker.tol == 1e-2  # re-estimates: h0 within 1e-2 of an eigenvalue
-    assert qn.warmup_tol == 1e-3  # the warm-up still converges tightly from its cold start
+    assert qn.rule.warmup_tol == 1e-3  # the warm-up still converges tightly from its cold start

@@ -79,8 +79,8 @@ def test_rayleigh_trigger_sees_a_sharpening_of_the_top_direction_at_one_hvp_per_
     assert rec.lrs[at] == [pytest.approx(1.0 / (100 * A_MAX), rel=1e-6)]
     assert qn.rule.triggers["rayleigh"] == 1 and qn.rule.triggers["schedule"] == 0
     # Cost: one HVP per check, at every step after the warm-up (1..at+1); the triggered estimate's own few.
-    estimate = qn.total_hvps - qn.warmup_hvps - (at + 1)
-    assert 1 <= estimate <= 3, (qn.total_hvps, qn.warmup_hvps)
+    estimate = qn.total_hvps - qn.rule.warmup_hvps - (at + 1)
+    assert 1 <= estimate <= 3, (qn.total_hvps, qn.rule.warmup_hvps)
 
 
 def test_a_collapsing_h0_raises_the_lr_by_at_most_max_lr_growth_per_estimate():
@@ -94,15 +94,15 @@ def test_a_collapsing_h0_raises_the_lr_by_at_most_max_lr_growth_per_estimate():
         expected = 1.0 / A_MAX if s < at else min(2.0 ** (s - at + 1) / A_MAX, 1.0 / (1e-3 * A_MAX))
         assert lrs[s] == pytest.approx(expected, rel=1e-6), s
     assert max(b / a for a, b in zip(lrs, lrs[1:])) <= 2.0 * (1 + 1e-9)
-    assert lrs[-1] == pytest.approx(200.0, rel=1e-6) and qn.clamped_estimates == 0   # h0 sets it, not max_lr
+    assert lrs[-1] == pytest.approx(200.0, rel=1e-6) and qn.rule.clamped_estimates == 0   # h0 sets it, not max_lr
 
 
 def test_clamped_estimates_are_counted_and_logged():
     logger = RecordingLogger()
     qn = QuasiNewtonLR(every_n_steps=1, tol=1e-8, warmup_tol=1e-8, max_lr=0.1)   # 1/h0 = 0.2 > max_lr
     _trainer([qn], max_steps=3, logger=logger).fit(Quadratic(), _loader())
-    assert qn.lr == 0.1 and qn.clamped_estimates == qn.num_estimates
-    assert logger.series("quasi_newton/clamped_estimates")[2] == float(qn.num_estimates)
+    assert qn.rule.lr == 0.1 and qn.rule.clamped_estimates == qn.rule.num_estimates
+    assert logger.series("quasi_newton/clamped_estimates")[2] == float(qn.rule.num_estimates)
 
 
 # ------------------------------------------------------------------------------------------------ weight decay
@@ -255,7 +255,7 @@ def test_adamw_quasi_newton_trains_a_small_model_stably():
     end = full_loss()
     lrs = torch.tensor([v[0] for v in rec.lrs.values()])
     assert bool(torch.isfinite(lrs).all()) and bool((lrs > 1e-5).all()) and bool((lrs < 10.0).all())
-    assert qn.rejected_estimates == 0 and qn.clamped_estimates == 0
+    assert qn.rule.rejected_estimates == 0 and qn.rule.clamped_estimates == 0
     assert end < 0.8 * start, (start, end)
 
 

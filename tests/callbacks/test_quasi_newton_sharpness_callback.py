@@ -99,7 +99,7 @@ def test_nan_measurement_never_reaches_the_optimiser():
     model = StepLRQuadratic(measured_mode="nan")
     with pytest.warns(UserWarning, match="rejected"):
         _trainer([qn], max_steps=3).fit(model, _loader())
-    assert model.step_lrs == [0.01, 0.01, 0.01] and qn.rejected_estimates == 3
+    assert model.step_lrs == [0.01, 0.01, 0.01] and qn.rule.rejected_estimates == 3
 
 
 @pytest.mark.parametrize(
@@ -125,3 +125,17 @@ def test_unknown_optimiser_is_refused_at_fit_start():
 
     with pytest.raises(ValueError, match="SGD, Adam and AdamW"):
         _trainer([QuasiNewtonLR(rule="batch_sharpness")], max_steps=1).fit(RMS(), _loader())
+
+
+def test_the_state_key_names_a_rule_other_than_the_default():
+    newton, edge, sharp = QuasiNewtonLR(), QuasiNewtonLR(rule="edge"), QuasiNewtonLR(rule="batch_sharpness")
+    assert "rule" not in newton.state_key  # checkpoints of the default rule keep their key
+    assert len({newton.state_key, edge.state_key, sharp.state_key}) == 3 and "batch_sharpness" in sharp.state_key
+
+
+def test_the_rule_state_read_through_the_callback_is_a_deprecated_alias():
+    qn = QuasiNewtonLR(scale=0.5)
+    with pytest.warns(DeprecationWarning, match=r"QuasiNewtonLR\.scale is deprecated; read QuasiNewtonLR\.rule\.scale"):
+        assert qn.scale == qn.rule.scale == 0.5
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        qn.nonexistent

@@ -18,7 +18,7 @@ from torch import nn
 import lightning.pytorch as pl
 
 from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
-from lyapunov_callbacks.callbacks._lightning import check_sharding
+from lyapunov_callbacks.callbacks._setup import check_sharding
 from lyapunov_callbacks.core.sharded import ShardingError
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -169,9 +169,9 @@ def test_fsdp1_is_refused_pointing_to_model_parallel_strategy():
 
 
 def test_the_default_hvp_switches_to_finite_differences_and_says_so_once(gloo_mesh, monkeypatch):
-    from lyapunov_callbacks.callbacks import _lightning
+    from lyapunov_callbacks.callbacks import _setup
 
-    monkeypatch.setattr(_lightning, "_SHARDED_HVP_WARNED", set())
+    monkeypatch.setattr(_setup, "_SHARDED_HVP_WARNED", set())
     module = _sharded_module(gloo_mesh)
     with pytest.warns(UserWarning, match=r"central finite differences of the strategy's own gradients"):
         check_sharding(_trainer(), module, "HessianEigenvalueMonitor")
