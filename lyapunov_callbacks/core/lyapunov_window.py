@@ -32,6 +32,12 @@ class LyapunovWindow:
 
     def __init__(self, size: int, every_n_steps: int | None = None) -> None:
         check_int("window", size, "window=20")
+        if every_n_steps == "auto":
+            raise ValueError(
+                "every_n_steps='auto' schedules h0 estimates from the relative drift of h0; λ has no such scale (it "
+                "sits near 0 and changes sign, so a relative drift is undefined) and keeps a fixed cadence: pass "
+                f"every_n_steps=None (continuous) or an integer >= window={size}."
+            )
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < size
         ):

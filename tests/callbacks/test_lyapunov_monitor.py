@@ -193,6 +193,11 @@ def test_invalid_arguments_raise_naming_the_parameter(kwargs, param):
         LyapunovExponentMonitor(**kwargs)
 
 
+def test_an_adaptive_cadence_is_refused_with_the_reason_and_the_fix():
+    with pytest.raises(ValueError, match=r"every_n_steps='auto'.*changes sign.*every_n_steps=None.*>= window=20"):
+        LyapunovExponentMonitor(every_n_steps="auto")
+
+
 class RMSpropQuadratic(Quadratic):
     def configure_optimizers(self):
         return torch.optim.RMSprop([self.theta], lr=self.lr)
