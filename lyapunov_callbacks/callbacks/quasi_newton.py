@@ -35,13 +35,13 @@ from lyapunov_callbacks.callbacks._lightning import (
 )
 from lyapunov_callbacks.callbacks._setup import (
     FAST_DEV_RUN_HVPS,
+    HeldLearningRateMonitors,
     check_lr_owner,
     check_prefix,
     check_sharding,
     check_supported,
     check_tag_owners,
     fast_dev_run_budget,
-    HeldLearningRateMonitors,
     run_first,
 )
 from lyapunov_callbacks.callbacks.tensorboard_layout import add_paper_layout, log_hessian_curves
