@@ -144,7 +144,7 @@ def _accuracy_run(which: str, steps: int, every: int, seed: int, monitor_kwargs:
     class Before(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step % every == 0 and trainer.global_step not in captured:
-                warm = monitor._tracker.start_vectors()  # the start the monitor's solve will use
+                warm = monitor._estimates.tracker.start_vectors()  # the start the monitor's solve will use
                 captured[trainer.global_step] = {
                     "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
                     "batch": [t.clone() for t in batch],
