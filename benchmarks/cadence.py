@@ -153,11 +153,51 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
 
 
+def best_placement(values: list[float], smoothed: list[float], count: int) -> list[int]:
+    """Indices of ``count`` of ``values`` (the first included) whose interpolated curve has the least total relative
+    error against ``smoothed``: dynamic programming over every placement.
+
+    With ``values = smoothed`` this is the placement error alone: ``count`` estimates free of noise, placed knowing
+    the whole trend, the least any cadence of ``count`` estimates can reach before its estimates' own scatter
+    (the noise floor) is added.
+    """
+    m = len(values)
+    count = max(1, min(count, m))
+    rel = [abs(s) for s in smoothed]
+    # seg[a][b]: error over the reference steps a..b-1 of the line from values[a] to values[b]; tail[a]: held flat.
+    seg = [[0.0] * m for _ in range(m)]
+    for a in range(m):
+        for b in range(a + 1, m):
+            seg[a][b] = sum(abs(values[a] + (values[b] - values[a]) * (j - a) / (b - a) - smoothed[j]) / rel[j]
+                            for j in range(a, b))
+    tail = [sum(abs(values[a] - smoothed[j]) / rel[j] for j in range(a, m)) for a in range(m)]
+    inf = float("inf")
+    cost = [inf] * m
+    cost[0] = 0.0
+    back: list[list[int]] = []
+    for _ in range(count - 1):
+        new, parent = [inf] * m, [-1] * m
+        for b in range(1, m):
+            for a in range(b):
+                if cost[a] + seg[a][b] < new[b]:
+                    new[b], parent[b] = cost[a] + seg[a][b], a
+        cost = new
+        back.append(parent)
+    last = min(range(m), key=lambda b: cost[b] + tail[b])
+    chosen = [last]
+    for parent in reversed(back):
+        chosen.append(parent[chosen[-1]])
+    return sorted(chosen)
+
+
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--steps", type=int, default=None, help="optimiser steps per fit (default 1000; quick 60)")
         p.add_argument("--window", type=int, default=45, help="steps of the reference's centred running median")
         p.add_argument("--models", default=None, help="comma-separated: small, readme (default both; quick: small)")
+        p.add_argument("--floor", action="store_true",
+                       help="only the reference fits: noise floor and placement error (deterministic; "
+                            "writes cadence_floor.md)")
         C.add_out_argument(p, "cadence.md")
 
     args = C.parse_args("Tracking accuracy against cost of the h0 monitor's cadence.", argv, extra=extra)
@@ -167,6 +207,15 @@ def main(argv=None) -> dict:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     models = (args.models or ("small" if args.quick else "small,readme")).split(",")
     result = {}
+    if args.floor:
+        with C.recorded(C.out_path(args, "cadence_floor.md"), "cadence.py", argv,
+                        "Cadence: what any cadence is up against (noise floor and placement error)"):
+            for which in models:
+                C.header(f"Reference run of HessianEigenvalueMonitor(batch=\"fixed\"): {C.MODELS[which]}, {steps} "
+                         "steps", args)
+                result[which] = floor(which, steps, args.seed, args.window)
+                print()
+        return result
     with C.recorded(C.out_path(args, "cadence.md"), "cadence.py", argv, "Cadence: tracking accuracy against cost"):
         for which in models:
             C.header(f"Cadence of HessianEigenvalueMonitor(batch=\"fixed\"): {C.MODELS[which]}, {steps} steps", args)
@@ -175,12 +224,51 @@ def main(argv=None) -> dict:
     return result
 
 
-def _run(which: str, steps: int, repeats: int, seed: int, window: int) -> dict:
-    fit(which, min(steps, 20), seed, None)  # warm-up: imports, allocator, first-call costs
+def _reference(which: str, steps: int, seed: int, window: int) -> tuple[dict, list[int], list[float]]:
+    """The dense reference fit, its estimate steps and its smoothed trend."""
     C.progress(f"cadence, {which}: reference fit (every 5 steps, tol 1e-3)")
     reference = fit(which, steps, seed, REFERENCE)
     ref_steps = sorted(reference["h0"])
     smoothed = running_median([reference["h0"][s] for s in ref_steps], (window // REFERENCE["every_n_steps"]) // 2)
+    return reference, ref_steps, smoothed
+
+
+def floor(which: str, steps: int, seed: int, window: int) -> dict:
+    """What any cadence is up against on the reference run, from its estimates alone (no timing: deterministic).
+
+    The noise floor: the relative scatter of the reference's own estimates (tol 1e-3, every 5 steps) about
+    their smoothed trend, which a cadence reporting single estimates carries into its curve. The placement error:
+    ``steps // 100`` and ``steps // 50`` estimates (as many as every 100 and every 50 steps) equal to the trend
+    and placed knowing the whole run (:func:`best_placement`), the least a cadence of that many estimates can
+    reach before its noise is added.
+    """
+    reference, ref_steps, smoothed = _reference(which, steps, seed, window)
+    raw = [reference["h0"][s] for s in ref_steps]
+    noise = [abs(v - r) / abs(r) for v, r in zip(raw, smoothed)]
+    result = {"noise": {"median": statistics.median(noise), "p90": percentile(noise, 0.9)}, "placement": {}}
+    print(f"Reference: {len(ref_steps)} estimates (every {REFERENCE['every_n_steps']} steps, tol "
+          f"{REFERENCE['tol']:g}), h0 from {min(raw):.3g} to {max(raw):.3g}, smoothed by a centred running median "
+          f"over {window} steps.\n")
+    print("| what | estimates | median error | p90 error |")
+    print("|---|---|---|---|")
+    print(f"| noise floor: the reference's own estimates against the trend | {len(raw)} | "
+          f"{result['noise']['median']:.3f} | {result['noise']['p90']:.3f} |")
+    for every in (100, 50):
+        count = max(1, steps // every)
+        chosen = best_placement(smoothed, smoothed, count)
+        errors = tracking_errors({ref_steps[i]: smoothed[i] for i in chosen}, ref_steps, smoothed)
+        result["placement"][count] = {"median": statistics.median(errors), "p90": percentile(errors, 0.9),
+                                      "steps": [ref_steps[i] for i in chosen]}
+        print(f"| placement error alone: the trend at the best {count} steps (as many as every {every}) | {count} | "
+              f"{result['placement'][count]['median']:.3f} | {result['placement'][count]['p90']:.3f} |")
+    steps_10 = result["placement"][max(1, steps // 100)]["steps"]
+    print(f"\nThe best {len(steps_10)} steps: {', '.join(map(str, steps_10))}.")
+    return result
+
+
+def _run(which: str, steps: int, repeats: int, seed: int, window: int) -> dict:
+    fit(which, min(steps, 20), seed, None)  # warm-up: imports, allocator, first-call costs
+    reference, ref_steps, smoothed = _reference(which, steps, seed, window)
 
     names = ["plain fit", *VARIANTS]
     runs: dict[str, list[dict]] = {name: [] for name in names}

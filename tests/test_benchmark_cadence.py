@@ -37,6 +37,20 @@ def test_running_median_interpolation_and_percentile_on_hand_made_curves():
     assert errs == pytest.approx([0.1, 0.1])
 
 
+
+def test_best_placement_finds_the_kinks_of_a_piecewise_linear_curve():
+    bench = _load()
+    # a trend with kinks at indices 4 and 9: three estimates placed there (and at 0) track it exactly
+    trend = [1.0 + i for i in range(5)] + [5.0 + 3 * i for i in range(1, 6)] + [20.0] * 5
+    chosen = bench.best_placement(trend, trend, 3)
+    assert chosen == [0, 4, 9]
+    steps = [5 * i for i in range(len(trend))]
+    assert bench.tracking_errors({steps[i]: trend[i] for i in chosen}, steps, trend) == pytest.approx([0.0] * 15)
+    # one estimate can only be the first, held flat; more estimates than points take every point
+    assert bench.best_placement(trend, trend, 1) == [0]
+    assert bench.best_placement(trend[:4], trend[:4], 9) == [0, 1, 2, 3]
+
+
 @pytest.mark.slow
 def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
     import logging
@@ -65,6 +79,27 @@ def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
     assert result["table"]["every 10"]["steps"] == list(range(0, 60, 10))
     assert result["table"]["auto, drift_tol 0.05"]["steps"][:2] == [0, 10]
     assert "Targets of `auto, drift_tol 0.05`:" in text
+
+
+
+@pytest.mark.slow
+def test_the_floor_run_measures_the_noise_and_the_placement_error_of_the_reference(tmp_path):
+    import logging
+
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    level = lightning_logger.level
+    bench = _load()
+    out = tmp_path / "cadence_floor.md"
+    try:
+        result = bench.main(["--quick", "--floor", "--threads", "1", "--out", str(out)])["small"]
+    finally:
+        lightning_logger.setLevel(level)
+    text = out.read_text()
+    assert 0.0 <= result["noise"]["median"] <= result["noise"]["p90"] < 10.0
+    # 60 steps: as many estimates as every 100 and every 50 steps is one, the first step's, held flat
+    assert list(result["placement"]) == [1] and result["placement"][1]["steps"] == [0]
+    assert "| noise floor: the reference's own estimates against the trend | 12 |" in text
+    assert "| placement error alone: the trend at the best 1 steps (as many as every 100) | 1 |" in text
 
 
 def _cells(row: str) -> list[str]:
@@ -100,3 +135,22 @@ def test_benchmarks_readme_quotes_the_committed_results_file():
     # the verdict words follow the numbers: met on the small model's accuracy, missed on the README MLP's
     assert float(small["auto, drift_tol 0.05"][4]) <= 0.05 and float(small["auto, drift_tol 0.05"][5]) <= 0.20
     assert float(auto[4]) > 0.05 and float(auto[5]) > 0.20 and float(auto[8].rstrip("×")) > 1.2
+
+
+def test_benchmarks_readme_quotes_the_committed_floor_file():
+    floor = open(os.path.join(ROOT, "benchmarks", "results", "cadence_floor.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md"), encoding="utf-8").read()
+    prose = " ".join(readme.split("## Measuring as often as h0 moves")[1].split("\n## ")[0].split())
+    models = floor.split("\n## Reference run of ")[1:]
+    assert len(models) == 2 and "64-256-256-10" in models[0] and "3072-512-512-2" in models[1]
+    rows = [[_cells(line) for line in m.splitlines() if line.startswith("| ") and "---" not in line] for m in models]
+    (small_noise, small_ten), (big_noise, big_ten) = [
+        (next(r for r in rs if r[0].startswith("noise floor")),
+         next(r for r in rs if r[0].startswith("placement error alone") and r[1] == "10")) for rs in rows
+    ]
+    assert f"lie a median {small_noise[2]} and a 90th percentile {small_noise[3]} from the smoothed trend" in prose
+    assert f"and {big_noise[2]} and {big_noise[3]} on the README MLP" in prose
+    assert f"track it to {small_ten[2]} and {small_ten[3]} (small MLP) and {big_ten[2]} and {big_ten[3]}" in prose
+    # the verdict words follow the numbers: below the README MLP's floor, at the small MLP's
+    assert float(big_noise[2]) > 0.05 and float(big_noise[3]) > 0.20
+    assert abs(float(small_noise[2]) - 0.05) < 0.01 and float(small_ten[2]) < 0.05 and float(small_ten[3]) < 0.20
