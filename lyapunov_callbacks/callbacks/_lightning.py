@@ -9,7 +9,6 @@ Nothing here does curvature maths: that lives in the pure-PyTorch core (``hessia
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -60,7 +59,9 @@ BATCHES = ("current", "fixed")
 # --------------------------------------------------------------------------------------------------------------
 # The generic checks live in the core's `_checks` module (one exception type per kind of mistake, each a
 # ValueError); imported here under their established names.
-from lyapunov_callbacks.core.checks import check_choice, check_int, check_positive, is_number  # noqa: E402
+from lyapunov_callbacks.core.checks import (  # noqa: E402
+    check_choice, check_int, check_positive, finite_or_nan, is_number,
+)
 
 
 _DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -528,7 +529,3 @@ def log_measurements(
             logger.log_metrics(values, step=step)
     log_reference_levels(trainer, values, step)
 
-
-def finite_or_nan(value: float) -> float:
-    """``value`` if finite, else NaN (a non-finite estimate is logged as NaN, not as ±inf)."""
-    return value if math.isfinite(value) else float("nan")

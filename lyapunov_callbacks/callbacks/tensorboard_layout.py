@@ -33,6 +33,8 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lyapunov_callbacks.core.checks import finite_or_nan
+
 __all__ = [
     "FIGURE_CATEGORY",
     "REFERENCE_LEVELS",
@@ -244,7 +246,7 @@ def log_hessian_curves(trainer: pl.Trainer, h0: float, lr: float, step: int, fac
     if not trainer.is_global_zero:
         return
     usable = math.isfinite(h0) and h0 > 0
-    value = h0 if math.isfinite(h0) else float("nan")
+    value = finite_or_nan(h0)
     if factor is not None:
         curves = {"hessian/pre_h0": value}
         if usable:

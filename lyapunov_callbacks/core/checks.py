@@ -27,6 +27,7 @@ __all__ = [
     "check_operator",
     "check_positive",
     "check_shape",
+    "finite_or_nan",
     "is_number",
 ]
 
@@ -149,3 +150,8 @@ def check_gap_safety(gap_safety: Any) -> None:
         raise ValueError(
             f"gap_safety={gap_safety!r} must be >= 1 (it divides the tolerance of the gap estimate); use gap_safety=10."
         )
+
+
+def finite_or_nan(value: float) -> float:
+    """``value`` if finite, else NaN (a non-finite estimate is reported as NaN, not as ±inf)."""
+    return value if math.isfinite(value) else float("nan")

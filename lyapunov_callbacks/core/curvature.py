@@ -8,11 +8,11 @@ into the values a monitor logs, under short names (``h0``, ``inv_h0``, ``h1`` â€
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from lyapunov_callbacks.core.checks import finite_or_nan
 from lyapunov_callbacks.core.eigen import LinearOperator
 from lyapunov_callbacks.core.preconditioned import step_preconditioned
 from lyapunov_callbacks.core.stability import stability_factor
@@ -22,10 +22,6 @@ from lyapunov_callbacks.core.tracker import EigenTracker
 __all__ = ["CurvatureEstimates", "preconditioning_applies"]
 
 _PRECONDITIONED_TYPES = (torch.optim.SGD, *_ADAM_TYPES)
-
-
-def _finite_or_nan(value: float) -> float:
-    return value if math.isfinite(value) else float("nan")
 
 
 class CurvatureEstimates:
@@ -61,10 +57,10 @@ class CurvatureEstimates:
         result = self.tracker.estimate(op)
         values = [float(v) for v in result.eigenvalues.detach().cpu()]
         h0 = values[0]
-        metrics = {"h0": _finite_or_nan(h0), "inv_h0": _finite_or_nan(1.0 / h0) if h0 != 0 else float("nan")}
+        metrics = {"h0": finite_or_nan(h0), "inv_h0": finite_or_nan(1.0 / h0) if h0 != 0 else float("nan")}
         for i in range(1, len(values)):
-            metrics[f"h{i}"] = _finite_or_nan(values[i])
-        metrics["stability"] = _finite_or_nan(lr * h0)
+            metrics[f"h{i}"] = finite_or_nan(values[i])
+        metrics["stability"] = finite_or_nan(lr * h0)
         metrics["num_hvps"] = float(result.num_hvps)
         return metrics
 
@@ -83,8 +79,8 @@ class CurvatureEstimates:
         else:
             pre_h0, hvps = h0, 0
         return {
-            "pre_h0": _finite_or_nan(pre_h0),
-            "pre_stability": _finite_or_nan(lr * pre_h0 / stability_factor(optimizer)),
+            "pre_h0": finite_or_nan(pre_h0),
+            "pre_stability": finite_or_nan(lr * pre_h0 / stability_factor(optimizer)),
             "pre_num_hvps": float(hvps),
         }
 

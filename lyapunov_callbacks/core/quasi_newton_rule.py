@@ -16,7 +16,7 @@ import torch
 from lyapunov_callbacks.core.cadence import AdaptiveCadence, check_every_n_steps, is_auto
 
 # One definition of each stability factor (re-exported here for the rule's callers).
-from lyapunov_callbacks.core.checks import check_int, check_positive, is_number
+from lyapunov_callbacks.core.checks import check_int, check_positive, finite_or_nan, is_number
 from lyapunov_callbacks.core.stability import adam_stability_factor, rule_stability_factor
 from lyapunov_callbacks.core.step_direction import check_step_optimizer
 
@@ -405,7 +405,7 @@ class QuasiNewtonRule:
         """
         name = "sharpness" if self.rule == "batch_sharpness" else ("pre_h0" if preconditioned else "h0")
         values = {"warmup_hvps": float(self.warmup_hvps)} if warmup else {}
-        values[name] = value if math.isfinite(value) else float("nan")
+        values[name] = finite_or_nan(value)
         values["lr"] = self.lr
         values["rejected_estimates"] = float(self.rejected_estimates)
         values["clamped_estimates"] = float(self.clamped_estimates)
