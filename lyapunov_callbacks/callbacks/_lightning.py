@@ -29,6 +29,8 @@ __all__ = [
     "BATCHES",
     "MeanLoss",
     "ProbeBatch",
+    "StepLoss",
+    "StepMicroBatches",
     "check_choice",
     "check_int",
     "check_positive",
@@ -42,7 +44,6 @@ __all__ = [
     "resolve_loss_fn",
     "set_lr",
     "step_loss",
-    "StepLoss",
     "training_gradient",
     "training_graph_parameters",
     "world_info",
@@ -186,7 +187,7 @@ def _all_rng_preserved(devices: Sequence[torch.device] = ()) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The fixed probe batch
+# The step being measured: its micro-batches, its loss and its Hessian operator
 # --------------------------------------------------------------------------------------------------------------
 class StepMicroBatches:
     """The micro-batches of the optimiser step being trained, each with the RNG state right before its forward.
@@ -246,6 +247,29 @@ class StepLoss:
         return float(total)
 
 
+class MeanLoss:
+    """``loss_fn`` averaged over the micro-batches of one accumulated optimiser step.
+
+    With ``accumulate_grad_batches = k`` Lightning scales each micro-batch loss by ``1/k`` and sums the
+    gradients, so the step optimises ``(1/k)·Σ_i L(θ; B_i)``; this is that loss, with ``batch`` the list of the
+    ``k`` micro-batches. ``rngs`` (one :func:`~lyapunov_callbacks.core.state.rng_snapshot` per micro-batch, taken
+    before its training forward) are replayed before each term, so dropout draws the training step's masks.
+    """
+
+    def __init__(self, loss_fn: LossFn, rngs: Sequence[dict] | None = None) -> None:
+        self.loss_fn = loss_fn
+        self.rngs = None if rngs is None else list(rngs)
+
+    def __call__(self, model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
+        total = None
+        for i, batch in enumerate(batches):
+            if self.rngs is not None:
+                restore_rng(self.rngs[i])
+            loss = self.loss_fn(model, batch)
+            total = loss if total is None else total + loss
+        return total / len(batches)
+
+
 def step_loss(loss_fn: LossFn, micro: Sequence[tuple[Any, dict]]) -> tuple[LossFn, Any, dict]:
     """``(loss_fn, batch, rng)`` of the loss a step optimises, from its ``(batch, rng)`` micro-batches.
 
@@ -294,6 +318,9 @@ def measurement_guard(pl_module: nn.Module) -> contextlib.AbstractContextManager
     return preserved_state(pl_module, copy_tensors=False)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The fixed probe batch
+# --------------------------------------------------------------------------------------------------------------
 class ProbeBatch:
     """A fixed batch drawn once from the training set, for measurements comparable across steps.
 
@@ -386,6 +413,9 @@ class ProbeBatch:
         self._batch = None
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The learning rate, and what the training step already computed
+# --------------------------------------------------------------------------------------------------------------
 def current_lr(trainer: pl.Trainer) -> float:
     """The learning rate α of the first parameter group of the first optimiser (read it in ``on_before_optimizer_step``).
 
@@ -448,29 +478,6 @@ def training_gradient(trainer: pl.Trainer, pl_module: pl.LightningModule) -> lis
     if any(g is None for g in grads):
         return None
     return [g.detach() for g in grads]
-
-
-class MeanLoss:
-    """``loss_fn`` averaged over the micro-batches of one accumulated optimiser step.
-
-    With ``accumulate_grad_batches = k`` Lightning scales each micro-batch loss by ``1/k`` and sums the
-    gradients, so the step optimises ``(1/k)·Σ_i L(θ; B_i)``; this is that loss, with ``batch`` the list of the
-    ``k`` micro-batches. ``rngs`` (one :func:`~lyapunov_callbacks.core.state.rng_snapshot` per micro-batch, taken
-    before its training forward) are replayed before each term, so dropout draws the training step's masks.
-    """
-
-    def __init__(self, loss_fn: LossFn, rngs: Sequence[dict] | None = None) -> None:
-        self.loss_fn = loss_fn
-        self.rngs = None if rngs is None else list(rngs)
-
-    def __call__(self, model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
-        total = None
-        for i, batch in enumerate(batches):
-            if self.rngs is not None:
-                restore_rng(self.rngs[i])
-            loss = self.loss_fn(model, batch)
-            total = loss if total is None else total + loss
-        return total / len(batches)
 
 
 # --------------------------------------------------------------------------------------------------------------
