@@ -51,19 +51,24 @@ def test_best_placement_finds_the_kinks_of_a_piecewise_linear_curve():
     assert bench.best_placement(trend[:4], trend[:4], 9) == [0, 1, 2, 3]
 
 
-@pytest.mark.slow
-def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
+def _quick_run(bench, out, *extra: str) -> dict:
+    """``main(["--quick", ...])``'s small-model result; main() quiets Lightning's logger for its fits, and the
+    level is put back for the tests that read its messages."""
     import logging
 
-    # main() quiets Lightning's logger for its fits; put the level back for the tests that read its messages.
     lightning_logger = logging.getLogger("lightning.pytorch")
     level = lightning_logger.level
-    bench = _load()
-    out = tmp_path / "cadence.md"
     try:
-        result = bench.main(["--quick", "--threads", "1", "--out", str(out)])["small"]
+        return bench.main(["--quick", *extra, "--threads", "1", "--out", str(out)])["small"]
     finally:
         lightning_logger.setLevel(level)
+
+
+@pytest.mark.slow
+def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
+    bench = _load()
+    out = tmp_path / "cadence.md"
+    result = _quick_run(bench, out)
     text = out.read_text()
     assert "Load before: `" in text and "load average" in text
     assert "Every fit trains bit-identical weights to the plain fit: yes." in text
@@ -81,19 +86,10 @@ def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
     assert "Targets of `auto, drift_tol 0.05`:" in text
 
 
-
 @pytest.mark.slow
 def test_the_floor_run_measures_the_noise_and_the_placement_error_of_the_reference(tmp_path):
-    import logging
-
-    lightning_logger = logging.getLogger("lightning.pytorch")
-    level = lightning_logger.level
-    bench = _load()
     out = tmp_path / "cadence_floor.md"
-    try:
-        result = bench.main(["--quick", "--floor", "--threads", "1", "--out", str(out)])["small"]
-    finally:
-        lightning_logger.setLevel(level)
+    result = _quick_run(_load(), out, "--floor")
     text = out.read_text()
     assert 0.0 <= result["noise"]["median"] <= result["noise"]["p90"] < 10.0
     # 60 steps: as many estimates as every 100 and every 50 steps is one, the first step's, held flat
