@@ -251,7 +251,7 @@ def digits_8x8_loader(batch_size: int = 64, seed: int = 0) -> torch.utils.data.D
 #: ``name -> description`` of the two models the cost benchmarks fit (``monitor_overhead.py``, ``cadence.py``).
 MODELS = {
     "small": "MLP 64-256-256-10 (85,002 params), 8×8 digits, batch 64",
-    "readme": "MLP 3072-512-512-2 (1,841,162 params), synthetic CIFAR stand-in, batch 128",
+    "readme": "MLP 3072-512-512-2 (1,837,058 params), synthetic CIFAR stand-in, batch 128",
 }
 
 

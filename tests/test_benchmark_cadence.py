@@ -150,3 +150,13 @@ def test_benchmarks_readme_quotes_the_committed_floor_file():
     # the verdict words follow the numbers: below the README MLP's floor, at the small MLP's
     assert float(big_noise[2]) > 0.05 and float(big_noise[3]) > 0.20
     assert abs(float(small_noise[2]) - 0.05) < 0.01 and float(small_ten[2]) < 0.05 and float(small_ten[3]) < 0.20
+
+
+def test_the_model_labels_state_the_models_parameter_counts():
+    import re
+
+    import _common as C
+
+    for which, label in C.MODELS.items():
+        count = int(re.search(r"\(([\d,]+) params\)", label).group(1).replace(",", ""))
+        assert sum(p.numel() for p in C.model_module(which, seed=0).parameters()) == count, which
