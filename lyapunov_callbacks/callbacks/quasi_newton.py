@@ -414,8 +414,9 @@ class QuasiNewtonLR(Callback):
         # The operator never writes to the module's tensors: a guard without copies suffices.
         with measurement_guard(pl_module):
             with measurement_operator(pl_module, *measured, self.hvp, self.dtype) as op:
-                params = [p for _, p in trainable_parameters(pl_module)]
-                target = step_preconditioned(op, optimizer, params) if self._adam else op
+                target = op
+                if self._adam:  # Adam's curvature is λ1(P⁻¹H), P of the coming step
+                    target = step_preconditioned(op, optimizer, [p for _, p in trainable_parameters(pl_module)])
                 if rayleigh:
                     value = self._tracker.rayleigh_quotient(target)
                     return None if value is None else float(trainer.strategy.broadcast(value, src=0))
