@@ -1,13 +1,14 @@
 """A 2-process fit under Lightning's ModelParallelStrategy (FSDP2, gloo on CPU) with the curvature callbacks.
 
-Run as a script (Lightning relaunches this file for rank 1): ``python tests/sharded_fit.py OUT MODEL OPTIMIZER [RULE]``,
-MODEL ``linear`` (least squares: a quadratic loss) or ``mlp`` (a tanh network), OPTIMIZER ``sgd``, ``sgdm`` (momentum
-0.9) or ``adamw``, RULE QuasiNewtonLR's rule (default ``newton``), or ``monitors`` (the two monitors, no
-QuasiNewtonLR) or ``plain`` (no curvature callback: the trajectory the monitors must leave unchanged).
-Each rank writes ``OUT/rank<r>.json``: per measured step the monitor's and QuasiNewtonLR's logged values, the
+Run as a script (Lightning relaunches this file for rank 1): ``python tests/sharded_fit.py OUT FIT [FIT ...]``, each
+FIT ``MODEL:OPTIMIZER:RULE``, fitted one after the other in the same two processes (the process group is set up
+once): MODEL ``linear`` (least squares: a quadratic loss) or ``mlp`` (a tanh network), OPTIMIZER ``sgd``, ``sgdm``
+(momentum 0.9) or ``adamw``, RULE QuasiNewtonLR's rule (``newton``, ``batch_sharpness``), or ``monitors`` (the two
+monitors, no QuasiNewtonLR) or ``plain`` (no curvature callback: the trajectory the monitors must leave unchanged).
+Each rank writes ``OUT/<MODEL>_<OPTIMIZER>_<RULE>/rank<r>.json``: per measured step the monitor's and QuasiNewtonLR's logged values, the
 layout of the parameters, and how often a DTensor was gathered while the callbacks ran. Rank 0 also writes the
 full weights at each measurement and the union of the ranks' batches (gathered by this recorder, outside the
-callbacks), from which ``tests/callbacks/test_sharded.py`` computes exact single-process references.
+callbacks), from which ``tests/callbacks/test_sharded_fit.py`` computes exact single-process references.
 """
 
 from __future__ import annotations
@@ -223,5 +224,10 @@ def fit(
     trainer.fit(Sharded(model, optimizer, sharded=sharded))
 
 
+def folder(out: Path, spec: str) -> Path:
+    return out / spec.replace(":", "_")
+
+
 if __name__ == "__main__":
-    fit(Path(sys.argv[1]), sys.argv[2], sys.argv[3], *sys.argv[4:5])
+    for spec in sys.argv[2:]:
+        fit(folder(Path(sys.argv[1]), spec), *spec.split(":"))

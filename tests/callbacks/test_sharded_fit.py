@@ -17,7 +17,7 @@ from torch import nn
 
 import lightning.pytorch as pl
 
-from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor, QuasiNewtonLR
+from lyapunov_callbacks import HessianEigenvalueMonitor, LyapunovExponentMonitor
 from lyapunov_callbacks.callbacks._setup import check_sharding
 from lyapunov_callbacks.core.sharded import ShardingError
 
@@ -27,16 +27,26 @@ import sharded_fit  # noqa: E402
 from dense_hessian import dense_hessian  # noqa: E402
 
 
-def _run(tmp_path: Path, model: str, optimizer: str, rule: str = "newton", said: bool = True) -> list[dict]:
-    out = tmp_path / f"{model}_{optimizer}_{rule}"
+# The 2-process fits the slow tests read, run one after the other in one launch of two processes (a launch
+# costs more than the fits: two interpreters importing Lightning and a gloo process group).
+FITS = ["linear:sgd:newton", "mlp:adamw:newton", "mlp:sgdm:batch_sharpness", "mlp:adamw:plain", "mlp:adamw:monitors"]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("sharded")
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "sharded_fit.py"), str(out), model, optimizer, rule],
-        cwd=TESTS.parent, capture_output=True, text=True, timeout=400,
+        [sys.executable, str(TESTS / "sharded_fit.py"), str(out), *FITS],
+        cwd=TESTS.parent, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    if said:  # the switch from hvp="autograd" is said, not silent
-        assert "central finite differences of the strategy's own gradients" in proc.stderr
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(sharded_fit.WORLD_SIZE)]
+    # The switch from hvp="autograd" is said, not silent (once per process: the first fit says it).
+    assert "central finite differences of the strategy's own gradients" in proc.stderr
+    return {
+        spec: [json.loads((sharded_fit.folder(out, spec) / f"rank{r}.json").read_text())
+               for r in range(sharded_fit.WORLD_SIZE)]
+        for spec in FITS
+    }  # fmt: skip
 
 
 def _exact_hessian(record: dict, step: str, model: str) -> torch.Tensor:
@@ -62,9 +72,9 @@ def _check_sharded_and_identical(ranks: list[dict]) -> None:
     assert sorted(map(int, ranks[0]["steps"])) == list(range(sharded_fit.STEPS))
 
 
-@pytest.mark.slow  # two processes that import Lightning and fit 3 steps
-def test_least_squares_h0_top3_lambda_and_the_qn_lr_equal_the_exact_union_hessian(tmp_path):
-    ranks = _run(tmp_path, "linear", "sgd")
+@pytest.mark.slow  # two processes that import Lightning and fit 3 steps, five times
+def test_least_squares_h0_top3_lambda_and_the_qn_lr_equal_the_exact_union_hessian(sharded_runs):
+    ranks = sharded_runs["linear:sgd:newton"]
     _check_sharded_and_identical(ranks)
     for step, values in ranks[0]["steps"].items():
         exact = _exact_top(ranks[0], step, "linear")
@@ -84,25 +94,25 @@ def test_least_squares_h0_top3_lambda_and_the_qn_lr_equal_the_exact_union_hessia
 
 
 @pytest.mark.slow
-def test_tanh_mlp_with_adamw_h0_pre_h0_lambda_and_the_qn_lr_equal_one_process_on_the_union(tmp_path):
-    ranks = _run(tmp_path, "mlp", "adamw")
+def test_tanh_mlp_with_adamw_h0_pre_h0_lambda_and_the_qn_lr_equal_one_process_on_the_union(sharded_runs, tmp_path):
+    ranks = sharded_runs["mlp:adamw:newton"]
     _check_sharded_and_identical(ranks)
     # One process on the union batch with exact HVPs (autograd), its λ tangent started from the ranks' δ.
     _check_equal_to_one_process(tmp_path, ranks, "mlp", "adamw", "newton")
 
 
 @pytest.mark.slow
-def test_momentum_sgd_with_the_batch_sharpness_rule_equals_one_process_on_the_union(tmp_path):
-    ranks = _run(tmp_path, "mlp", "sgdm", "batch_sharpness")
+def test_momentum_sgd_with_the_batch_sharpness_rule_equals_one_process_on_the_union(sharded_runs, tmp_path):
+    ranks = sharded_runs["mlp:sgdm:batch_sharpness"]
     _check_sharded_and_identical(ranks)
     _check_equal_to_one_process(tmp_path, ranks, "mlp", "sgdm", "batch_sharpness")
     assert len({v["lr"] for v in ranks[0]["steps"].values()}) == sharded_fit.STEPS  # the LR follows the rule
 
 
 @pytest.mark.slow
-def test_the_monitors_leave_a_sharded_adamw_fit_bit_for_bit_unchanged(tmp_path):
-    plain = _run(tmp_path, "mlp", "adamw", "plain", said=False)
-    monitored = _run(tmp_path, "mlp", "adamw", "monitors")
+def test_the_monitors_leave_a_sharded_adamw_fit_bit_for_bit_unchanged(sharded_runs):
+    plain = sharded_runs["mlp:adamw:plain"]
+    monitored = sharded_runs["mlp:adamw:monitors"]
     measured = monitored[0]["steps"]["2"]
     assert math.isfinite(measured["lyapunov/lambda"]) and measured["hessian/pre_h0"] > 0  # both monitors measured
     assert "hessian/h0" not in plain[0]["steps"]["2"]
