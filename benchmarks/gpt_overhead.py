@@ -6,7 +6,7 @@ The run file ``configs/gpt/adamw_monitors.yaml`` trains :class:`~lyapunov_callba
 weight decay 0.01) and the callbacks of ``configs/callbacks/adamw_monitors.yaml``. Each variant fits a freshly
 initialised model (same seed) for ``--steps`` steps after ``WARMUP_STEPS`` untimed ones (the first h0 estimate is
 a cold Lanczos solve, a compiled step compiles there), with ``logger=False``, no validation, no checkpointing, no
-progress bar. The timed steps run from the start of step ``WARMUP_STEPS`` to the end of the last one, so the
+progress bar (``--quick``: a 2-block GPT of width 32, context 32, batch 8, to check the pipeline). The timed steps run from the start of step ``WARMUP_STEPS`` to the end of the last one, so the
 steady state is compared: with the h0 monitor every 10 steps (h0, pre_h0, batch sharpness) and λ windows of 10
 steps every 50, the default 50 timed steps (steps 10-59) hold 5 estimates and 10 λ steps, the long-run shares.
 
@@ -46,6 +46,11 @@ WARMUP_STEPS = 10
 #: The h0 monitor's period in the run file, and the one HVP its batch sharpness adds to each estimate.
 EVERY, BATCH_SHARPNESS_HVPS = 10, 1
 LR, WEIGHT_DECAY = 1e-3, 0.01
+#: The run file's model and batch; ``--quick`` (a pipeline check, not a measurement) fits a smaller GPT.
+SIZES = {
+    "full": {"block_size": 64, "embed_dim": 64, "num_layers": 4, "num_heads": 4, "batch_size": 32},
+    "quick": {"block_size": 32, "embed_dim": 32, "num_layers": 2, "num_heads": 2, "batch_size": 8},
+}
 
 
 class _StepClock:
@@ -79,19 +84,24 @@ class _StepClock:
         return self.cpu_end - self.cpu_start, self.end - self.start
 
 
-def _fit(callbacks, steps: int, seed: int, compiled: bool) -> tuple[float, list]:
+def _model(size: dict):
+    from lyapunov_callbacks.models import GPT
+
+    return GPT(**{k: v for k, v in size.items() if k != "batch_size"})
+
+
+def _fit(callbacks, steps: int, seed: int, compiled: bool, size: dict) -> tuple[float, list]:
     import lightning as L
 
     from lyapunov_callbacks.datamodules import TextDataModule
-    from lyapunov_callbacks.models import GPT
 
     torch.manual_seed(seed)
-    model = GPT(block_size=64, embed_dim=64, num_layers=4, num_heads=4)
+    model = _model(size)
     model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     if compiled:
         torch._dynamo.reset()
         model.compile()
-    dm = TextDataModule(block_size=64, batch_size=32, seed=seed)
+    dm = TextDataModule(block_size=size["block_size"], batch_size=size["batch_size"], seed=seed)
     clock = _StepClock(WARMUP_STEPS)
     trainer = L.Trainer(
         max_steps=WARMUP_STEPS + steps, callbacks=[*callbacks, clock.callback], logger=False,
@@ -143,10 +153,12 @@ def main(argv=None) -> int:
     variants = _variants(args.compiled)
     name = "gpt_overhead_compiled.md" if args.compiled else "gpt_overhead.md"
     title = "GPT time per step with the monitors" + (", compiled and eager" if args.compiled else "")
+    size = SIZES["quick" if args.quick else "full"]
+    params = sum(p.numel() for p in _model(size).parameters())
     with C.recorded(C.out_path(args, name), "gpt_overhead.py", argv, title):
-        C.header("GPT (220,544 parameters) on the standard library's text, AdamW, CPU", args)
-        print(f"{steps} timed steps after {WARMUP_STEPS} untimed ones, batch 32 × 64 bytes, median of {repeats} "
-              "interleaved rounds.\n")
+        C.header(f"GPT ({params:,} parameters) on the standard library's text, AdamW, CPU", args)
+        print(f"{steps} timed steps after {WARMUP_STEPS} untimed ones, batch {size['batch_size']} × "
+              f"{size['block_size']} bytes, median of {repeats} interleaved rounds.\n")
         times: dict[str, list[float]] = {name: [] for name in variants}
         walls: dict[str, list[float]] = {name: [] for name in variants}
         hvps: dict[str, float] = {}
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
             for name in names[r % len(names):] + names[: r % len(names)]:
                 make, compiled = variants[name]
                 C.progress(f"round {r + 1}/{repeats}: {name}")
-                per_step, wall_per_step, counts = _fit(make(), steps, args.seed, compiled)
+                per_step, wall_per_step, counts = _fit(make(), steps, args.seed, compiled, size)
                 times[name].append(per_step)
                 walls[name].append(wall_per_step)
                 hvps[name] = sum(counts) / len(counts) if counts else float("nan")

@@ -1,26 +1,16 @@
 """The GPT benchmarks run and write every row (quick runs), and the docs quote their committed results verbatim."""
 
-import importlib.util
 import math
 import os
 import re
-import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 DOC = os.path.join(ROOT, "docs", "compiled-and-transformers.md")
 pytestmark = pytest.mark.filterwarnings("ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -35,7 +25,7 @@ def test_gpt_overhead_quick_run_writes_every_variant_with_finite_times(tmp_path)
     level = logging.getLogger("lightning.pytorch").level
     out = tmp_path / "g.md"
     try:
-        _load("gpt_overhead").main(["--quick", "--steps", "10", "--repeats", "1", "--out", str(out)])
+        load_script("benchmarks/gpt_overhead.py").main(["--quick", "--steps", "10", "--repeats", "1", "--out", str(out)])
     finally:
         logging.getLogger("lightning.pytorch").setLevel(level)
     rows = _rows(out.read_text())
