@@ -1,26 +1,16 @@
 """The cadence benchmark (``benchmarks/cadence.py``): its error measures on hand-made curves, and its quick run."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("cadence_benchmark", os.path.join(ROOT, "benchmarks", "cadence.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_running_median_interpolation_and_percentile_on_hand_made_curves():
-    bench = _load()
+    bench = load_script("benchmarks/cadence.py", "cadence_benchmark")
     # centred median of 3, the window cut at the ends
     assert bench.running_median([1.0, 9.0, 2.0, 8.0, 3.0], 1) == [5.0, 2.0, 8.0, 3.0, 5.5]
     # linear between the estimates, flat before the first and after the last
@@ -39,7 +29,7 @@ def test_running_median_interpolation_and_percentile_on_hand_made_curves():
 
 
 def test_best_placement_finds_the_kinks_of_a_piecewise_linear_curve():
-    bench = _load()
+    bench = load_script("benchmarks/cadence.py", "cadence_benchmark")
     # a trend with kinks at indices 4 and 9: three estimates placed there (and at 0) track it exactly
     trend = [1.0 + i for i in range(5)] + [5.0 + 3 * i for i in range(1, 6)] + [20.0] * 5
     chosen = bench.best_placement(trend, trend, 3)
@@ -66,7 +56,7 @@ def _quick_run(bench, out, *extra: str) -> dict:
 
 @pytest.mark.slow
 def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
-    bench = _load()
+    bench = load_script("benchmarks/cadence.py", "cadence_benchmark")
     out = tmp_path / "cadence.md"
     result = _quick_run(bench, out)
     text = out.read_text()
@@ -89,7 +79,7 @@ def test_quick_run_prints_every_variant_with_finite_numbers(tmp_path):
 @pytest.mark.slow
 def test_the_floor_run_measures_the_noise_and_the_placement_error_of_the_reference(tmp_path):
     out = tmp_path / "cadence_floor.md"
-    result = _quick_run(_load(), out, "--floor")
+    result = _quick_run(load_script("benchmarks/cadence.py", "cadence_benchmark"), out, "--floor")
     text = out.read_text()
     assert 0.0 <= result["noise"]["median"] <= result["noise"]["p90"] < 10.0
     # 60 steps: as many estimates as every 100 and every 50 steps is one, the first step's, held flat
@@ -105,7 +95,7 @@ def _cells(row: str) -> list[str]:
 def test_benchmarks_readme_quotes_the_committed_results_file():
     results = open(os.path.join(ROOT, "benchmarks", "results", "cadence.md"), encoding="utf-8").read()
     readme = open(os.path.join(ROOT, "benchmarks", "README.md"), encoding="utf-8").read()
-    bench = _load()
+    bench = load_script("benchmarks/cadence.py", "cadence_benchmark")
     models = results.split("\n## Cadence of ")[1:]
     assert len(models) == 2 and "64-256-256-10" in models[0] and "3072-512-512-2" in models[1]
     tables = [{_cells(line)[0]: _cells(line) for line in m.splitlines() if line.startswith("| ")} for m in models]

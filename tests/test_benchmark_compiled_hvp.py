@@ -1,12 +1,12 @@
 """``benchmarks/compiled_hvp.py``: the compiled product equals the autograd one and every row is printed."""
 
-import importlib.util
 import os
 import re
 import shutil
-import sys
 
 import pytest
+
+from scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,16 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 def test_quick_run_matches_the_autograd_product(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("compiled_hvp", os.path.join(ROOT, "benchmarks", "compiled_hvp.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        out = tmp_path / "c.md"
-        text = module.main(["--quick", "--repeats", "1", "--threads", "1", "--out", str(out)])
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    out = tmp_path / "c.md"
+    text = load_script("benchmarks/compiled_hvp.py").main(["--quick", "--repeats", "1", "--threads", "1", "--out", str(out)])
     assert out.read_text().endswith(text)
     rows = [line for line in text.splitlines() if line.startswith("| MLP 64-256-256-10 |")]
     assert [int(r.split("|")[2]) for r in rows] == [1, 8]

@@ -1,22 +1,12 @@
 """The learning-rate-free benchmark's smoke run (``benchmarks/lr_free.py --quick``) end to end."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("lr_free", os.path.join(ROOT, "benchmarks", "lr_free.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -24,7 +14,7 @@ def test_quick_run_prints_every_row_with_finite_numbers(tmp_path):
     pytest.importorskip("prodigyopt")
     pytest.importorskip("dadaptation")
     pytest.importorskip("schedulefree")
-    lr_free = _load()
+    lr_free = load_script("benchmarks/lr_free.py")
     out = tmp_path / "table.md"
     text = lr_free.main(["--quick", "--out", str(out)])
     assert out.read_text().endswith(text)
@@ -51,7 +41,7 @@ def test_quick_run_prints_every_row_with_finite_numbers(tmp_path):
 def test_qn_rule_settings_and_batch_sequence_are_reproducible():
     import torch
 
-    lr_free = _load()
+    lr_free = load_script("benchmarks/lr_free.py")
     data = (torch.arange(10.0).reshape(10, 1), torch.arange(10))
     a = lr_free.batches(data, 4, 7, seed=1)
     b = lr_free.batches(data, 4, 7, seed=1)
@@ -62,7 +52,7 @@ def test_qn_rule_settings_and_batch_sequence_are_reproducible():
 
 
 def test_summary_counts_targets_from_the_fits():
-    lr_free = _load()
+    lr_free = load_script("benchmarks/lr_free.py")
     Fit = lr_free.Fit
 
     def fits(loss, diverged=False, seconds=1.0):
@@ -94,7 +84,7 @@ def test_divergence_is_a_non_finite_or_tenfold_loss_not_a_fit_that_learned_nothi
     import torch
     from torch import nn
 
-    lr_free = _load()
+    lr_free = load_script("benchmarks/lr_free.py")
 
     class Quadratic(nn.Module):
         def __init__(self) -> None:
@@ -126,7 +116,7 @@ def test_a_run_of_several_tasks_writes_the_partial_table_after_each_but_the_last
     pytest.importorskip("prodigyopt")
     pytest.importorskip("dadaptation")
     pytest.importorskip("schedulefree")
-    lr_free = _load()
+    lr_free = load_script("benchmarks/lr_free.py")
     writes: list[str] = []
     write = lr_free.C.write_results
 

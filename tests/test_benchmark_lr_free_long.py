@@ -1,29 +1,19 @@
 """The long-horizon benchmark of ``rule="batch_sharpness"`` (``benchmarks/lr_free_long.py --quick``) end to end."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("lr_free_long", os.path.join(ROOT, "benchmarks", "lr_free_long.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_quick_run_prints_every_row_with_finite_numbers(tmp_path):
     pytest.importorskip("sklearn")
-    lr_free_long = _load()
+    lr_free_long = load_script("benchmarks/lr_free_long.py")
     out = tmp_path / "table.md"
     text = lr_free_long.main(["--quick", "--threads", "1", "--rows", "QN newton,QN sharpness,QN sharpness /5 wu50",
                               "--out", str(out)])
@@ -42,7 +32,7 @@ def test_quick_run_prints_every_row_with_finite_numbers(tmp_path):
 
 
 def test_qn_rows_use_the_rules_they_name():
-    lr_free_long = _load()
+    lr_free_long = load_script("benchmarks/lr_free_long.py")
     rule, backend = lr_free_long.qn_rule("QN sharpness /5 wu50", "momentum")
     assert (rule.rule, rule.every_n_steps, rule.warmup_steps, backend) == ("batch_sharpness", 5, 50,
                                                                             "finite_difference")

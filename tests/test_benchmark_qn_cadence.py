@@ -1,28 +1,18 @@
 """``benchmarks/qn_cadence.py``: QuasiNewtonLR's rule every 10 steps against ``"auto"`` on the lr_free tasks."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py and lr_free.py
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "qn_cadence.md")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("qn_cadence", os.path.join(ROOT, "benchmarks", "qn_cadence.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow  # two 30-step fits with warm-ups and re-estimates
 def test_quick_run_compares_the_two_cadences_on_the_same_trajectory_start(tmp_path):
-    bench = _load()
+    bench = load_script("benchmarks/qn_cadence.py")
     out = tmp_path / "q.md"
     text = bench.main(["--quick", "--threads", "1", "--out", str(out)])
     row = next(line for line in text.splitlines() if line.startswith("| digits mlp ce |"))

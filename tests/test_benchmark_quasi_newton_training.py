@@ -1,28 +1,17 @@
 """``benchmarks/quasi_newton_training.py``: a short run writes the table it prints, with finite numbers."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def _load():
-    path = os.path.join(ROOT, "benchmarks", "quasi_newton_training.py")
-    spec = importlib.util.spec_from_file_location("quasi_newton_training", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_a_short_run_writes_its_table_with_every_rule(tmp_path):
-    bench = _load()
+    bench = load_script("benchmarks/quasi_newton_training.py")
     out = tmp_path / "qn.md"
     table = bench.main(["--quick", "--steps", "4", "--out", str(out), "--threads", "1"])
     text = out.read_text()

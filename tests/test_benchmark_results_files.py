@@ -1,27 +1,16 @@
 """Benchmarks that write their printed tables to a results file: ``_common.recorded`` and ``monitor_overhead``."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "benchmarks") not in sys.path:  # the scripts import benchmarks/_common.py
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def _load(name: str):
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_recorded_writes_what_was_printed_with_the_command_and_load(tmp_path, capsys):
-    common = _load("_common")
+    common = load_script("benchmarks/_common.py")
     out = tmp_path / "r.md"
     with common.recorded(str(out), "some_bench.py", ["--threads", "1"], "Some benchmark"):
         print("| a | b |\n|---|---|\n| 1 | 2 |")
@@ -36,7 +25,7 @@ def test_recorded_writes_what_was_printed_with_the_command_and_load(tmp_path, ca
 
 
 def test_out_path_is_the_results_file_for_a_full_run_only(tmp_path):
-    common = _load("_common")
+    common = load_script("benchmarks/_common.py")
     parse = lambda argv: common.parse_args("x", argv, extra=lambda p: common.add_out_argument(p, "x.md"))  # noqa: E731
     assert common.out_path(parse([]), "x.md") == common.results_path("x.md")
     assert common.out_path(parse(["--quick"]), "x.md") is None
@@ -50,7 +39,7 @@ def test_monitor_overhead_quick_run_writes_every_variant(tmp_path):
     # main() quiets Lightning's logger for its fits; put the level back for the tests that read its messages.
     lightning_logger = logging.getLogger("lightning.pytorch")
     level = lightning_logger.level
-    bench = _load("monitor_overhead")
+    bench = load_script("benchmarks/monitor_overhead.py")
     out = tmp_path / "mo.md"
     try:
         bench.main(["--quick", "--models", "small", "--steps", "10", "--repeats", "1", "--threads", "1",

@@ -1,29 +1,21 @@
 """``benchmarks/sharded.py``: its table is computed from the ranks' step records as stated, and the user guide quotes
 the committed results verbatim."""
 
-import importlib.util
 import json
 import os
 import re
-import sys
 
 import pytest
+
+from scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "sharded.md")
 GUIDE = os.path.join(ROOT, "docs", "user-guide.md")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_sharded", os.path.join(ROOT, "benchmarks", "sharded.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_table_takes_medians_per_rank_and_reports_the_larger_rank(tmp_path):
-    bench = _load()
+    bench = load_script("benchmarks/sharded.py", "bench_sharded")
 
     def rows(plain, monitored, extra_plain, extra_monitored, shard):
         out = []

@@ -1,9 +1,6 @@
 """Tests of the figures driver (figures/make_figures.py): the plan against the paper's captions, the command lines, a tiny run."""
 
-import importlib.util
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +8,10 @@ import pytest
 import yaml
 
 from lyapunov_callbacks import summary
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("make_figures", ROOT / "figures" / "make_figures.py")
-make_figures = importlib.util.module_from_spec(_spec)
-sys.modules["make_figures"] = make_figures  # dataclasses look their module up there
-_spec.loader.exec_module(make_figures)
+make_figures = load_script("figures/make_figures.py", reuse=True)
 
 # The paper's captions beside the repository: ../shared/paper/ from its root (make_figures.CAPTIONS_PATH).
 CAPTIONS = make_figures.CAPTIONS_PATH

@@ -1,17 +1,11 @@
 """`make figures` says how many runs it will train and how long its plan predicts, before it trains anything."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
+from scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-if "make_figures" in sys.modules:
-    make_figures = sys.modules["make_figures"]
-else:
-    _spec = importlib.util.spec_from_file_location("make_figures", ROOT / "figures" / "make_figures.py")
-    make_figures = importlib.util.module_from_spec(_spec)
-    sys.modules["make_figures"] = make_figures  # dataclasses look their module up there
-    _spec.loader.exec_module(make_figures)
+make_figures = load_script("figures/make_figures.py", reuse=True)  # the module test_figures.py loaded
 
 
 def test_the_banner_comes_before_training_and_states_the_plans_prediction(tmp_path, monkeypatch, capsys):

@@ -1,19 +1,15 @@
 """figures/quickstart.py, which writes the results file behind the README's "What you should see": its statistics
 are those of the run's own logs and of what the run's trainer ended with."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from lyapunov_callbacks.cli import run_cli
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("quickstart", ROOT / "figures" / "quickstart.py")
-quickstart = importlib.util.module_from_spec(_spec)
-sys.modules["quickstart"] = quickstart
-_spec.loader.exec_module(quickstart)
+quickstart = load_script("figures/quickstart.py")
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers",
     "ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning",

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from lyapunov_callbacks.analysis import plotting

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lyapunov_callbacks.callbacks.lyapunov_monitor as lyap_mod
 import lyapunov_callbacks.callbacks._lightning as glue_mod  # builds the monitors' operators
 from lyapunov_callbacks.callbacks.lyapunov_monitor import LyapunovExponentMonitor
 from recording_logger import RecordingLogger

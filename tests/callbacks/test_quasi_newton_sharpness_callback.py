@@ -6,7 +6,6 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lyapunov_callbacks.callbacks.quasi_newton import QuasiNewtonLR
 from recording_logger import RecordingLogger
