@@ -21,6 +21,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Scripts in a sensible order (cheap first); any other benchmark script found is run after them.
 PREFERRED_ORDER = ["hvp_cost", "eigensolvers", "monitor_overhead", "quasi_newton_training"]
+#: Scripts that are not benchmarks of the package: ``test_suite_time`` times ``make test`` (the whole test suite).
+NOT_BENCHMARKS = {"test_suite_time"}
 
 
 def scripts(only: list[str] | None = None) -> list[str]:
@@ -30,6 +32,7 @@ def scripts(only: list[str] | None = None) -> list[str]:
         for p in glob.glob(os.path.join(HERE, "*.py"))
         if not os.path.basename(p).startswith("_") and os.path.basename(p) != os.path.basename(__file__)
     }
+    found -= NOT_BENCHMARKS
     ordered = [n for n in PREFERRED_ORDER if n in found] + sorted(found - set(PREFERRED_ORDER))
     if only:
         unknown = sorted(set(only) - found)

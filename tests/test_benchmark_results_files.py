@@ -57,3 +57,26 @@ def test_monitor_overhead_quick_run_writes_every_variant(tmp_path):
     for cells in rows:
         low, high = (float(x) for x in cells[3].split("–"))
         assert low == high and abs(low - float(cells[2])) <= 0.006, cells
+
+
+def test_suite_timer_reads_pytests_summary_line():
+    timer = load_script("benchmarks/test_suite_time.py")
+    assert timer.parse_summary("....\n934 passed, 284 warnings in 582.05s (0:09:42)\n") == {
+        "passed": 934, "failed": 0, "skipped": 0, "seconds": 582.05}
+    assert timer.parse_summary("= 2 failed, 930 passed, 1 skipped, 1 error in 9.50s =") == {
+        "passed": 930, "failed": 3, "skipped": 1, "seconds": 9.5}
+    with pytest.raises(ValueError, match="no pytest summary line"):
+        timer.parse_summary("ERROR: file or directory not found")
+
+
+def test_suite_timer_records_a_passing_run_and_nothing_for_a_failing_one(tmp_path, capsys):
+    timer = load_script("benchmarks/test_suite_time.py")
+    (tmp_path / "test_ok.py").write_text("def test_one():\n    assert 1 + 1 == 2\n")
+    (tmp_path / "test_bad.py").write_text("def test_one():\n    assert 1 + 1 == 3\n")
+    out = tmp_path / "suite.md"
+    assert timer.main(["--out", str(out), "--", str(tmp_path / "test_ok.py")]) == 0
+    row = [line for line in out.read_text().splitlines() if line.startswith("| 1 ")]
+    assert len(row) == 1 and "min" in row[0] and "Load before:" in out.read_text()
+    out.unlink()
+    assert timer.main(["--out", str(out), "--", str(tmp_path / "test_bad.py")]) == 1
+    assert not out.exists()
