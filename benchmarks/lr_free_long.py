@@ -1,6 +1,7 @@
 """The greedy step along the optimiser's direction (``rule="batch_sharpness"``) against tuned constants, long runs.
 
-Tasks: scikit-learn's digits (``DigitsDataModule``: 1,797 images in all, 3×32×32) × ``mlp``, ``lenet1``,
+Tasks: scikit-learn's digits (``DigitsDataModule``: 1,797 images in all, 3×32×32; ``--data synthetic``: the
+CIFAR-shaped two-class stand-in instead) × ``mlp``, ``lenet1``,
 ``tinyresnet`` × ``ce``, ``mse``, each under three optimiser families: plain SGD (``sgd``), SGD with momentum
 0.9 (``momentum``) and AdamW (``adamw``, weight decay 0.01). Every fit is a plain PyTorch loop (the package's
 core, no Lightning) of ``--steps`` steps on the same seeded batch sequence from the same initial weights
@@ -20,6 +21,9 @@ Rows, per task and family:
 - ``QN sharpness /5``: a measurement every 5 steps, no dense warm-up.
 - ``QN sharpness /5 wu50``: every step for the first 50 steps, then every 5.
 - ``QN sharpness autograd``: as ``QN sharpness`` with the exact double-backward product (cost comparison).
+- ``QN sharpness ×2 /5 wu50``: as ``QN sharpness /5 wu50`` with ``scale=2``: α·s = 2, the step that the batch's
+  quadratic model along d puts at the edge of stability (the loss level it starts from) instead of its
+  minimum, as a constant LR's run holds α·h0 near 2.
 - ``Prodigy``, ``D-Adapt SGD``, ``SF-SGD`` (schedule-free SGD, momentum 0.9, at the tuned SGD LR): the
   learning-rate-free baselines, in the ``sgd`` family only.
 
@@ -80,9 +84,10 @@ GRIDS = {
 QUICK_GRIDS = {"sgd": (0.03, 0.3), "momentum": (0.003, 0.03), "adamw": (1e-3, 1e-2)}
 #: The curvature rows of each family (the LR-free baselines are added to ``sgd``).
 QN_ROWS = {
-    "sgd": ("QN newton", "QN sharpness", "QN sharpness /5", "QN sharpness /5 wu50", "QN sharpness autograd"),
-    "momentum": ("QN newton", "QN sharpness", "QN sharpness /5", "QN sharpness /5 wu50"),
-    "adamw": ("QN sharpness", "QN sharpness /5 wu50"),
+    "sgd": ("QN newton", "QN sharpness", "QN sharpness /5", "QN sharpness /5 wu50", "QN sharpness ×2 /5 wu50",
+            "QN sharpness autograd"),
+    "momentum": ("QN newton", "QN sharpness", "QN sharpness /5", "QN sharpness /5 wu50", "QN sharpness ×2 /5 wu50"),
+    "adamw": ("QN sharpness", "QN sharpness /5 wu50", "QN sharpness ×2 /5 wu50"),
 }
 LR_FREE = ("Prodigy", "D-Adapt SGD", "SF-SGD")
 #: The tolerance of the target (final loss ≤ 1.25× the best constant).
@@ -106,10 +111,11 @@ def qn_rule(row: str, family: str) -> tuple[QuasiNewtonRule, str]:
         factor = 1.0 + MOMENTUM if family == "momentum" else 1.0
         return QuasiNewtonRule(stability_factor=factor, warmup_tol=LF.QN_WARMUP_TOL,
                                warmup_max_hvps=LF.QN_WARMUP_HVPS, every_n_steps=10), "autograd"
-    every, warmup = {"QN sharpness": (1, 0), "QN sharpness autograd": (1, 0), "QN sharpness /5": (5, 0),
-                     "QN sharpness /5 wu50": (5, 50)}[row]
+    every, warmup, scale = {"QN sharpness": (1, 0, 1.0), "QN sharpness autograd": (1, 0, 1.0),
+                            "QN sharpness /5": (5, 0, 1.0), "QN sharpness /5 wu50": (5, 50, 1.0),
+                            "QN sharpness ×2 /5 wu50": (5, 50, 2.0)}[row]
     backend = "autograd" if row.endswith("autograd") else "finite_difference"
-    return QuasiNewtonRule(rule="batch_sharpness", every_n_steps=every, warmup_steps=warmup), backend
+    return QuasiNewtonRule(rule="batch_sharpness", scale=scale, every_n_steps=every, warmup_steps=warmup), backend
 
 
 @dataclass
@@ -326,6 +332,8 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser.add_argument("--families", default=None, help="comma list of sgd,momentum,adamw")
     parser.add_argument("--rows", default=None, help="comma list of the QN / LR-free rows to run (default all)")
     parser.add_argument("--probe-every", type=int, default=None, help="α·h0/α·s probe cadence on losing tasks")
+    parser.add_argument("--data", choices=("digits", "synthetic"), default="digits",
+                        help="digits (default) or the CIFAR-shaped two-class stand-in: tasks the rows were not chosen on")
     parser.add_argument("--out", default=None, help=f"write the markdown here (default run: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -342,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     keep = None if args.rows is None else set(args.rows.split(","))
     out = args.out if args.out is not None else (None if quick else DEFAULT_OUT)
     warnings.filterwarnings("ignore", category=UserWarning)
-    data = LF.load_data("digits", train_size, val_size)
+    data = LF.load_data(args.data, train_size, val_size)
     if data is None:
         raise SystemExit("lyapunov_callbacks.datamodules.digits.DigitsDataModule is not available.")
     wall, cpu = time.perf_counter(), time.process_time()
@@ -352,14 +360,15 @@ def main(argv: Optional[list[str]] = None) -> str:
     for model_name in models:
         for loss in losses:
             for family in families:
-                task = f"digits {model_name} {loss} {family}"
+                task = f"{args.data} {model_name} {loss} {family}"
                 C.progress(task)
                 res = run_task(data, model_name, loss, family, steps, args.batch_size, seeds, grids[family],
                                probe_every, C.progress, keep)
                 lines += task_lines(task, res)
                 finished.append((task, family, res))
     header = (
-        f"{steps} steps at batch {args.batch_size}, {train_size} training images (digits has 1,797), {seeds} "
+        f"{steps} steps at batch {args.batch_size}, {train_size} training images "
+        f"({'digits has 1,797' if args.data == 'digits' else 'the stand-in, two classes'}), {seeds} "
         f"seed(s); grids {', '.join(f'{f} {list(grids[f])}' for f in families)}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {C.uptime()}. Wall time "
         f"{(time.perf_counter() - wall) / 60:.1f} min, CPU time {(time.process_time() - cpu) / 60:.1f} min. "

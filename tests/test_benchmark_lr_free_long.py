@@ -36,9 +36,27 @@ def test_qn_rows_use_the_rules_they_name():
     rule, backend = lr_free_long.qn_rule("QN sharpness /5 wu50", "momentum")
     assert (rule.rule, rule.every_n_steps, rule.warmup_steps, backend) == ("batch_sharpness", 5, 50,
                                                                             "finite_difference")
+    assert rule.scale == 1.0  # the greedy step along d
+    edge, _ = lr_free_long.qn_rule("QN sharpness ×2 /5 wu50", "sgd")
+    assert (edge.rule, edge.scale, edge.every_n_steps, edge.warmup_steps) == ("batch_sharpness", 2.0, 5, 50)
+    assert edge.lr_for(4.0) == 0.5  # α·s = 2
     rule, backend = lr_free_long.qn_rule("QN newton", "momentum")
     assert rule.rule == "newton" and rule.stability_factor == pytest.approx(1.9)
     assert lr_free_long.qn_rule("QN sharpness autograd", "sgd")[1] == "autograd"
     opt = lr_free_long.make_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == lr_free_long.ADAMW_DECAY
     assert all(len(grid) == 7 for grid in lr_free_long.GRIDS.values())
+
+
+def test_data_option_loads_the_stand_in(monkeypatch):
+    lr_free_long = load_script("benchmarks/lr_free_long.py")
+    asked = []
+
+    def load_data(name, train_size, val_size):
+        asked.append((name, train_size, val_size))
+        raise SystemExit("stop: only the data set asked for is checked")
+
+    monkeypatch.setattr(lr_free_long.LF, "load_data", load_data)
+    with pytest.raises(SystemExit):
+        lr_free_long.main(["--quick", "--data", "synthetic"])
+    assert asked == [("synthetic", 256, 128)]
