@@ -7,8 +7,9 @@ weight decay 0.01) and the callbacks of ``configs/callbacks/adamw_monitors.yaml`
 initialised model (same seed) for ``--steps`` steps after ``WARMUP_STEPS`` untimed ones (the first h0 estimate is
 a cold Lanczos solve, a compiled step compiles there), with ``logger=False``, no validation, no checkpointing, no
 progress bar (``--quick``: a 2-block GPT of width 32, context 32, batch 8, to check the pipeline). The timed steps
-run from the start of step ``WARMUP_STEPS`` to the end of the last one, so the steady state is compared: with the h0 monitor every 10 steps (h0, pre_h0, batch sharpness) and λ windows of 10
-steps every 50, the default 50 timed steps (steps 10-59) hold 5 estimates and 10 λ steps, the long-run shares.
+run from the start of step ``WARMUP_STEPS`` to the end of the last one, so the steady state is compared: with
+the h0 monitor every 10 steps (h0, pre_h0, batch sharpness) and λ windows of 10 steps every 50, the default 50
+timed steps (steps 10-59) hold 5 estimates and 10 λ steps, the long-run shares.
 
 Variants:
 
