@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=C.results_path("test_suite.md"), help="the results file (default %(default)s)")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args(argv)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args]
+    command = [sys.executable, "-m", "pytest", "-q", *args.pytest_args]  # what `make test` runs, install done
     load_before = C.uptime()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
