@@ -1,14 +1,11 @@
 """``benchmarks/compiled_hvp.py``: the compiled product equals the autograd one and every row is printed."""
 
-import os
 import re
 import shutil
 
 import pytest
 
 from scripts import load_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow

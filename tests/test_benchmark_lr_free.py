@@ -1,12 +1,8 @@
 """The learning-rate-free benchmark's smoke run (``benchmarks/lr_free.py --quick``) end to end."""
 
-import os
-
 import pytest
 
 from scripts import load_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow

@@ -1,13 +1,9 @@
 """The long-horizon benchmark of ``rule="batch_sharpness"`` (``benchmarks/lr_free_long.py --quick``) end to end."""
 
-import os
-
 import pytest
 import torch
 
 from scripts import load_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow

@@ -1,12 +1,8 @@
 """``benchmarks/quasi_newton_training.py``: a short run writes the table it prints, with finite numbers."""
 
-import os
-
 import pytest
 
 from scripts import load_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow

@@ -6,8 +6,6 @@ import pytest
 
 from scripts import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_recorded_writes_what_was_printed_with_the_command_and_load(tmp_path, capsys):
     common = load_script("benchmarks/_common.py")

@@ -1,10 +1,7 @@
 """`make figures` says how many runs it will train and how long its plan predicts, before it trains anything."""
 
-from pathlib import Path
-
 from scripts import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 make_figures = load_script("figures/make_figures.py", reuse=True)  # the module test_figures.py loaded
 
 
