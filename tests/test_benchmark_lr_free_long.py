@@ -33,6 +33,8 @@ def test_qn_rows_use_the_rules_they_name():
     assert (rule.rule, rule.every_n_steps, rule.warmup_steps, backend) == ("batch_sharpness", 5, 50,
                                                                             "finite_difference")
     assert rule.scale == 1.0  # the greedy step along d
+    sparse, _ = lr_free_long.qn_rule("QN sharpness /10 wu50", "adamw")
+    assert (sparse.every_n_steps, sparse.warmup_steps, sparse.scale) == (10, 50, 1.0)
     edge, _ = lr_free_long.qn_rule("QN sharpness ×2 /5 wu50", "sgd")
     assert (edge.rule, edge.scale, edge.every_n_steps, edge.warmup_steps) == ("batch_sharpness", 2.0, 5, 50)
     assert edge.lr_for(4.0) == 0.5  # α·s = 2
