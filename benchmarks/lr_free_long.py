@@ -336,7 +336,8 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser.add_argument("--rows", default=None, help="comma list of the QN / LR-free rows to run (default all)")
     parser.add_argument("--probe-every", type=int, default=None, help="α·h0/α·s probe cadence on losing tasks")
     parser.add_argument("--data", choices=("digits", "synthetic"), default="digits",
-                        help="digits (default) or the CIFAR-shaped two-class stand-in: tasks the rows were not chosen on")
+                        help="digits (default) or the CIFAR-shaped two-class stand-in (tasks the rows were not "
+                             "chosen on)")
     parser.add_argument("--out", default=None, help=f"write the markdown here (default run: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if args.threads is not None:

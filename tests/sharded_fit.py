@@ -5,10 +5,10 @@ FIT ``MODEL:OPTIMIZER:RULE``, fitted one after the other in the same two process
 once): MODEL ``linear`` (least squares: a quadratic loss) or ``mlp`` (a tanh network), OPTIMIZER ``sgd``, ``sgdm``
 (momentum 0.9) or ``adamw``, RULE QuasiNewtonLR's rule (``newton``, ``batch_sharpness``), or ``monitors`` (the two
 monitors, no QuasiNewtonLR) or ``plain`` (no curvature callback: the trajectory the monitors must leave unchanged).
-Each rank writes ``OUT/<MODEL>_<OPTIMIZER>_<RULE>/rank<r>.json``: per measured step the monitor's and QuasiNewtonLR's logged values, the
-layout of the parameters, and how often a DTensor was gathered while the callbacks ran. Rank 0 also writes the
-full weights at each measurement and the union of the ranks' batches (gathered by this recorder, outside the
-callbacks), from which ``tests/callbacks/test_sharded_fit.py`` computes exact single-process references.
+Each rank writes ``OUT/<MODEL>_<OPTIMIZER>_<RULE>/rank<r>.json``: per measured step the monitor's and
+QuasiNewtonLR's logged values, the layout of the parameters, and how often a DTensor was gathered while the
+callbacks ran. Rank 0 also writes the full weights at each measurement and the union of the ranks' batches
+(gathered by this recorder, outside the callbacks), from which ``tests/callbacks/test_sharded_fit.py`` computes exact single-process references.
 """
 
 from __future__ import annotations
