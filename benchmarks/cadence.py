@@ -4,7 +4,7 @@ Two models, each fitted with plain SGD (lr 0.1) for ``--steps`` optimiser steps 
 small model only) with no validation, checkpointing, logger or progress bar (``_common.MODELS``):
 
 - ``small``: MLP 64-256-256-10 ReLU (85,002 parameters) on scikit-learn's 8×8 digits, batch 64;
-- ``readme``: MLP 3072-512-512-2 ReLU (1,841,162 parameters) on the synthetic two-class CIFAR stand-in, batch 128,
+- ``readme``: MLP 3072-512-512-2 ReLU (1,837,058 parameters) on the synthetic two-class CIFAR stand-in, batch 128,
   the model of the README.
 
 h0 is measured on the monitor's fixed probe batch (``batch="fixed"``, 64 samples), whose Hessian moves only with

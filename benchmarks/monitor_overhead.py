@@ -5,7 +5,7 @@ with no validation, no checkpointing, no progress bar, no model summary and ``lo
 
 - ``small``: MLP 64-256-256-10 (85,002 parameters) on scikit-learn's 8×8 digits (flat 64 features), batch 64,
   a training step of ~1.5 ms on an idle core, where the monitors' per-estimate fixed costs show;
-- ``readme``: MLP 3072-512-512-2 (1,841,162 parameters) on the synthetic two-class CIFAR stand-in, batch 128,
+- ``readme``: MLP 3072-512-512-2 (1,837,058 parameters) on the synthetic two-class CIFAR stand-in, batch 128,
   the model of the README's table.
 
 Only ``trainer.fit`` is timed (model and trainer construction are not). Variants:
