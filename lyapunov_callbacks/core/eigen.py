@@ -358,6 +358,7 @@ def lanczos(
     gap_safety: float = _GAP_SAFETY,
     ritz_vectors: int = 0,
     start: str = "first",
+    trace: list | None = None,
 ) -> EigenResult:
     r"""Top-``k`` (algebraically largest) eigenpairs by Lanczos with full re-orthogonalisation.
 
@@ -422,6 +423,9 @@ def lanczos(
             at no HVP cost: the subspace a warm start of the next solve can be built from (default 0:
             none). Fewer are returned when the Krylov space has fewer dimensions.
         start: ``"first"`` (default: see *Warm start*) or ``"rayleigh_ritz"`` (see *Rayleigh–Ritz start*).
+        trace: a list to which every Lanczos step appends ``(num_hvps, ritz_values, residual_bounds)`` before its
+            stopping test: the products so far, the Ritz values of ``T_m`` (ascending) and their residual bounds,
+            as Python floats (what any stopping rule could read at that step; ``benchmarks/stopping_rules.py``).
 
     Returns:
         :class:`EigenResult`.
@@ -505,6 +509,8 @@ def lanczos(
         ritz = theta.tolist()
         bounds = [abs(beta * s) for s in S[-1, :].tolist()]
         scale = max(abs(t) for t in ritz)
+        if trace is not None:
+            trace.append((op.num_hvps - start_hvps, ritz, bounds))
         breakdown = beta <= _BREAKDOWN_RTOL * max(scale, 1e-300)
         # Breakdown = invariant Krylov space, its Ritz pairs are exact. Stop if it is the whole
         # space, or if the problem is too large to explore the complement within the budget
