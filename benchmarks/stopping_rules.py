@@ -18,8 +18,9 @@ The rules (each also stops by the rigorous residual bound ``r ≤ tol·|θ|``, a
 ``residual`` alone; the gap rule ``r²/gap ≤ tol·|θ|/s`` at safety factors ``s`` = 10 (the monitor's default),
 3 and 1; the gap rule at ``s = 1`` once the second Ritz pair is resolved (its residual at most a tenth of
 ``θ1 − θ2``); and at ``s = 1`` with the gap taken to the start span's second Rayleigh–Ritz value ``μ2`` where
-that is nearer (``μ2 ≤ h1`` for any two-dimensional span, so the gap it gives is never smaller than the true one
-by more than the Krylov space's). ``gap`` is the distance from ``θ1`` to the nearest other Ritz value's interval
+that is nearer (interlacing puts ``μ2 ≤ h1`` for any two-dimensional span, so ``θ1 − μ2`` still overestimates
+the true gap ``θ1 − h1``, but less than an unresolved second Ritz value does; ``μ2`` comes free with the start's
+two products). ``gap`` is the distance from ``θ1`` to the nearest other Ritz value's interval
 ``θ_l ± r_l`` (``core.eigen._gap_estimate``).
 
 The table: per rule, the mean products per warm estimate (the start's two included), its excess over the
