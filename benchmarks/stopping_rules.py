@@ -61,13 +61,15 @@ Step = tuple  # (num_hvps, ritz values ascending, residual bounds) of one Lanczo
 
 def gap_estimate(ritz: Sequence[float], bounds: Sequence[float], floor: float = -math.inf) -> float:
     """``r1² / gap`` of the top Ritz value: ``gap`` the distance from ``θ1`` to the nearest other Ritz value's
-    interval ``θ_l ± r_l``, or to ``floor`` (a known lower bound of the second eigenvalue) when that is nearer;
-    ``inf`` where ``r1`` is not below the gap (as ``core.eigen._gap_estimate``)."""
+    interval ``θ_l ± r_l``, or to ``floor`` (a known lower bound of the second eigenvalue, ``≤ θ1``) when that is
+    nearer; ``inf`` where ``r1`` is not below the gap. The solver's own estimate (``core.eigen._gap_estimate``),
+    with ``floor`` entered as one more Ritz value of residual 0."""
+    from lyapunov_callbacks.core.eigen import _gap_estimate
+
+    if math.isfinite(floor):
+        ritz, bounds = [floor, *ritz], [0.0, *bounds]
     top = len(ritz) - 1
-    gap = min((abs(ritz[top] - ritz[i]) - bounds[i] for i in range(top)), default=math.inf)
-    gap = min(gap, ritz[top] - floor)
-    r = bounds[top]
-    return r * r / gap if gap > r and math.isfinite(gap) else math.inf
+    return _gap_estimate(list(ritz), list(bounds), range(top, top + 1))[0]
 
 
 def residual_rule(step: Step, tol: float = TOL, **_) -> bool:
