@@ -36,6 +36,8 @@ def test_trace_records_every_step_and_ends_at_the_returned_value():
     assert bounds[-1] <= 1e-8 * ritz[-1]  # the step that stopped met the residual rule
     assert ritz[-1] == pytest.approx(5.0, rel=1e-10)
     # the top Ritz value never decreases (interlacing) and stays below the top eigenvalue
+    with pytest.raises(ValueError, match="trace must be a list"):
+        lanczos(MatrixOperator(A), k=1, trace=())
     tops = [t[1][-1] for t in trace]
     assert all(b >= a - 1e-12 for a, b in zip(tops, tops[1:])) and max(tops) <= 5.0 + 1e-10
 

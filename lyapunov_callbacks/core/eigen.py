@@ -431,8 +431,8 @@ def lanczos(
         :class:`EigenResult`.
 
     Raises:
-        ValueError: ``k``, ``tol``, ``max_iter``, ``stop``, ``gap_safety``, ``ritz_vectors``, ``start`` or ``init``
-            invalid (``start="rayleigh_ritz"`` needs ``k == 1``).
+        ValueError: ``k``, ``tol``, ``max_iter``, ``stop``, ``gap_safety``, ``ritz_vectors``, ``start``, ``trace`` or
+            ``init`` invalid (``start="rayleigh_ritz"`` needs ``k == 1``).
 
     Example::
 
@@ -443,6 +443,8 @@ def lanczos(
     check_choice("stop", stop, STOPPING)
     _check_lanczos_extras(gap_safety, ritz_vectors)
     check_choice("start", start, STARTS)
+    if trace is not None and not callable(getattr(trace, "append", None)):
+        raise ValueError(f"trace must be a list (each step appends to it) or None; got {type(trace).__name__}.")
     if start == "rayleigh_ritz" and k != 1:
         raise ValueError(f"start='rayleigh_ritz' picks one start vector, for k=1; got k={k}. Use start='first'.")
     use_gap = stop == "gap"
